@@ -1,0 +1,17 @@
+"""The wire between edge and cloud: the gRPC service (tandem.proto, generated/) and tensor encoding (tensors.py)."""
+from protocol.generated import tandem_pb2 as pb, tandem_pb2_grpc as pb_grpc
+
+PROTOCOL_VERSION = 1
+GRPC_PREFIX_BYTES = 5  # each gRPC message on a stream: 1 byte compressed-flag + 4 bytes length
+AUTH_HEADER = "authorization"  # metadata key: "Bearer <token>"
+
+
+def wire_size(message) -> int:
+    """Bytes one protobuf message occupies on a gRPC stream (payload + gRPC length prefix).
+
+    HTTP/2 frame headers (9 bytes per frame of at most 16 KiB) and TLS records are not counted; see sim/ for them.
+    """
+    return message.ByteSize() + GRPC_PREFIX_BYTES
+
+
+__all__ = ["pb", "pb_grpc", "PROTOCOL_VERSION", "GRPC_PREFIX_BYTES", "AUTH_HEADER", "wire_size"]

@@ -1,0 +1,1 @@
+"""Generated from protocol/tandem.proto by protocol/generate.py. Do not edit."""
