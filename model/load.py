@@ -139,3 +139,11 @@ def load_model(spec: str = "smollm2", dtype: torch.dtype = torch.float32, device
             tok.pad_token = tok.eos_token
         tok.padding_side = "right"
     return Loaded(model, tok, spec)
+
+
+def fingerprint(model) -> str:
+    """Identifies a backbone: its config and a digest of its embedding weights (edge and cloud must agree)."""
+    from model.segments import family_of
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    h.update(family_of(model).embed(model).weight.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]

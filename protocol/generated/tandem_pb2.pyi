@@ -109,20 +109,24 @@ class Begin(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., train: _Optional[bool] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., active_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LoraRequest(_message.Message):
-    __slots__ = ("block", "x")
+    __slots__ = ("block", "x", "group")
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     block: int
     x: Tensor
-    def __init__(self, block: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    group: str
+    def __init__(self, block: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class LoraReply(_message.Message):
-    __slots__ = ("block", "outputs")
+    __slots__ = ("block", "outputs", "group")
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     block: int
     outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, block: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    group: str
+    def __init__(self, block: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class Hidden(_message.Message):
     __slots__ = ("hidden", "cloud_seconds")
@@ -139,20 +143,24 @@ class OutputGrad(_message.Message):
     def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class LoraGradRequest(_message.Message):
-    __slots__ = ("block", "grads")
+    __slots__ = ("block", "grads", "group")
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     block: int
     grads: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, block: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    group: str
+    def __init__(self, block: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class LoraGradReply(_message.Message):
-    __slots__ = ("block", "grad")
+    __slots__ = ("block", "grad", "group")
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     block: int
     grad: Tensor
-    def __init__(self, block: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    group: str
+    def __init__(self, block: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class InputGrad(_message.Message):
     __slots__ = ("grad", "cloud_seconds")

@@ -1,0 +1,76 @@
+"""`tandem cloud serve`: load the backbone once, serve sessions until SIGINT/SIGTERM, then drain and stop."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from cloud.service import BackboneService, CloudConfig, make_server
+from model.load import load_model
+
+log = logging.getLogger("tandem.cloud")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ServeConfig:
+    model: str = "smollm2"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    tokens: str | None = None  # JSON {"client": "token"}; None with --tls-dir and client certs: identity by cert
+    tls_dir: str | None = None
+    require_client_cert: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    ttl: float = 600.0
+    max_sessions: int = 64
+    max_tokens_per_step: int = 16384
+    step_timeout: float = 120.0
+    max_message_mb: int = 256
+    workers: int = 32
+
+
+class Cloud:
+    """A running backbone service (embedded in a process: the demo, the tests, `tandem cloud serve`)."""
+
+    def __init__(self, cfg: ServeConfig, *, model=None, tokens: dict[str, str] | None = None):
+        from privacy.tokens import load_tokens
+        if tokens is None and cfg.tokens:
+            tokens = load_tokens(cfg.tokens)
+        if tokens is None and not (cfg.tls_dir and cfg.require_client_cert):
+            raise ValueError("the cloud needs client credentials: --tokens FILE (see `tandem tokens`) or "
+                             "--tls-dir with --require-client-cert")
+        if model is None:
+            model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device, with_tokenizer=False).model
+        self.service = BackboneService(model, tokens, CloudConfig(cfg.max_tokens_per_step, cfg.max_sessions, cfg.ttl,
+                                                                  cfg.step_timeout),
+                                       allow_cert_identity=bool(cfg.tls_dir and cfg.require_client_cert))
+        creds = None
+        if cfg.tls_dir:
+            from privacy.certs import load_server_credentials
+            creds = load_server_credentials(cfg.tls_dir, cfg.require_client_cert)
+        self.server, self.port = make_server(self.service, f"{cfg.host}:{cfg.port}", credentials=creds,
+                                             max_workers=cfg.workers, max_message_mb=cfg.max_message_mb)
+        self.address = f"{cfg.host}:{self.port}"
+        self.server.start()
+        log.info("cloud backbone %s serving on %s (%s)", cfg.model, self.address, "TLS" if creds else "plaintext")
+
+    def stop(self, grace: float = 5.0):
+        """Graceful: report NOT_SERVING, refuse new RPCs, let running steps finish for `grace` seconds."""
+        self.server.health.enter_graceful_shutdown()
+        self.service.stop()
+        self.server.stop(grace).wait()
+
+
+def serve(cfg: ServeConfig) -> None:
+    cloud = Cloud(cfg)
+    print(f"tandem cloud: serving {cfg.model} on {cloud.address}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    print("tandem cloud: shutting down", flush=True)
+    cloud.stop()
