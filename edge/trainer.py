@@ -47,6 +47,7 @@ class EdgeConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_freeze_a: bool = False  # FFA-LoRA: train B only (federated averaging of B is then exact)
     lr: float = 1e-3
     steps: int = 100
     batch_size: int = 8
@@ -163,18 +164,25 @@ def _infinite_batches(task, items, batch_size, pad_id, seed):
 
 
 def train(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None, on_step=None,
-          step_hook=None) -> dict:
+          step_hook=None, initial_adapter: dict | None = None) -> dict:
     """Train, evaluate, save. Returns the metrics dict (also written to out_dir/metrics.json).
 
-    `on_step(record)` sees every step (live printing); `step_hook(em, step)` runs before each step (Kill & Revive).
+    `on_step(record)` sees every step (live printing); `step_hook(em, step)` runs before each step (Kill & Revive);
+    `initial_adapter` (PEFT-format state dict) starts from given LoRA weights (a federated round's global adapter).
+    metrics["_edge_model"] is the trained EdgeModel (its `.lora.peft_state_dict()` is the adapter).
     """
     from tqdm import tqdm
     em, tok, link = build_edge(cfg, loaded=loaded, link=link)
     task, pad_id = em.task, tok.pad_token_id if tok.pad_token_id is not None else 0
     label_ids = T.label_token_ids(task, tok) if task.kind == "classify" else None
+    if initial_adapter is not None:
+        em.lora.load_peft_state_dict(initial_adapter)
+    if cfg.lora_freeze_a:
+        for name, p in em.lora.named_parameters():
+            p.requires_grad_("lora_A" not in name)
     train_items = load_items(cfg, tok, "train")
     dev_items = load_items(cfg, tok, "dev") if (cfg.eval_before or cfg.eval_after) else []
-    opt = torch.optim.AdamW(em.lora.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in em.lora.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     out = Path(cfg.out_dir) if cfg.out_dir else None
     start, records = 0, []
     if out and (out / "checkpoint.pt").exists():  # resume after a crash: nothing is lost
