@@ -1,0 +1,49 @@
+"""A defence for the activations the edge sends: clip each token's hidden vector, then add Gaussian noise.
+
+Split training sends the hidden state after the edge's first k blocks to the cloud, and for small k that state is
+still close to the token embeddings (see privacy/audit.py: the cloud can read most tokens back). Clipping bounds how
+far any single token vector reaches; Gaussian noise on top blurs it. The audit measures how much this helps.
+
+This is a HEURISTIC, not differential privacy: clip + Gaussian noise is the shape of the Gaussian mechanism, but no
+(epsilon, delta) follows from it here. Every token of a sentence is sent, tokens are correlated through attention,
+each example is sent again every epoch, and the backward pass sends gradients back. Do not quote a privacy budget
+from these settings; quote the measured attack recovery rates instead.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def clip_rows(hidden: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale down every vector along the last dimension whose L2 norm exceeds `max_norm` to exactly `max_norm`."""
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    norms = hidden.norm(dim=-1, keepdim=True)
+    return hidden * (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+
+
+def add_gaussian_noise(hidden: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`hidden` + N(0, sigma^2) per element (sigma absolute: see `rms` to set it relative to the signal)."""
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return hidden
+    device = generator.device if generator is not None else hidden.device  # draw where the generator lives
+    noise = torch.randn(hidden.shape, generator=generator, dtype=torch.float32, device=device)
+    return hidden + (sigma * noise).to(hidden)
+
+
+def rms(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> float:
+    """Root-mean-square of the hidden state's elements over real tokens (padding excluded), to scale sigma by."""
+    h = hidden.float()
+    if attention_mask is not None:
+        h = h[attention_mask.bool()]
+    return h.pow(2).mean().sqrt().item()
+
+
+def protect(hidden: torch.Tensor, max_norm: float | None, sigma: float,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Clip (when `max_norm` is given) then noise: what the edge applies just before encoding the tensor."""
+    if max_norm is not None:
+        hidden = clip_rows(hidden, max_norm)
+    return add_gaussian_noise(hidden, sigma, generator)

@@ -1,0 +1,47 @@
+"""Clipping and noising activations before they leave the edge."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from privacy.noise import add_gaussian_noise, clip_rows, protect, rms
+
+
+def test_clip_rows_caps_norms_and_keeps_directions():
+    h = torch.tensor([[[3.0, 4.0], [0.3, 0.4]], [[0.0, 0.0], [6.0, 8.0]]])
+    out = clip_rows(h, 1.0)
+    torch.testing.assert_close(out.norm(dim=-1), torch.tensor([[1.0, 0.5], [0.0, 1.0]]))
+    torch.testing.assert_close(out[0, 0], torch.tensor([0.6, 0.8]))
+    torch.testing.assert_close(out[0, 1], h[0, 1])  # under the cap: untouched
+    with pytest.raises(ValueError):
+        clip_rows(h, 0.0)
+
+
+def test_noise_has_the_asked_scale_and_is_reproducible():
+    h = torch.zeros(64, 32, 48)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a, b = add_gaussian_noise(h, 0.5, g1), add_gaussian_noise(h, 0.5, g2)
+    torch.testing.assert_close(a, b)
+    assert abs(a.std().item() - 0.5) < 0.01 and abs(a.mean().item()) < 0.01
+    assert add_gaussian_noise(h, 0.0) is h
+    with pytest.raises(ValueError):
+        add_gaussian_noise(h, -1.0)
+
+
+def test_noise_keeps_dtype():
+    h = torch.ones(4, 8, dtype=torch.bfloat16)
+    assert add_gaussian_noise(h, 0.1, torch.Generator().manual_seed(0)).dtype == torch.bfloat16
+
+
+def test_rms_ignores_padding():
+    h = torch.tensor([[[2.0, 2.0], [100.0, 100.0]]])
+    assert rms(h, torch.tensor([[1, 0]])) == pytest.approx(2.0)
+    assert rms(h) == pytest.approx((10004 / 2) ** 0.5)
+
+
+def test_protect_clips_then_noises():
+    h = torch.full((1000, 16), 10.0)
+    out = protect(h, max_norm=4.0, sigma=0.0)
+    torch.testing.assert_close(out.norm(dim=-1), torch.full((1000,), 4.0))
+    noisy = protect(h, max_norm=4.0, sigma=0.1, generator=torch.Generator().manual_seed(0))
+    assert abs((noisy - out).std().item() - 0.1) < 0.005
