@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import Message
 
 from protocol import AUTH_HEADER, PROTOCOL_VERSION, pb, pb_grpc, wire_size
 from protocol.tensors import payload_bytes
@@ -48,7 +49,7 @@ def tensor_payload(msg) -> int:
     for fd, value in msg.ListFields():
         if fd.message_type is None:
             continue
-        items = value if fd.label == fd.LABEL_REPEATED else [value]
+        items = [value] if isinstance(value, Message) else value  # a message, or a repeated field of them
         total += sum(tensor_payload(v) for v in items)
     return total
 

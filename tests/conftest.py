@@ -1,0 +1,58 @@
+"""Shared fixtures: an in-process cloud on loopback serving a tiny random Llama, and edges that talk to it."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tasks as T
+from cloud.service import BackboneService, CloudConfig, make_server
+from edge.trainer import EdgeConfig, build_edge
+from model.load import load_model
+
+TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef0"}
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny random Llama (6 blocks, hidden 64) every unit test shares; copy before changing it."""
+    return load_model("tiny-llama")
+
+
+class CloudHandle:
+    def __init__(self, model, config: CloudConfig):
+        self.service = BackboneService(copy.deepcopy(model), {v: k for k, v in TOKENS.items()}, config)
+        self.server, self.port = make_server(self.service, "127.0.0.1:0", max_message_mb=8)
+        self.server.start()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.service.stop()
+        self.server.stop(0).wait()
+
+
+@pytest.fixture
+def cloud(tiny):
+    handle = CloudHandle(tiny.model, CloudConfig(max_tokens_per_step=4096, step_timeout=5.0))
+    yield handle
+    handle.stop()
+
+
+def make_edge(cloud, tiny, client="alice", **kw):
+    cfg = EdgeConfig(cloud=cloud.address, token=TOKENS[client], model="tiny-llama", progress=False, **kw)
+    return build_edge(cfg, loaded=copy.deepcopy(tiny))
+
+
+def sst2_batches(n: int, batch_size: int = 4, seed: int = 0):
+    task = T.TASKS["sst2"]
+    items = T.encode(task, T.load_split("sst2", "train")[:n * batch_size], T.tiny_tokenizer())
+    return list(T.batches(task, items, batch_size, 0, seed=seed))[:n]
+
+
+def randomize_lora_b(lora, seed: int = 1, std: float = 0.02):
+    """PEFT starts B at zero; a nonzero B makes equivalence checks see every LoRA path from step one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for site in lora.sites.values():
+            site.lora_B.weight.normal_(0, std, generator=g)

@@ -1,0 +1,236 @@
+"""Bad input gets a precise gRPC status, sessions are isolated, and the service keeps serving everyone else."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from model.load import fingerprint
+from protocol import AUTH_HEADER, PROTOCOL_VERSION, pb, pb_grpc
+from protocol.tensors import encode
+from tests.conftest import TOKENS, make_edge, sst2_batches
+
+H = 64  # tiny-llama hidden size
+
+
+def stub_for(cloud, client="alice"):
+    channel = grpc.insecure_channel(cloud.address, options=[("grpc.max_send_message_length", 64 << 20)])
+    md = [(AUTH_HEADER, f"Bearer {TOKENS[client]}")] if client else []
+    return pb_grpc.BackboneStub(channel), md, channel
+
+
+def open_session(stub, md, tiny, **kw):
+    req = dict(protocol_version=PROTOCOL_VERSION, model_fingerprint=fingerprint(tiny.model), edge_bottom_blocks=1,
+               edge_top_blocks=1, wire_dtype_up=pb.FLOAT32, wire_dtype_down=pb.FLOAT32)
+    req.update(kw)
+    return stub.OpenSession(pb.OpenSessionRequest(**req), metadata=md)
+
+
+def step_status(stub, md, *messages) -> grpc.StatusCode:
+    """Send these EdgeMessages on one Step stream and return the status the cloud ends it with."""
+    try:
+        for _ in stub.Step(iter(messages), metadata=md, timeout=20):
+            pass
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def begin(sid, hidden=None, mask=None, train=False, **kw):
+    hidden = torch.randn(2, 5, H) if hidden is None else hidden
+    mask = torch.ones(hidden.shape[:2], dtype=torch.bool) if mask is None else mask
+    t = kw.pop("hidden_msg", None) or encode(hidden)
+    return pb.EdgeMessage(begin=pb.Begin(session_id=sid, train=train, hidden=t, attention_mask=encode(mask, pb.BOOL)))
+
+
+def test_forward_only_step_works(cloud, tiny):
+    stub, md, _ = stub_for(cloud)
+    sid = open_session(stub, md, tiny).session_id
+    replies = list(stub.Step(iter([begin(sid)]), metadata=md, timeout=20))
+    assert [r.WhichOneof("kind") for r in replies] == ["hidden"]
+    assert list(replies[0].hidden.hidden.shape) == [2, 5, H]
+
+
+@pytest.mark.parametrize("client,code", [(None, grpc.StatusCode.UNAUTHENTICATED)])
+def test_missing_token(cloud, tiny, client, code):
+    stub, md, _ = stub_for(cloud, client)
+    with pytest.raises(grpc.RpcError) as e:
+        open_session(stub, md, tiny)
+    assert e.value.code() == code
+
+
+def test_wrong_token(cloud, tiny):
+    stub, _, _ = stub_for(cloud)
+    with pytest.raises(grpc.RpcError) as e:
+        open_session(stub, [(AUTH_HEADER, "Bearer not-a-real-token-at-all-000")], tiny)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert step_status(stub, [(AUTH_HEADER, "Bearer nope")], begin("x")) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_second_client_cannot_use_first_clients_session(cloud, tiny):
+    a, md_a, _ = stub_for(cloud, "alice")
+    b, md_b, _ = stub_for(cloud, "bob")
+    sid = open_session(a, md_a, tiny).session_id
+    assert step_status(b, md_b, begin(sid)) == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as e:
+        b.CloseSession(pb.SessionRef(session_id=sid), metadata=md_b)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert step_status(a, md_a, begin(sid)) == grpc.StatusCode.OK  # the owner still can
+
+
+def test_unknown_session(cloud):
+    stub, md, _ = stub_for(cloud)
+    assert step_status(stub, md, begin("0" * 32)) == grpc.StatusCode.NOT_FOUND
+
+
+def test_version_and_model_mismatch(cloud, tiny):
+    stub, md, _ = stub_for(cloud)
+    for kw in ({"protocol_version": PROTOCOL_VERSION + 1}, {"model_fingerprint": "someone-elses-model"}):
+        with pytest.raises(grpc.RpcError) as e:
+            open_session(stub, md, tiny, **kw)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as e:
+        open_session(stub, md, tiny, protocol_version=PROTOCOL_VERSION + 1)
+    assert "version" in e.value.details()
+
+
+def test_bad_cut_and_sites(cloud, tiny):
+    stub, md, _ = stub_for(cloud)
+    for kw in ({"edge_bottom_blocks": 0}, {"edge_bottom_blocks": 3, "edge_top_blocks": 3},
+               {"lora_targets": ["nonsense"], "lora_blocks": [2]}, {"lora_targets": ["q_proj"], "lora_blocks": [0]},
+               {"wire_dtype_up": pb.INT64}):
+        with pytest.raises(grpc.RpcError) as e:
+            open_session(stub, md, tiny, **kw)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kw
+
+
+def bad_inputs(sid):
+    """(name, messages, expected status) for each kind of malformed input."""
+    good = torch.randn(2, 5, H)
+    nan = good.clone()
+    nan[0, 1, 2] = float("nan")
+    truncated = encode(good)
+    truncated.data = truncated.data[:-4]
+    return [
+        ("malformed bytes", [begin(sid, hidden_msg=truncated)], grpc.StatusCode.INVALID_ARGUMENT),
+        ("wrong shape", [begin(sid, torch.randn(2, 5, H + 1))], grpc.StatusCode.INVALID_ARGUMENT),
+        ("wrong rank", [begin(sid, hidden_msg=encode(torch.randn(10, H)), mask=torch.ones(2, 5, dtype=torch.bool))],
+         grpc.StatusCode.INVALID_ARGUMENT),
+        ("wrong dtype", [begin(sid, hidden_msg=encode(good, pb.FLOAT16))], grpc.StatusCode.INVALID_ARGUMENT),
+        ("NaN", [begin(sid, nan)], grpc.StatusCode.INVALID_ARGUMENT),
+        ("mask shape", [begin(sid, good, torch.ones(2, 4, dtype=torch.bool))], grpc.StatusCode.INVALID_ARGUMENT),
+        ("too many tokens", [begin(sid, torch.zeros(8, 600, H))], grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("oversized message", [begin(sid, torch.zeros(40, 1000, H))], grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("out of order", [pb.EdgeMessage(output_grad=pb.OutputGrad(grad=encode(good)))],
+         grpc.StatusCode.FAILED_PRECONDITION),
+        ("empty stream", [], grpc.StatusCode.CANCELLED),
+    ]
+
+
+def test_each_bad_input_gets_its_code_while_another_client_keeps_training(cloud, tiny):
+    em, _, link = make_edge(cloud, tiny, client="bob", cloud_lora="edge")
+    opt = torch.optim.AdamW(em.lora.parameters(), lr=1e-2)
+    losses, failures = [], []
+    stop = threading.Event()
+
+    def bob_trains():
+        try:
+            for b in sst2_batches(200):
+                if stop.is_set():
+                    break
+                opt.zero_grad()
+                loss, _ = em.loss(b)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        except Exception as e:  # any failure of the innocent client fails the test
+            failures.append(e)
+
+    th = threading.Thread(target=bob_trains)
+    th.start()
+    stub, md, _ = stub_for(cloud, "alice")
+    sid = open_session(stub, md, tiny).session_id
+    seen_during = len(losses)
+    for name, messages, code in bad_inputs(sid):
+        assert step_status(stub, md, *messages) == code, name
+    assert step_status(stub, md, begin(sid)) == grpc.StatusCode.OK  # the attacker's session itself still works
+    time.sleep(0.5)
+    stop.set()
+    th.join()
+    assert not failures, failures
+    assert len(losses) > seen_during  # bob trained on while alice's bad input was refused
+    assert all(torch.isfinite(torch.tensor(losses)))
+    link.close()
+
+
+def test_missing_lora_reply_times_out_and_the_step_can_be_retried(cloud, tiny):
+    cloud.service.config.step_timeout = 0.5
+    stub, md, _ = stub_for(cloud)
+    sid = open_session(stub, md, tiny, lora_targets=["q_proj", "v_proj"], lora_blocks=[1, 2, 3, 4]).session_id
+    gate = threading.Event()
+
+    def stalls():  # Begin, then never answer the LoRA request
+        yield begin(sid)
+        gate.wait(5)
+
+    responses = stub.Step(stalls(), metadata=md, timeout=10)
+    first = next(responses)
+    assert first.WhichOneof("kind") == "lora_request" and first.lora_request.block == 1
+    with pytest.raises(grpc.RpcError) as e:
+        next(responses)
+    gate.set()
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The same session serves the retried step: answer every LoRA request this time.
+    cloud.service.config.step_timeout = 5.0
+    outbox = [begin(sid)]
+    sizes = {"q_proj": 64, "v_proj": 32}  # tiny-llama: 4 heads x 16, 2 kv heads x 16
+    kinds = []
+
+    def requests():
+        while outbox:
+            yield outbox.pop(0)
+            while not outbox and not done.is_set():
+                time.sleep(0.01)
+
+    done = threading.Event()
+    for reply in stub.Step(requests(), metadata=md, timeout=20):
+        kinds.append(reply.WhichOneof("kind"))
+        if kinds[-1] == "lora_request":
+            r = reply.lora_request
+            outs = [encode(torch.zeros(2, 5, sizes[t])) for t in ("q_proj", "v_proj")]
+            outbox.append(pb.EdgeMessage(lora_reply=pb.LoraReply(block=r.block, group=r.group, outputs=outs)))
+        else:
+            done.set()
+    assert kinds == ["lora_request"] * 4 + ["hidden"]
+
+
+def test_idle_sessions_expire(cloud, tiny):
+    cloud.service.config.ttl_seconds = 0.2
+    stub, md, _ = stub_for(cloud)
+    sid = open_session(stub, md, tiny).session_id
+    time.sleep(0.4)
+    assert sid in cloud.service.expire_idle()
+    assert sid not in cloud.service.sessions
+    assert step_status(stub, md, begin(sid)) == grpc.StatusCode.NOT_FOUND
+
+
+def test_session_limit(cloud, tiny):
+    cloud.service.config.max_sessions = 2
+    stub, md, _ = stub_for(cloud)
+    open_session(stub, md, tiny), open_session(stub, md, tiny)
+    with pytest.raises(grpc.RpcError) as e:
+        open_session(stub, md, tiny)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_health_and_graceful_shutdown(cloud):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    channel = grpc.insecure_channel(cloud.address)
+    health = health_pb2_grpc.HealthStub(channel)
+    req = health_pb2.HealthCheckRequest(service="tandem.v1.Backbone")
+    assert health.Check(req).status == health_pb2.HealthCheckResponse.SERVING
+    cloud.server.health.enter_graceful_shutdown()
+    assert health.Check(req).status == health_pb2.HealthCheckResponse.NOT_SERVING

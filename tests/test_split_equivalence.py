@@ -1,0 +1,65 @@
+"""Split and DLoRA training through the gRPC cloud give the same model as local PEFT LoRA training."""
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+
+import tasks as T
+from model import peft_reference as ref
+from tests.conftest import make_edge, randomize_lora_b, sst2_batches
+
+STEPS, LR = 20, 1e-2
+
+
+def train_split(em, batches):
+    opt = torch.optim.AdamW(em.lora.parameters(), lr=LR, weight_decay=0.0)
+    losses = []
+    for b in batches:
+        opt.zero_grad(set_to_none=True)
+        loss, _ = em.loss(b)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("cloud_lora", ["none", "edge"])
+def test_twenty_steps_match_local_peft(cloud, tiny, tmp_path, cloud_lora):
+    em, _, link = make_edge(cloud, tiny, cloud_lora=cloud_lora)
+    randomize_lora_b(em.lora)
+    expected_blocks = [0, 5] if cloud_lora == "none" else [0, 1, 2, 3, 4, 5]
+    assert em.lora.cfg.blocks == expected_blocks
+    pm = ref.peft_model(copy.deepcopy(tiny.model), em.lora)  # same placement, same initial weights
+    batches = sst2_batches(STEPS)
+    assert any((b.attention_mask == 0).any() for b in batches), "padded batches must be covered"
+    ref_losses, _ = ref.train_steps(pm, T.TASKS["sst2"], batches, LR)
+    split_losses = train_split(em, batches)
+    rel = [abs(a - b) / abs(b) for a, b in zip(split_losses, ref_losses)]
+    assert max(rel) <= 1e-4, rel
+    assert split_losses[-1] < split_losses[0]
+
+    # The adapter the edge saves loads with PEFT onto the full model and reproduces the edge's logits.
+    em.lora.save_peft(tmp_path / "adapter", "tiny-llama")
+    full = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(tmp_path / "adapter")).eval()
+    em.eval()
+    with torch.no_grad():
+        for b in batches[:3]:
+            _, edge_logits = em.loss(b)
+            peft_logits = full(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            rows = torch.arange(len(b))
+            assert (edge_logits - peft_logits[rows, b.answer_pos]).abs().max().item() <= 1e-4
+    link.close()
+
+
+def test_bf16_wire_trains_close_to_fp32(cloud, tiny):
+    em32, _, l1 = make_edge(cloud, tiny, cloud_lora="edge")
+    em16, _, l2 = make_edge(cloud, tiny, cloud_lora="edge", wire_up="bf16", wire_down="bf16")
+    em16.lora.load_state_dict(em32.lora.state_dict())
+    batches = sst2_batches(5)
+    a, b = train_split(em32, batches), train_split(em16, batches)
+    assert a != b  # the wire really is lossy ...
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 2e-2  # ... and training still follows fp32
+    l1.close(), l2.close()
