@@ -69,7 +69,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                           k=cfg.k, m=cfg.m, cloud_lora=cfg.cloud_lora, lr=cfg.lr, steps=cfg.steps,
                           batch_size=cfg.batch_size, seed=cfg.seed + i, wire_up=cfg.wire_up, wire_down=cfg.wire_down,
                           eval_examples=cfg.eval_examples, out_dir=str(out / names[i]), device=cfg.device,
-                          dtype=cfg.dtype, name=names[i], checkpoint_every=0)
+                          dtype=cfg.dtype, name=names[i], checkpoint_every=0, progress_row=i)
         try:
             m = train(ecfg, loaded=copy.deepcopy(loaded))
             m.pop("_edge_model")

@@ -76,13 +76,40 @@ def cmd_cloud_serve(args):
     serve(dataclass_from_args(ServeConfig, args))
 
 
+def cmd_cloud_health(args):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    try:
+        with grpc.insecure_channel(args.address) as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="tandem.v1.Backbone"), timeout=args.timeout).status
+    except grpc.RpcError as e:
+        raise SystemExit(f"{args.address}: {e.code().name}")
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(f"{args.address}: {name}")
+    if name != "SERVING":
+        raise SystemExit(1)
+
+
+def read_token(path: str, client: str) -> str:
+    """A token file holds either one bare token, or the JSON table {client: token} made by `tandem tokens`."""
+    import json
+    text = open(path).read().strip()
+    if text.startswith("{"):
+        table = json.loads(text)
+        if client not in table:
+            raise SystemExit(f"{path} has no token for client {client!r} (has: {', '.join(table)})")
+        return table[client]
+    return text
+
+
 def cmd_edge_train(args):
     import json
     from edge.trainer import EdgeConfig, train
     from edge.report import print_client_table
     cfg = dataclass_from_args(EdgeConfig, args)
     if cfg.token is None and args.token_file:
-        cfg.token = open(args.token_file).read().strip()
+        cfg.token = read_token(args.token_file, cfg.name)
     metrics = train(cfg)
     metrics.pop("_edge_model", None)
     print_client_table([(cfg.name, metrics)])
@@ -124,11 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = cloud.add_parser("serve", help="serve the frozen backbone to edge clients")
     add_dataclass_args(serve, ServeConfig)
     serve.set_defaults(func=cmd_cloud_serve)
+    health = cloud.add_parser("health", help="ask a running cloud whether it is serving (exit 0 if so)")
+    health.add_argument("--address", default="127.0.0.1:50051")
+    health.add_argument("--timeout", type=float, default=5.0)
+    health.set_defaults(func=cmd_cloud_health)
 
     edge = sub.add_parser("edge", help="an edge client").add_subparsers(dest="action", required=True)
     tr = edge.add_parser("train", help="fine-tune LoRA through the cloud on local data")
     add_dataclass_args(tr, EdgeConfig)
-    tr.add_argument("--token-file", default=None, help="read the bearer token from this file")
+    tr.add_argument("--token-file", default=None, help="a file with the bearer token, or the JSON table from "
+                    "`tandem tokens` (the entry for --name is used)")
     tr.add_argument("--metrics-out", default=None, help="write the metrics JSON here")
     tr.set_defaults(func=cmd_edge_train)
 

@@ -63,6 +63,7 @@ class EdgeConfig:
     dtype: str = "float32"
     device: str = "cpu"
     progress: bool = True
+    progress_row: int = 0  # terminal row of this client's progress bar (several clients in one terminal)
     name: str = "edge"
 
 
@@ -138,11 +139,15 @@ def load_items(cfg: EdgeConfig, tokenizer, split: str) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(em: EdgeModel, items: list[dict], pad_id: int, batch_size: int = 32, label_ids=None) -> dict:
+def evaluate(em: EdgeModel, items: list[dict], pad_id: int, batch_size: int = 32, label_ids=None,
+             desc: str | None = None, position: int = 0) -> dict:
     """Classification: accuracy from the label words' logits. LM: perplexity. Runs through the cloud like training."""
+    from tqdm import tqdm
     task = em.task
     correct, n, nll, ntok = 0, 0, 0.0, 0
-    for batch in T.batches(task, items, batch_size, pad_id):
+    total = -(-len(items) // batch_size)
+    for batch in tqdm(T.batches(task, items, batch_size, pad_id), total=total, desc=desc, disable=desc is None,
+                      position=position, leave=False, dynamic_ncols=True):
         loss, logits = em.loss(batch)
         if task.kind == "lm":
             nll += loss.item() * batch.target.numel()
@@ -193,11 +198,13 @@ def train(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None, on_ste
     metrics = {"config": asdict(cfg), "cut": {"k": cfg.k, "m": cfg.m, "cloud_blocks": list(em.cut.cloud)},
                "trainable_parameters": sum(p.numel() for p in em.lora.parameters())}
     if cfg.eval_before and start == 0:
-        metrics["eval_before"] = evaluate(em, dev_items, pad_id, cfg.eval_batch_size, label_ids)
+        metrics["eval_before"] = evaluate(em, dev_items, pad_id, cfg.eval_batch_size, label_ids,
+                                          f"{cfg.name} dev (before)" if cfg.progress else None, cfg.progress_row)
     batches = _infinite_batches(task, train_items, cfg.batch_size, pad_id, cfg.seed)
     for _ in range(start):  # resume at the same batch
         next(batches)
-    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.name, disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.name} train", disable=not cfg.progress,
+               position=cfg.progress_row, dynamic_ncols=True)
     em.train()
     for step in range(start, cfg.steps):
         if step_hook:
@@ -231,7 +238,8 @@ def train(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None, on_ste
     bar.close()
     em.eval()
     if cfg.eval_after:
-        metrics["eval_after"] = evaluate(em, dev_items, pad_id, cfg.eval_batch_size, label_ids)
+        metrics["eval_after"] = evaluate(em, dev_items, pad_id, cfg.eval_batch_size, label_ids,
+                                         f"{cfg.name} dev (after)" if cfg.progress else None, cfg.progress_row)
     metrics["steps"] = [asdict(r) for r in records]
     metrics["summary"] = summarize(records)
     stats = link.close()
