@@ -1,0 +1,21 @@
+"""Tandem's cost simulator: compute, memory, bytes and time per training step for every path, for models we run
+here and models we cannot (LLaMA-7B/70B), validated against measured runs on a rate-limited network testbed.
+
+    shape.py      a decoder's shapes from a Hugging Face config.json (no weights)
+    wire.py       exact wire bytes of a step, by building the protobuf messages the edge and cloud exchange
+    costmodel.py  FLOPs, peak memory, bytes, round trips and time per step, per path
+    profiles.py   device and link profiles, measured (`here`) or documented with their sources
+    calibrate.py  `tandem sim calibrate`: the microbenchmarks behind the `here` profile
+    events.py     N edges sharing one cloud: event-driven queueing/batching simulation
+    compare.py    what-if tables, saturation N, plots
+    testbed.py    network namespaces + veth + tbf links to run real training through
+    cli.py        `tandem sim predict|calibrate|compare|testbed`
+"""
+from sim.costmodel import PATHS, StepCost, Workload, predict, predict_all
+from sim.profiles import DeviceProfile, LinkProfile, device_profile, link_profile
+from sim.shape import ModelShape, load_shape
+from sim.wire import StepTraffic, WireSetup, dlora_setup, step_traffic
+
+__all__ = ["PATHS", "StepCost", "Workload", "predict", "predict_all", "DeviceProfile", "LinkProfile",
+           "device_profile", "link_profile", "ModelShape", "load_shape", "StepTraffic", "WireSetup", "dlora_setup",
+           "step_traffic"]
