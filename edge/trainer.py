@@ -48,6 +48,11 @@ class EdgeConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lora_freeze_a: bool = False  # FFA-LoRA: train B only (federated averaging of B is then exact)
+    kr: bool = False  # DLoRA Kill & Revive (edge/killrevive.py); the kr_* options are its thresholds
+    kr_warmup: int = 10
+    kr_threshold: float = 1.0
+    kr_min_active: float = 0.3
+    kr_revive_every: int = 25
     lr: float = 1e-3
     steps: int = 100
     batch_size: int = 8
@@ -144,6 +149,7 @@ def evaluate(em: EdgeModel, items: list[dict], pad_id: int, batch_size: int = 32
     """Classification: accuracy from the label words' logits. LM: perplexity. Runs through the cloud like training."""
     from tqdm import tqdm
     task = em.task
+    killed, em.cloud.killed = em.cloud.killed, set()  # the model being evaluated has every LoRA module
     correct, n, nll, ntok = 0, 0, 0.0, 0
     total = -(-len(items) // batch_size)
     for batch in tqdm(T.batches(task, items, batch_size, pad_id), total=total, desc=desc, disable=desc is None,
@@ -156,6 +162,7 @@ def evaluate(em: EdgeModel, items: list[dict], pad_id: int, batch_size: int = 32
             pred = logits[:, label_ids].argmax(-1)
             correct += (pred == batch.label).sum().item()
             n += len(batch)
+    em.cloud.killed = killed
     if task.kind == "lm":
         return {"perplexity": float(torch.exp(torch.tensor(nll / ntok))), "tokens": ntok}
     return {"accuracy": correct / n, "examples": n}
@@ -203,10 +210,17 @@ def train(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None, on_ste
     batches = _infinite_batches(task, train_items, cfg.batch_size, pad_id, cfg.seed)
     for _ in range(start):  # resume at the same batch
         next(batches)
+    kr = None
+    if cfg.kr and em.cloud.lora_blocks:
+        from edge.killrevive import KillRevive, KRConfig
+        kr = KillRevive(em.cloud.lora_blocks, KRConfig(warmup=cfg.kr_warmup, threshold=cfg.kr_threshold,
+                                                       min_active=cfg.kr_min_active, revive_every=cfg.kr_revive_every))
     bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.name} train", disable=not cfg.progress,
                position=cfg.progress_row, dynamic_ncols=True)
     em.train()
     for step in range(start, cfg.steps):
+        if kr:
+            kr.before_step(em, step, records[-1].loss if records else None)
         if step_hook:
             step_hook(em, step)
         batch = next(batches).to(cfg.device)
@@ -242,6 +256,9 @@ def train(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None, on_ste
                                          f"{cfg.name} dev (after)" if cfg.progress else None, cfg.progress_row)
     metrics["steps"] = [asdict(r) for r in records]
     metrics["summary"] = summarize(records)
+    if em.cloud.lora_blocks:
+        metrics["summary"]["active_fraction"] = (sum(len(r.active_blocks) for r in records)
+                                                 / max(1, len(records) * len(em.cloud.lora_blocks)))
     stats = link.close()
     if stats is not None:
         metrics["cloud_session"] = {"steps": stats.steps, "bytes_received": stats.bytes_received,

@@ -10,6 +10,8 @@ Order in the ClientApp: SecAgg+ outside, clipping inside, so an update is clippe
 """
 from __future__ import annotations
 
+import json
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -21,7 +23,8 @@ WEIGHT_KEY = "num-examples"
 
 
 def as_fitres(reply: Message) -> Message:
-    """Put a train reply {"arrays", "metrics"} into the legacy FitRes layout `secaggplus_mod` reads."""
+    """Put a train reply {"arrays", "metrics"} into the legacy FitRes layout `secaggplus_mod` reads. Legacy metrics
+    are scalars, so list metrics (per-step traffic) travel as JSON text."""
     if reply.has_error():
         return reply
     metrics = next(iter(reply.content.metric_records.values()))
@@ -29,7 +32,7 @@ def as_fitres(reply: Message) -> Message:
     reply.content = RecordDict({
         "fitres.parameters": arrays,
         "fitres.num_examples": MetricRecord({"num_examples": int(metrics[WEIGHT_KEY])}),
-        "fitres.metrics": ConfigRecord(dict(metrics)),
+        "fitres.metrics": ConfigRecord({k: json.dumps(v) if isinstance(v, list) else v for k, v in metrics.items()}),
         "fitres.status": ConfigRecord({"code": 0, "message": "Success"}),
     })
     return reply

@@ -1,0 +1,1 @@
+"""The edge side of a Tandem federation: the Flower ClientApp (local training through the cloud) and its mods."""

@@ -1,0 +1,80 @@
+"""Kill & Revive (DLoRA, Gao & Zhang 2024): keep only the cloud-block LoRA modules that are still learning active.
+
+A killed module costs nothing: the cloud skips its site (no LoRA input or output crosses the wire, no edge compute),
+and its weights stay as they are and stay in the saved adapter. The policy, with every threshold an option:
+
+  score(block)  = EMA over steps of  ||update of the block's LoRA weights|| / ||weights||   (measured while active)
+  kill          after `warmup` steps, every step: active blocks whose score is below `threshold` x the mean score of
+                the active blocks are killed, lowest first, while more than `min_active` of the blocks stay active
+  revive        every `revive_every` steps all killed blocks come back for `probe_steps` steps so their scores are
+                measured afresh (a module that started to matter again stays); and all come back at once when the
+                loss EMA rises `loss_rise` above its best (the signal that killed modules are missed)
+
+Hand-written because no library implements DLoRA's policy; it is ~60 lines of bookkeeping over LoRA weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class KRConfig:
+    warmup: int = 10
+    threshold: float = 1.0
+    min_active: float = 0.3  # fraction of cloud blocks that always stays active
+    revive_every: int = 25
+    probe_steps: int = 2
+    loss_rise: float = 0.10  # relative rise of the loss EMA over its best that revives everything
+    ema: float = 0.7
+
+
+@dataclass
+class KillRevive:
+    blocks: list[int]
+    cfg: KRConfig = field(default_factory=KRConfig)
+    score: dict[int, float] = field(default_factory=dict)
+    killed: set[int] = field(default_factory=set)
+    history: list[list[int]] = field(default_factory=list)  # active blocks at each step
+    _prev: dict[int, torch.Tensor] = field(default_factory=dict)
+    _loss_ema: float | None = None
+    _best: float = float("inf")
+    _probe_until: int = -1
+
+    def _flat(self, lora, b: int) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for t in lora.cfg.targets for p in lora.site(b, t).parameters()])
+
+    def before_step(self, em, step: int, last_loss: float | None = None) -> set[int]:
+        """Update scores from the last step's updates, decide who is killed this step, tell the RemoteCloud."""
+        c = self.cfg
+        for b in self.blocks:
+            now = self._flat(em.lora, b)
+            if b in self._prev and b not in self.killed:
+                ratio = ((now - self._prev[b]).norm() / (now.norm() + 1e-12)).item()
+                self.score[b] = ratio if b not in self.score else c.ema * self.score[b] + (1 - c.ema) * ratio
+            self._prev[b] = now
+        if last_loss is not None:
+            self._loss_ema = last_loss if self._loss_ema is None else c.ema * self._loss_ema + (1 - c.ema) * last_loss
+            self._best = min(self._best, self._loss_ema)
+        loss_signal = self._loss_ema is not None and self._loss_ema > self._best * (1 + c.loss_rise)
+        if self.killed and (loss_signal or (step >= c.warmup and step % c.revive_every == 0)):
+            self.killed.clear()  # revive: measure everyone again
+            self._probe_until = step + c.probe_steps
+            if loss_signal:
+                self._best = self._loss_ema
+        elif step >= c.warmup and step >= self._probe_until:
+            active = [b for b in self.blocks if b not in self.killed and b in self.score]
+            if active:
+                mean = sum(self.score[b] for b in active) / len(active)
+                floor = max(1, int(round(c.min_active * len(self.blocks))))
+                for b in sorted(active, key=lambda b: self.score[b]):
+                    if len(self.blocks) - len(self.killed) <= floor or self.score[b] >= c.threshold * mean:
+                        break
+                    self.killed.add(b)
+        em.cloud.killed = set(self.killed)
+        self.history.append([b for b in self.blocks if b not in self.killed])
+        return self.killed
+
+    def active_fraction(self) -> float:
+        return sum(len(h) for h in self.history) / max(1, len(self.history) * len(self.blocks))
