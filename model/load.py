@@ -142,8 +142,12 @@ def load_model(spec: str = "smollm2", dtype: torch.dtype = torch.float32, device
 
 
 def fingerprint(model) -> str:
-    """Identifies a backbone: its config and a digest of its embedding weights (edge and cloud must agree)."""
+    """Identifies a backbone, however it was loaded (GGUF, HF folder): its shape and a digest of its embedding
+    weights. Edge and cloud must agree on it before they exchange hidden states."""
     from model.segments import family_of
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    c = model.config
+    shape = [getattr(c, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                            "num_key_value_heads", "intermediate_size", "vocab_size")]
+    h = hashlib.sha256(repr(shape).encode())
     h.update(family_of(model).embed(model).weight.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:32]

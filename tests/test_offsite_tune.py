@@ -1,0 +1,149 @@
+"""Tuning through the emulator and plugging into the full model: only the adapter trains, the adapter files carry
+exactly the adapter blocks under full-model names, the LoRA adapter is real PEFT format, plug-in is exact when nothing
+was dropped, and adapters from another bundle or for another backbone are refused."""
+from __future__ import annotations
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tasks as T
+from emulator.build import BuildConfig, build
+from emulator.bundle import BundleError, block_of, load_bundle
+from emulator.plug import check_binding, format_table, load_adapter, offsite_table, plug
+from emulator.tune import TuneConfig, tune
+from model.load import load_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = [f"this film is {'wonderful' if i % 2 else 'dreadful'} number {i}\t{i % 2}\n" for i in range(56)]
+    (d / "train.tsv").write_text("sentence\tlabel\n" + "".join(rows[:40]))
+    (d / "dev.tsv").write_text("sentence\tlabel\n" + "".join(rows[40:]))
+    return d
+
+
+def bundle_of(tiny, path, drop):
+    build(BuildConfig(model="tiny-llama", bottom=1, top=1, drop=drop, progress=False), path, loaded=tiny)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dropped(tiny, tmp_path_factory):
+    return bundle_of(tiny, tmp_path_factory.mktemp("b") / "bundle", 0.5)  # keeps blocks 0, 1, 4, 5
+
+
+@pytest.fixture(scope="module")
+def undropped(tiny, tmp_path_factory):
+    return bundle_of(tiny, tmp_path_factory.mktemp("b0") / "bundle", 0.0)
+
+
+def config(data, mode, steps=4, **kw) -> TuneConfig:
+    return TuneConfig(mode=mode, steps=steps, batch_size=4, lr=1e-2 if mode == "lora" else 1e-3, eval_examples=16,
+                      train_file=str(data / "train.tsv"), dev_file=str(data / "dev.tsv"), progress=False,
+                      lora_targets=("q_proj", "v_proj"), **kw)
+
+
+def test_full_mode_trains_only_the_adapter_blocks(dropped, data, tmp_path):
+    before = load_bundle(dropped).model.state_dict()
+    m = tune(config(data, "full"), dropped, tmp_path / "adapter")
+    after = m["_adapter"].model.state_dict()
+    changed = {block_of(k) for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {0, 3}  # the compact model's first and last block = full-model blocks 0 and 5
+    saved = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
+    assert {block_of(k) for k in saved} == {0, 5}  # named as in the full model
+    assert torch.equal(saved["model.layers.5.mlp.up_proj.weight"], after["model.layers.3.mlp.up_proj.weight"])
+    manifest = json.loads((tmp_path / "adapter" / "manifest.json").read_text())
+    assert manifest["mode"] == "full" and manifest["blocks"] == [0, 5] and manifest["training"]["steps"] == 4
+    assert "losses" not in manifest["training"]  # the record that travels is a summary
+    assert 0 <= m["emulator_zero_shot"] <= 1 and 0 <= m["emulator_fine_tuned"] <= 1
+
+
+def test_training_lowers_the_loss(dropped, data, tmp_path):
+    m = tune(config(data, "full", steps=30), dropped, tmp_path / "adapter")
+    losses = m["training"]["losses"]
+    # (a tiny random model's frozen, tied embedding bounds how low the loss can go: about 4.4 here)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3 and losses[-1] < losses[0] - 1.0
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_plug_in_is_exact_without_drop(tiny, undropped, data, tmp_path, mode):
+    """With no block dropped the emulator is the full model, so the plugged model must equal the owner's model."""
+    m = tune(config(data, mode), undropped, tmp_path / "adapter")
+    owner_model = m["_adapter"].model
+    ids = torch.randint(3, 300, (2, 13))
+    base = logits(tiny.model, ids)
+    plugged = plug(tiny.model, load_adapter(tmp_path / "adapter"), load_bundle(undropped).manifest)
+    assert torch.allclose(logits(plugged, ids), logits(owner_model, ids), atol=1e-5)
+    assert not torch.allclose(logits(plugged, ids), base, atol=1e-3)  # something was plugged in ...
+    assert torch.equal(logits(tiny.model, ids), base)  # ... into a copy: the cloud's model is untouched
+
+
+def test_lora_adapter_is_peft_format_for_the_full_model(tiny, dropped, data, tmp_path):
+    tune(config(data, "lora"), dropped, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "peft" / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [0, 5] and cfg["peft_type"] == "LORA"
+    adapter = load_adapter(tmp_path / "adapter")
+    ours = plug(tiny.model, adapter, load_bundle(dropped).manifest)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(tmp_path / "adapter" / "peft")).eval()
+    ids = torch.randint(3, 300, (2, 9))
+    assert torch.allclose(logits(ours, ids), logits(theirs, ids), atol=1e-5)
+    assert not torch.allclose(logits(ours, ids), logits(tiny.model, ids), atol=1e-4)
+
+
+def test_adapters_are_bound_to_their_bundle_and_backbone(tiny, dropped, undropped, data, tmp_path):
+    tune(config(data, "full", steps=1), dropped, tmp_path / "adapter")
+    adapter = load_adapter(tmp_path / "adapter")
+    check_binding(adapter, load_bundle(dropped).manifest, tiny.model)
+    with pytest.raises(BundleError, match="different bundle"):
+        check_binding(adapter, load_bundle(undropped).manifest, tiny.model)
+    other = load_model("tiny-llama", seed=1).model
+    with pytest.raises(BundleError, match="fingerprint mismatch"):
+        plug(other, adapter, load_bundle(dropped).manifest)
+    weights = tmp_path / "adapter" / "adapter.safetensors"
+    data_ = bytearray(weights.read_bytes())
+    data_[-3] ^= 0x10
+    weights.write_bytes(bytes(data_))
+    with pytest.raises(BundleError, match="does not match its manifest hash"):
+        load_adapter(tmp_path / "adapter")
+
+
+def test_offsite_table(tiny, undropped, data, tmp_path):
+    """Every row is measured; the reference run tunes the full model's adapter blocks and nothing else."""
+    tune(config(data, "full"), undropped, tmp_path / "adapter")
+    full = copy.deepcopy(tiny.model)
+    res = offsite_table(full, T.tiny_tokenizer(), load_bundle(undropped), load_adapter(tmp_path / "adapter"),
+                        eval_examples=16, reference_steps=3, progress=False, train_file=str(data / "train.tsv"),
+                        dev_file=str(data / "dev.tsv"))
+    rows = res["rows"]
+    assert list(rows) == ["full model zero-shot", "emulator zero-shot", "emulator fine-tuned", "plug-in",
+                          "full fine-tuning"]
+    assert all(0 <= a <= 1 for a in rows.values())
+    assert res["reference_training"]["steps"] == 3 and res["dev_examples"] == 16
+    before, after = tiny.model.state_dict(), full.state_dict()
+    assert {block_of(k) for k in before if not torch.equal(before[k], after[k])} == {0, 5}
+    text = format_table(res)
+    assert "plug-in" in text and "ratio" in text
