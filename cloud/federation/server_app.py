@@ -1,0 +1,284 @@
+"""The Tandem ServerApp: rounds of federated LoRA training, aggregated on the cloud side.
+
+The ServerApp holds the global adapter and, unless told where one runs (`cloud-address`), hosts the one backbone
+service every device trains through. Round r:
+
+    train     strategy.configure_train -> the sampled devices train from the global adapter through the cloud
+              (plain Flower messages, or SecAgg+ when `secagg` is on) -> strategy.aggregate_train merges the
+              adapters (FedAvg of A and B, or FFA-LoRA), the optional central-DP wrapper adds noise
+    evaluate  `eval-nodes` devices each run a slice of the dev set with the new global adapter through the cloud
+    report    loss, dev accuracy, Flower bytes down/up and adapter payload per device, split traffic per step,
+              the merge's deviation from the true average update; one row per round in <out-dir>/report.json
+
+Round 0 evaluates the initial adapter (B = 0, so the backbone itself: zero-shot). At the end the global adapter is
+saved in PEFT format to <out-dir>/adapter. Configuration comes from the run config ([tool.flwr.app.config] in
+pyproject.toml, `flwr run . --run-config ...`), or, under `tandem federate`, from `make_server_app(config)`.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+from flwr.supercore import log
+
+from cloud.federation.secagg import SecAggConfig, secure_train_round
+from cloud.federation.strategies import STRATEGIES, LoRAFedAvg
+from cloud.federation.strategies.base import arrays_to_record, payload_bytes, record_to_arrays
+from cloud.federation.traffic import MeteredGrid
+from model.load import load_model
+from model.lora import LoRAConfig, LoRASet
+from model.segments import cut_of
+
+
+@dataclass
+class FederationConfig:
+    """Everything a federation run is told. Run-config keys are these names in kebab-case (`num-server-rounds`)."""
+    num_server_rounds: int = 5
+    strategy: str = "ffa"  # "fedavg" (FedIT: A and B averaged) or "ffa" (FFA-LoRA: A frozen, B averaged; exact)
+    model: str = "smollm2"
+    task: str = "sst2"
+    cut_bottom: int = 1  # k: blocks at the bottom of the edge
+    cut_top: int = 1  # m: blocks at the top of the edge
+    cloud_lora: str = "none"  # "none": split (LoRA on the edge's blocks), "edge": DLoRA (LoRA in every block)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: str = "q_proj,v_proj"
+    local_steps: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    seed: int = 0
+    wire_up: str = "fp32"  # split traffic dtypes (edge -> cloud, cloud -> edge)
+    wire_down: str = "fp32"
+    adapter_dtype: str = "float32"  # the adapter in Flower messages: float32 or float16
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    eval_nodes: int = 2
+    eval_examples: int = 500
+    eval_batch_size: int = 32
+    eval_initial: bool = True  # round 0: the initial adapter (B = 0, i.e. zero-shot)
+    partition_dir: str = ""  # client-<partition-id>.jsonl per device; empty: IID shards of the shared set
+    cloud_address: str = ""  # empty: this ServerApp hosts the backbone service
+    cloud_token: str = ""
+    secagg: bool = False
+    secagg_num_shares: float = 1.0
+    secagg_threshold: float = 0.5
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 1 << 22
+    secagg_max_weight: float = 100_000.0
+    dp: bool = False  # central DP: clients clip their update, the server adds Gaussian noise to the aggregate
+    dp_noise_multiplier: float = 0.1
+    dp_clipping_norm: float = 1.0
+    round_timeout: float = 3600.0
+    out_dir: str = "runs/federation"
+    label: str = ""
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> "FederationConfig":
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown federation setting {key!r}; known: {sorted(k.replace('_', '-') for k in known)}")
+            values[name] = value
+        cfg = cls(**values)
+        if cfg.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {cfg.strategy!r}")
+        if cfg.cloud_lora not in ("none", "edge"):
+            raise ValueError(f"cloud-lora must be 'none' (split) or 'edge' (DLoRA), got {cfg.cloud_lora!r}")
+        return cfg
+
+    def instructions(self, address: str, token: str) -> ConfigRecord:
+        """What every device is told each round (edge/federation/client_app.py reads these keys)."""
+        keys = ("model", "task", "cut_bottom", "cut_top", "cloud_lora", "lora_r", "lora_alpha", "lora_targets",
+                "local_steps", "batch_size", "lr", "seed", "wire_up", "wire_down", "partition_dir", "eval_examples",
+                "eval_batch_size")
+        rec = ConfigRecord({k.replace("_", "-"): getattr(self, k) for k in keys})
+        rec["cloud-address"], rec["cloud-token"] = address, token
+        return rec
+
+
+@lru_cache(maxsize=2)
+def backbone(spec: str):
+    """The backbone, loaded once per process (the ServerApp and a cloud it hosts share it)."""
+    return load_model(spec, with_tokenizer=False).model
+
+
+def initial_adapter(model, cfg: FederationConfig) -> dict[str, np.ndarray]:
+    """The round-1 adapter at the sites the devices will train (PEFT init: A Kaiming-uniform, seeded; B zero)."""
+    cut = cut_of(model, cfg.cut_bottom, cfg.cut_top)
+    blocks = [*cut.bottom, *cut.top] + (list(cut.cloud) if cfg.cloud_lora == "edge" else [])
+    torch.manual_seed(cfg.seed)
+    lora = LoRASet(model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, 0.0, tuple(t for t in cfg.lora_targets.split(",") if t),
+                                     sorted(blocks)))
+    return {k: v.numpy() for k, v in lora.peft_state_dict().items()}
+
+
+def save_adapter(model, cfg: FederationConfig, adapter: dict[str, np.ndarray], path: Path) -> Path:
+    cut = cut_of(model, cfg.cut_bottom, cfg.cut_top)
+    blocks = [*cut.bottom, *cut.top] + (list(cut.cloud) if cfg.cloud_lora == "edge" else [])
+    lora = LoRASet(model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, 0.0, tuple(t for t in cfg.lora_targets.split(",") if t),
+                                     sorted(blocks)))
+    lora.load_peft_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in adapter.items()})
+    return lora.save_peft(path, cfg.model)
+
+
+def make_strategy(cfg: FederationConfig, num_nodes: int):
+    """The configured LoRA strategy, wrapped in Flower's central-DP wrapper when `dp` is on."""
+    per_round = max(int(num_nodes * cfg.fraction_train), min(2, num_nodes))
+    strategy: LoRAFedAvg = STRATEGIES[cfg.strategy](
+        eval_nodes=cfg.eval_nodes, adapter_dtype=cfg.adapter_dtype, fraction_train=cfg.fraction_train,
+        min_train_nodes=per_round, min_available_nodes=min(cfg.min_nodes, num_nodes))
+    if cfg.dp:
+        return DifferentialPrivacyClientSideFixedClipping(strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm,
+                                                          per_round), strategy
+    return strategy, strategy
+
+
+def _client_rows(replies: list[Message] | None, per_client: list[tuple[int, dict]], metered: MeteredGrid,
+                 phase: tuple) -> list[dict]:
+    if replies is not None:
+        per_client = [(m.metadata.src_node_id, dict(next(iter(m.content.metric_records.values()))))
+                      for m in replies if not m.has_error()]
+    rows = []
+    for node, met in sorted(per_client, key=lambda nm: nm[1].get("partition-id", 0)):
+        flower = metered.counts[phase].get(node, {})
+        rows.append({"node": node, "partition": int(met.get("partition-id", -1)), "examples": int(met["num-examples"]),
+                     "train_loss": met.get("train-loss"), "train_seconds": met.get("train-seconds"),
+                     "split_steps": int(met.get("split-steps", 0)),
+                     "split_bytes_up": int(met.get("split-bytes-up", 0)),
+                     "split_bytes_down": int(met.get("split-bytes-down", 0)),
+                     "split_step_bytes_up": list(met.get("split-step-bytes-up", [])),
+                     "split_step_bytes_down": list(met.get("split-step-bytes-down", [])),
+                     "cloud_bytes_received": int(met.get("cloud-bytes-received", 0)),
+                     "cloud_bytes_sent": int(met.get("cloud-bytes-sent", 0)),
+                     "flower_bytes_down": int(flower.get("down", 0)), "flower_bytes_up": int(flower.get("up", 0)),
+                     "adapter_bytes_down": int(flower.get("adapter_down", 0)),
+                     "adapter_bytes_up": int(flower.get("adapter_up", 0))})
+    return rows
+
+
+def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict:
+    """All rounds; returns the report (also written to <out-dir>/report.json)."""
+    t_start = time.time()
+    model = backbone(cfg.model)
+    cloud, address, token = None, cfg.cloud_address, cfg.cloud_token
+    if not address:  # `flwr run .`: the backbone service lives with the ServerApp, on the cloud side
+        from cloud.server import Cloud, ServeConfig
+        token = secrets.token_urlsafe(32)
+        cloud = Cloud(ServeConfig(model=cfg.model, port=0), model=model, tokens={token: "federation"})
+        address = cloud.address
+        log(INFO, "Tandem: hosting the %s backbone service on %s", cfg.model, address)
+    try:
+        return _rounds(grid, context, cfg, model, address, token, t_start)
+    finally:
+        if cloud is not None:
+            cloud.stop()
+
+
+def _rounds(grid: Grid, context: Context, cfg: FederationConfig, model, address: str, token: str,
+            t_start: float) -> dict:
+    metered = MeteredGrid(grid)
+    while len(node_ids := list(grid.get_node_ids())) < cfg.min_nodes:
+        time.sleep(1)
+    strategy, lora_strategy = make_strategy(cfg, len(node_ids))
+    adapter = initial_adapter(model, cfg)
+    arrays = arrays_to_record(adapter, "float32")
+    wire = arrays_to_record(adapter, cfg.adapter_dtype)
+    train_config = cfg.instructions(address, token)
+    eval_config = cfg.instructions(address, token)
+    out = Path(cfg.out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"label": cfg.label or cfg.strategy, "strategy": cfg.strategy, "nodes": len(node_ids),
+              "config": {k: v for k, v in asdict(cfg).items() if k != "cloud_token"},
+              "adapter": {"keys": len(adapter), "parameters": int(sum(a.size for a in adapter.values())),
+                          "dtype": cfg.adapter_dtype, "bytes": payload_bytes(wire)},
+              "rounds": []}
+
+    def evaluate(rnd: int, arrays: ArrayRecord) -> dict:
+        metered.phase = ("evaluate", rnd)
+        replies = metered.send_and_receive(strategy.configure_evaluate(rnd, arrays, eval_config, metered),
+                                           timeout=cfg.round_timeout)
+        metrics = strategy.aggregate_evaluate(rnd, replies)
+        t = metered.totals(metered.phase)
+        ok = [m for m in replies if not m.has_error()]
+        split = sum(int(next(iter(m.content.metric_records.values())).get("cloud-bytes-received", 0)) +
+                    int(next(iter(m.content.metric_records.values())).get("cloud-bytes-sent", 0)) for m in ok)
+        return {"dev_accuracy": None if metrics is None else metrics.get("accuracy"),
+                "dev_perplexity": None if metrics is None else metrics.get("perplexity"),
+                "dev_examples": 0 if metrics is None else int(metrics.get("num-examples", 0)),
+                "eval_flower_bytes": t.get("down", 0) + t.get("up", 0), "eval_split_bytes": split}
+
+    t0 = time.time()
+    row0 = {"round": 0, **(evaluate(0, arrays) if cfg.eval_initial else {"dev_accuracy": None}),
+            "seconds": time.time() - t0}
+    report["rounds"].append(row0)
+    log(INFO, "Tandem round 0 (initial adapter): dev accuracy %s", row0["dev_accuracy"])
+    secagg = SecAggConfig(cfg.secagg_num_shares, cfg.secagg_threshold, cfg.secagg_clipping_range,
+                          cfg.secagg_quantization_range, cfg.secagg_max_weight)
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        t0 = time.time()
+        metered.phase = ("train", rnd)
+        messages = list(strategy.configure_train(rnd, arrays, train_config, metered))
+        if cfg.secagg:
+            replies, per_client = secure_train_round(metered, context, rnd, messages, secagg)
+            clients = _client_rows(None, per_client, metered, metered.phase)
+        else:
+            replies = list(metered.send_and_receive(messages, timeout=cfg.round_timeout))
+            clients = _client_rows(replies, [], metered, metered.phase)
+        new_arrays, metrics = strategy.aggregate_train(rnd, replies)
+        if new_arrays is None:
+            raise RuntimeError(f"round {rnd}: no adapter to aggregate (every device failed?)")
+        arrays = arrays_to_record(record_to_arrays(new_arrays), "float32")
+        t = metered.totals(metered.phase)
+        steps = sum(c["split_steps"] for c in clients)
+        split_up = sum(c["split_bytes_up"] for c in clients)
+        split_down = sum(c["split_bytes_down"] for c in clients)
+        row = {"round": rnd, "devices": len(clients), "train_loss": metrics.get("train-loss"),
+               "flower_bytes_down": t.get("down", 0), "flower_bytes_up": t.get("up", 0),
+               "adapter_bytes_down": t.get("adapter_down", 0), "adapter_bytes_up": t.get("adapter_up", 0),
+               "flower_messages": t.get("messages_down", 0) + t.get("messages_up", 0),
+               "split_steps": steps, "split_bytes_up": split_up, "split_bytes_down": split_down,
+               "split_bytes_per_step": (split_up + split_down) / steps if steps else 0.0,
+               "deviation": metrics.get("agg-deviation"), "train_seconds": time.time() - t0}
+        row.update(evaluate(rnd, arrays))
+        row["seconds"] = time.time() - t0
+        row["clients"] = clients
+        report["rounds"].append(row)
+        log(INFO, "Tandem round %d: loss %.4f, dev accuracy %s, Flower %d B down / %d B up, split %.0f B/step, "
+            "deviation %s", rnd, row["train_loss"] or float("nan"), row["dev_accuracy"], row["flower_bytes_down"],
+            row["flower_bytes_up"], row["split_bytes_per_step"], row["deviation"])
+    final = record_to_arrays(arrays)
+    save_adapter(model, cfg, final, out / "adapter")
+    report["seconds"] = time.time() - t_start
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def make_server_app(cfg: FederationConfig) -> ServerApp:
+    """A ServerApp with its configuration built in (Flower's `run_simulation` passes no run config)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, context, cfg)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, context, FederationConfig.from_run_config(dict(context.run_config)))

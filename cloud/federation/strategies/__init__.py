@@ -1,0 +1,8 @@
+"""LoRA aggregation strategies, each a Flower `FedAvg` with its own `aggregate_train` (one method per file)."""
+from cloud.federation.strategies.base import LoRAFedAvg
+from cloud.federation.strategies.fedavg_lora import FedAvgLoRA
+from cloud.federation.strategies.ffa_lora import FFALoRA
+
+STRATEGIES: dict[str, type[LoRAFedAvg]] = {"fedavg": FedAvgLoRA, "ffa": FFALoRA}
+
+__all__ = ["LoRAFedAvg", "FedAvgLoRA", "FFALoRA", "STRATEGIES"]

@@ -1,0 +1,106 @@
+"""`tandem federate`: command line of the federation simulation (sim/federation.py).
+
+Every federation setting of the ServerApp (FederationConfig, the same keys as `flwr run . --run-config`) is an
+option here, e.g. `--num-server-rounds 5 --local-steps 10 --cloud-lora edge`; the simulation adds the devices, the
+partitioner, the strategies to compare and the CPUs Ray may use.
+
+    tandem federate --devices 8 --num-server-rounds 5 --partitioner dirichlet --alpha 0.5 --strategies fedavg,ffa
+    tandem federate --partitions-only --out runs/fed      # then: flwr run . --run-config 'partition-dir="..."'
+    tandem federate --render runs/fed                     # the tables and plot of a finished run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+
+from cloud.federation.server_app import FederationConfig
+from sim.federation import PARTITIONERS, FederateOptions
+
+# set by the driver itself, not by the user
+_DRIVER_SET = {"strategy", "cloud_address", "cloud_token", "partition_dir", "out_dir", "label", "min_nodes"}
+_ALIASES = {"num_server_rounds": ["--rounds"], "cut_bottom": ["--k"], "cut_top": ["--m"]}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sim = p.add_argument_group("simulation")
+    d = FederateOptions()
+    sim.add_argument("--devices", type=int, default=d.devices, help="simulated edge devices (default %(default)s)")
+    sim.add_argument("--partitioner", choices=PARTITIONERS, default=d.partitioner)
+    sim.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration (default %(default)s)")
+    sim.add_argument("--labels-per-device", type=int, default=d.labels_per_device, help="pathological partitioner")
+    sim.add_argument("--strategies", default=",".join(d.strategies),
+                     help="comma-separated, run one after another on the same partitions and cloud: fedavg, ffa")
+    sim.add_argument("--cpus", type=int, default=d.cpus, help="CPUs Ray may use (default %(default)s)")
+    sim.add_argument("--cpus-per-device", type=float, default=d.cpus_per_device,
+                     help="CPUs each device reserves: at most cpus/cpus-per-device train at once")
+    sim.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
+    sim.add_argument("--verbose", action="store_true", help="show the devices' logs")
+    sim.add_argument("--partitions-only", action="store_true", help="write the partition files and stop")
+    sim.add_argument("--render", metavar="DIR", help="print the report of a finished run in DIR and redraw its plot")
+    sim.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
+    fed = p.add_argument_group("federation (the ServerApp's run config)")
+    for f in fields(FederationConfig):
+        if f.name in _DRIVER_SET:
+            continue
+        default = f.default if f.default is not MISSING else None
+        flags = ["--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, [])]
+        if isinstance(default, bool):
+            fed.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            fed.add_argument(*flags, dest=f.name, type=type(default), default=default,
+                             help=f"(default {default!r})")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("federate", help="federated LoRA rounds with Flower across simulated edge devices",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def options_of(args: argparse.Namespace) -> tuple[FederateOptions, FederationConfig]:
+    opts = FederateOptions(devices=args.devices, partitioner=args.partitioner, alpha=args.alpha,
+                           labels_per_device=args.labels_per_device,
+                           strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
+                           cpus=args.cpus, cpus_per_device=args.cpus_per_device, out=args.out, quiet=not args.verbose)
+    fed = FederationConfig(**{f.name: getattr(args, f.name) for f in fields(FederationConfig)
+                              if f.name not in _DRIVER_SET})
+    return opts, fed
+
+
+def run(args: argparse.Namespace) -> int:
+    from sim import federation as F
+    if args.render:
+        summary = F.load_summary(args.render)
+        print(json.dumps(summary["comparison"], indent=1) if args.json else F.render(summary, args.render))
+        return 0
+    opts, fed = options_of(args)
+    if args.partitions_only:
+        from pathlib import Path
+
+        import tasks as T
+        parts = F.partition(T.load_split(fed.task, "train"), opts.devices, opts.partitioner, alpha=opts.alpha,
+                            labels_per_device=opts.labels_per_device, min_partition_size=opts.min_partition_size,
+                            seed=opts.partition_seed)
+        folder = Path(opts.out).expanduser().resolve() / "partitions"
+        F.write_partitions(parts, folder)
+        print(f"wrote {len(parts)} partitions to {folder}\n"
+              f"run them with: flwr run . --run-config 'partition-dir=\"{folder}\"'")
+        return 0
+    summary = F.federate(opts, fed)
+    print(json.dumps(summary["comparison"], indent=1) if args.json else F.render(summary, opts.out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tandem")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["federate", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
