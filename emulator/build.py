@@ -1,0 +1,169 @@
+"""Build an offsite-tuning bundle on the cloud: adapter blocks + a compressed, frozen emulator of the middle.
+
+    full model:  [b0 b1] [b2 b3 b4 ... b27] [b28 b29]          (SmolLM2: 30 blocks)
+    bundle:      [b0 b1] [b2 b4 b6 ... b26] [b28 b29]          adapter = 2 bottom + 2 top, drop ratio 0.5
+
+The emulator keeps middle blocks uniformly (the paper's layer drop: evenly spaced, the first and last middle block
+always kept). Optionally it is distilled toward the full middle on public text (WikiText-2): the bottom adapter's
+output goes into both the full middle (teacher) and the emulator (student), and the emulator's blocks learn to give
+the same hidden states (mean squared error, the paper's objective). The adapter blocks and the embedding are never
+changed, so the data owner starts from the real model's adapter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import tasks as T
+from emulator.bundle import BUNDLE_FORMAT, WEIGHTS, Layout, compact_model, full_state_for, renumber, write_manifest
+from model.load import fingerprint, load_model
+from model.segments import BlockRun, family_of
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BuildConfig:
+    model: str = "smollm2"
+    bottom: int = 2  # adapter blocks at the bottom
+    top: int = 2  # adapter blocks at the top
+    drop: float = 0.5  # fraction of the middle blocks dropped
+    distill_steps: int = 0  # 0: no distillation
+    distill_lr: float = 1e-4
+    distill_batch: int = 8
+    distill_seq: int = 64
+    distill_eval_batches: int = 4  # held-out WikiText-2 batches to measure the emulator's error before and after
+    dtype: str = "float32"  # how the weights are stored in the bundle
+    seed: int = 0
+    progress: bool = True
+
+
+def uniform_drop(middle: list[int], drop: float) -> list[int]:
+    """Keep round(len * (1 - drop)) evenly spaced blocks of `middle`, always the first and the last."""
+    if not 0 <= drop < 1:
+        raise ValueError(f"drop ratio must be in [0, 1), got {drop}")
+    n = max(1, round(len(middle) * (1 - drop)))
+    if n == 1:
+        return [middle[0]]
+    stride = (len(middle) - 1) / (n - 1)
+    return [middle[round(i * stride)] for i in range(n)]
+
+
+def make_layout(num_layers: int, bottom: int, top: int, drop: float) -> Layout:
+    if bottom < 1 or top < 1 or bottom + top >= num_layers:
+        raise ValueError(f"need bottom >= 1, top >= 1 and bottom + top < {num_layers}, got {bottom} + {top}")
+    middle = list(range(bottom, num_layers - top))
+    return Layout(num_layers, tuple(range(bottom)), tuple(range(num_layers - top, num_layers)),
+                  tuple(uniform_drop(middle, drop)))
+
+
+def wikitext_items(tokenizer, split: str, seq: int) -> list[dict]:
+    """Public text for distillation: WikiText-2 in windows of `seq` tokens."""
+    task = dataclasses.replace(T.TASKS["wikitext2"], max_len=seq)
+    return T.encode(task, T.load_split("wikitext2", split), tokenizer)
+
+
+class MiddlePair:
+    """The full model's middle (teacher) and the emulator (student), fed the same bottom-adapter output."""
+
+    def __init__(self, full, emu, layout: Layout):
+        self.full, self.emu, self.layout = full, emu, layout
+        fam = family_of(full)
+        self.embed = fam.embed(full)
+        self.bottom = BlockRun(full, range(len(layout.bottom)))
+        self.teacher = BlockRun(full, layout.middle)
+        first = len(layout.bottom)
+        self.student = BlockRun(emu, range(first, first + len(layout.emulator)))
+
+    @torch.no_grad()
+    def inputs_and_targets(self, batch: T.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.bottom(self.embed(batch.input_ids), batch.attention_mask)
+        return h, self.teacher(h, batch.attention_mask)
+
+    def loss(self, h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(self.student(h, mask), target)
+
+
+def distill(full, emu, layout: Layout, tokenizer, cfg: BuildConfig) -> dict:
+    """Train the emulator's blocks (only those) to reproduce the full middle's output on WikiText-2."""
+    from tqdm import tqdm
+    torch.manual_seed(cfg.seed)
+    pair = MiddlePair(full, emu, layout)
+    params = [p for p in pair.student.parameters()]
+    for p in emu.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    pad = getattr(tokenizer, "pad_token_id", 0) or 0
+    task = T.TASKS["wikitext2"]
+    train = wikitext_items(tokenizer, "train", cfg.distill_seq)
+    dev = wikitext_items(tokenizer, "dev", cfg.distill_seq)
+    dev_batches = [b for b, _ in zip(T.batches(task, dev, cfg.distill_batch, pad), range(cfg.distill_eval_batches))]
+    dev_pairs = [(pair.inputs_and_targets(b), b.attention_mask) for b in dev_batches]
+
+    @torch.no_grad()
+    def held_out() -> float:
+        return sum(pair.loss(h, y, m).item() for (h, y), m in dev_pairs) / max(1, len(dev_pairs))
+
+    before = held_out()
+    opt = torch.optim.AdamW(params, lr=cfg.distill_lr, weight_decay=0.0)
+    losses, t0, epoch = [], time.perf_counter(), 0
+    stream = iter(())
+    bar = tqdm(range(cfg.distill_steps), desc="distill", disable=not cfg.progress, dynamic_ncols=True)
+    for _ in bar:
+        batch = next(stream, None)
+        if batch is None:
+            stream, epoch = T.batches(task, train, cfg.distill_batch, pad, seed=cfg.seed + epoch, drop_last=True), epoch + 1
+            batch = next(stream)
+        h, y = pair.inputs_and_targets(batch)
+        loss = pair.loss(h, y, batch.attention_mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(mse=f"{loss.item():.4f}")
+    for p in emu.parameters():
+        p.requires_grad_(False)
+    return {"data": "wikitext2 (train part)", "objective": "mse(emulator(h), full_middle(h)), h = bottom adapter output",
+            "steps": cfg.distill_steps, "lr": cfg.distill_lr, "batch": cfg.distill_batch, "seq": cfg.distill_seq,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "held_out_mse_before": before, "held_out_mse_after": held_out(),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def build(cfg: BuildConfig, out_dir: str | Path, *, loaded=None) -> dict:
+    """Make the bundle folder `out_dir` (weights, tokenizer, manifest). Returns the manifest."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: choose a new folder for the bundle")
+    loaded = loaded or load_model(cfg.model)
+    full, tok = loaded.model, loaded.tokenizer
+    layout = make_layout(len(family_of(full).blocks(full)), cfg.bottom, cfg.top, cfg.drop)
+    emu = compact_model(full, layout)
+    record = None
+    if cfg.distill_steps > 0:
+        record = distill(full, emu, layout, tok or T.tiny_tokenizer(), cfg)
+    # The emulator's (possibly distilled) blocks replace the originals; the adapter blocks are the full model's.
+    to_full = dict(enumerate(layout.kept))
+    state = {renumber(k, to_full): v.detach().to(DTYPES[cfg.dtype]).contiguous()
+             for k, v in emu.state_dict().items() if not (k == "lm_head.weight" and emu.config.tie_word_embeddings)}
+    assert set(state) == set(full_state_for(full, layout)), "bundle tensors must be exactly the kept ones"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
+    if tok is not None:
+        tok.save_pretrained(str(out / "tokenizer"))
+    config = full.config.to_dict()
+    config.pop("quantization_config", None)
+    manifest = {"format": BUNDLE_FORMAT, "family": full.config.model_type,
+                "source": {"model": cfg.model, "fingerprint": fingerprint(full)},
+                "config": config, "layout": layout.to_json(), "drop_ratio": round(layout.drop_ratio, 4),
+                "requested_drop": cfg.drop, "distillation": record, "dtype": cfg.dtype,
+                "parameters": {"bundle": sum(t.numel() for t in state.values()),
+                               "full": sum(p.numel() for p in full.parameters())}}
+    return write_manifest(out, manifest)

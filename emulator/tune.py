@@ -1,0 +1,264 @@
+"""Tune the adapter on the data owner's side, through the frozen emulator, on data that never leaves the device.
+
+The data owner's model is the bundle's compact model: adapter blocks + emulator. Only the adapter trains, either
+whole blocks (mode "full", as in the paper) or LoRA on them (mode "lora"); everything else is frozen. Training and
+evaluation follow the split trainer (`edge/trainer.py`): the task's prompt, cross-entropy of the answer token at the
+answer position, AdamW, and accuracy as the argmax over the label words' logits, so the numbers are comparable.
+
+What goes back to the cloud is an adapter folder (see `emulator/bundle.py`): the tuned adapter blocks, or the LoRA
+weights in PEFT format, named as in the full model so the cloud plugs them in directly.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import tasks as T
+from emulator.bundle import ADAPTER_FORMAT, Emulated, block_of, load_bundle, manifest_digest, renumber, write_manifest
+from model.lora import LoRAConfig, LoRASet
+
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3}
+
+
+@dataclass
+class TuneConfig:
+    task: str = "sst2"
+    train_file: str | None = None  # the data owner's own data (TSV/CSV/JSONL); default: the shared set
+    dev_file: str | None = None
+    mode: str = "full"  # "full": train the adapter blocks; "lora": LoRA on the adapter blocks
+    lr: float | None = None  # default by mode: DEFAULT_LR
+    steps: int = 150
+    batch_size: int = 8
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    eval_examples: int = 500
+    eval_batch_size: int = 32
+    eval_before: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+
+
+# ------------------------------------------------------------------------------------------------- the adapter
+
+@dataclass
+class Adapter:
+    """The trainable part of a model: whole adapter blocks, or LoRA hooked onto them."""
+    model: torch.nn.Module
+    positions: list[int]  # adapter blocks, numbered as in `model`
+    mode: str
+    lora: LoRASet | None = None
+    handles: list = field(default_factory=list)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        if self.lora is not None:
+            return list(self.lora.parameters())
+        blocks = self.model.base_model.layers
+        return [p for i in self.positions for p in blocks[i].parameters()]
+
+    def state(self, to_full: dict[int, int]) -> dict[str, torch.Tensor]:
+        """The adapter's weights, named as in the full model (`to_full` maps this model's blocks to the full one's)."""
+        if self.lora is not None:
+            return {renumber(k, to_full): v for k, v in self.lora.peft_state_dict().items()}
+        keep = set(self.positions)
+        return {renumber(k, to_full): v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
+                if block_of(k) in keep}
+
+    def merge(self) -> None:
+        """Fold LoRA into the base weights (W += scaling * B A) and drop the hooks: a plain model for export."""
+        if self.lora is None:
+            return
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        merge_lora(self.model, self.lora.peft_state_dict(), self.lora.cfg.scaling, {b: b for b in self.positions})
+        self.lora = None
+
+
+def make_adapter(model, positions: list[int], mode: str, cfg: TuneConfig) -> Adapter:
+    """Freeze `model` except its adapter: the blocks at `positions` (mode full) or fresh LoRA on them (mode lora)."""
+    if mode not in ("full", "lora"):
+        raise ValueError(f"adapter mode must be 'full' or 'lora', got {mode!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter = Adapter(model, list(positions), mode)
+    if mode == "lora":
+        torch.manual_seed(cfg.seed)
+        adapter.lora = LoRASet(model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, 0.0, tuple(cfg.lora_targets),
+                                                 list(positions)))
+        adapter.handles = adapter.lora.attach(model, positions)
+    for p in adapter.parameters():
+        p.requires_grad_(True)
+    return adapter
+
+
+def merge_lora(model, peft_state: dict[str, torch.Tensor], scaling: float, to_model: dict[int, int]) -> None:
+    """Add PEFT-format LoRA (`...{module}.lora_A.weight`, `...lora_B.weight`) into `model`'s linear weights."""
+    params = dict(model.named_parameters())
+    for key, a in peft_state.items():
+        if ".lora_A." not in key:
+            continue
+        b = peft_state[key.replace(".lora_A.", ".lora_B.")]
+        name = renumber(key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                        .replace(".lora_A.default.weight", ".weight"), to_model)
+        if name not in params:
+            raise KeyError(f"LoRA for {name}, which this model does not have")
+        with torch.no_grad():
+            params[name] += (scaling * b.float() @ a.float()).to(params[name].dtype)
+
+
+# ------------------------------------------------------------------------------------------- train and evaluate
+
+def hidden(model, batch: T.Batch) -> torch.Tensor:
+    return model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            use_cache=False).last_hidden_state
+
+
+def batch_stream(task: T.Task, items: list[dict], batch_size: int, pad_id: int, seed: int):
+    """Shuffled batches, epoch after epoch (the split trainer's order)."""
+    epoch = 0
+    while True:
+        yield from T.batches(task, items, batch_size, pad_id, seed=seed + epoch, drop_last=len(items) >= batch_size)
+        epoch += 1
+
+
+def train_adapter(adapter: Adapter, task: T.Task, items: list[dict], cfg: TuneConfig, pad_id: int,
+                  desc: str = "tune") -> dict:
+    """AdamW on the adapter for cfg.steps batches. Returns losses and per-step seconds."""
+    from tqdm import tqdm
+    model = adapter.model
+    head = model.get_output_embeddings()
+    opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    stream = batch_stream(task, items, cfg.batch_size, pad_id, cfg.seed)
+    losses, seconds = [], []
+    model.train()
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, dynamic_ncols=True)
+    for _ in bar:
+        batch = next(stream)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss, _ = T.loss_from_hidden(task, hidden(model, batch), batch, head)
+        loss.backward()
+        opt.step()
+        seconds.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    for p in adapter.parameters():
+        p.requires_grad_(False)
+    return {"steps": cfg.steps, "lr": cfg.learning_rate, "batch_size": cfg.batch_size, "mode": adapter.mode,
+            "trainable_parameters": sum(p.numel() for p in adapter.parameters()),
+            "first_loss": losses[0] if losses else None,
+            "mean_loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "step_seconds_median": median(seconds[3:] or seconds), "losses": losses, "step_seconds": seconds}
+
+
+def median(xs: list[float]) -> float | None:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+@torch.no_grad()
+def accuracy(model, task: T.Task, items: list[dict], pad_id: int, label_ids: list[int],
+             batch_size: int = 32) -> float:
+    """Share of examples whose label word has the highest logit among the label words (as `edge.trainer`)."""
+    model.eval()
+    head = model.get_output_embeddings()
+    correct = 0
+    for batch in T.batches(task, items, batch_size, pad_id):
+        _, logits = T.loss_from_hidden(task, hidden(model, batch), batch, head)
+        correct += (logits[:, label_ids].argmax(-1) == batch.label).sum().item()
+    return correct / len(items)
+
+
+@dataclass
+class TaskData:
+    task: T.Task
+    train: list[dict]
+    dev: list[dict]
+    pad_id: int
+    label_ids: list[int]
+
+
+def task_data(name: str, tokenizer, eval_examples: int, train_file: str | None = None,
+              dev_file: str | None = None) -> TaskData:
+    """Encode a classification task as the split trainer does (dev = its first `eval_examples` examples)."""
+    task = T.TASKS[name]
+    if task.kind != "classify":
+        raise ValueError(f"offsite tuning evaluates classification tasks; {name!r} is {task.kind}")
+    train = T.encode(task, T.load_split(name, "train", train_file), tokenizer)
+    dev = T.encode(task, T.load_split(name, "dev", dev_file), tokenizer)[:eval_examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return TaskData(task, train, dev, pad, T.label_token_ids(task, tokenizer))
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (Linux VmHWM), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- save / tune
+
+def save_adapter(out_dir: str | Path, adapter: Adapter, emulated: Emulated, cfg: TuneConfig, record: dict) -> dict:
+    """Write the adapter folder: weights named as in the full model, and a manifest bound to the bundle."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: choose a new folder for the adapter")
+    out.mkdir(parents=True, exist_ok=True)
+    layout = emulated.layout
+    to_full = {j: b for j, b in enumerate(layout.kept)}
+    state = adapter.state(to_full)
+    lora = None
+    if adapter.lora is not None:
+        (out / "peft").mkdir()
+        peft_cfg = adapter.lora.peft_config(emulated.manifest["source"]["model"])
+        peft_cfg.layers_to_transform = sorted(to_full[b] for b in adapter.positions)
+        peft_cfg.save_pretrained(str(out / "peft"))
+        save_file(state, str(out / "peft" / "adapter_model.safetensors"), metadata={"format": "pt"})
+        lora = {"r": adapter.lora.cfg.r, "alpha": adapter.lora.cfg.alpha, "targets": list(adapter.lora.cfg.targets)}
+    else:
+        save_file(state, str(out / "adapter.safetensors"), metadata={"format": "pt"})
+    summary = {k: v for k, v in record.items() if k not in ("losses", "step_seconds")}
+    manifest = {"format": ADAPTER_FORMAT, "mode": adapter.mode, "lora": lora, "blocks": list(layout.adapter),
+                "bundle": manifest_digest(emulated.manifest), "source": emulated.manifest["source"],
+                "task": cfg.task, "training": summary}
+    return write_manifest(out, manifest)
+
+
+def tune(cfg: TuneConfig, bundle_dir: str | Path, out_dir: str | Path, *, emulated: Emulated | None = None) -> dict:
+    """Load and verify the bundle, tune the adapter on local data through the emulator, save it.
+
+    Returns metrics (dev accuracy of the emulator before and after, the training record); metrics["_adapter"] is the
+    tuned `Adapter` on the emulator model (for export)."""
+    emulated = emulated or load_bundle(bundle_dir)
+    tok = emulated.tokenizer or T.tiny_tokenizer()
+    data = task_data(cfg.task, tok, cfg.eval_examples, cfg.train_file, cfg.dev_file)
+    metrics: dict = {"config": asdict(cfg), "bundle": manifest_digest(emulated.manifest)}
+    if cfg.eval_before:
+        metrics["emulator_zero_shot"] = accuracy(emulated.model, data.task, data.dev, data.pad_id, data.label_ids,
+                                                 cfg.eval_batch_size)
+    torch.manual_seed(cfg.seed)
+    adapter = make_adapter(emulated.model, emulated.adapter_positions, cfg.mode, cfg)
+    record = train_adapter(adapter, data.task, data.train, cfg, data.pad_id)
+    record["peak_rss_mb"] = peak_rss_mb()
+    metrics["emulator_fine_tuned"] = accuracy(emulated.model, data.task, data.dev, data.pad_id, data.label_ids,
+                                              cfg.eval_batch_size)
+    record["dev_accuracy"] = {k: metrics[k] for k in ("emulator_zero_shot", "emulator_fine_tuned") if k in metrics}
+    metrics["adapter_manifest"] = save_adapter(out_dir, adapter, emulated, cfg, record)
+    metrics["training"] = record
+    metrics["_adapter"] = adapter
+    return metrics
