@@ -56,10 +56,7 @@ class _Job:
     phase: Phase
     first: bool  # the step's first cloud job (takes memory)
     last: bool  # the step's last cloud job (frees it)
-    queued_at: float
-
-    def __eq__(self, other):  # identity: two jobs are never the same job
-        return self is other
+    order: int  # arrival order (oldest first)
 
 
 def simulate(cost: StepCost, n_edges: int, cloud: DeviceProfile, *, steps: int = 12, warmup: int = 2,
@@ -85,7 +82,7 @@ def simulate(cost: StepCost, n_edges: int, cloud: DeviceProfile, *, steps: int =
     finished_steps: list[tuple[float, float]] = []  # (end time, duration) of steps past warm-up
     warm_at = [math.inf] * n_edges
     done_at = [math.inf] * n_edges
-    queue: deque[_Job] = deque()
+    waiting: dict[str, deque[_Job]] = {}  # per key, oldest first (a key's jobs are all first jobs or none are)
     in_flight = max_in_flight = 0
     cloud_free_at = 0.0
     busy: list[tuple[float, float]] = []
@@ -99,23 +96,20 @@ def simulate(cost: StepCost, n_edges: int, cloud: DeviceProfile, *, steps: int =
     def run_cloud(t: float):
         """If the cloud is free, start the next batch: the oldest job that may start, plus same-key jobs."""
         nonlocal cloud_free_at, in_flight, max_in_flight
-        if t < cloud_free_at or not queue:
+        if t < cloud_free_at:
             return
-        batch: list[_Job] = []
-        for j in list(queue):
-            if batch and (not batching or len(batch) == max_batch or j.phase.key != batch[0].phase.key):
-                continue
-            if j.first and in_flight >= slots:  # its activations would not fit yet
-                continue
-            batch.append(j)
-            queue.remove(j)
-            in_flight += j.first
+        ready = [q[0] for q in waiting.values() if q and (not q[0].first or in_flight < slots)]
+        if not ready:
+            return
+        head = min(ready, key=lambda j: j.order)
+        q = waiting[head.phase.key]
+        n = min(len(q), max_batch if batching else 1, slots - in_flight if head.first else len(q))
+        batch = [q.popleft() for _ in range(n)]
+        in_flight += sum(j.first for j in batch)
         max_in_flight = max(max_in_flight, in_flight)
-        if not batch:
-            return
-        cloud_free_at = t + cloud_job_seconds(cloud, sum(j.phase.flops for j in batch), batch[0].phase.weight_bytes)
+        cloud_free_at = t + cloud_job_seconds(cloud, sum(j.phase.flops for j in batch), head.phase.weight_bytes)
         busy.append((t, cloud_free_at))
-        batches.append(len(batch))
+        batches.append(n)
         for j in batch:
             push(cloud_free_at, j.edge)
             in_flight -= j.last  # freed when this batch ends; nothing else runs before then
@@ -140,11 +134,12 @@ def simulate(cost: StepCost, n_edges: int, cloud: DeviceProfile, *, steps: int =
             pos[e], step_start[e] = 0, t
         p = phases[pos[e]]
         if p.where == "cloud":
-            queue.append(_Job(e, p, pos[e] == first_c, pos[e] == last_c, t))
+            waiting.setdefault(p.key, deque()).append(_Job(e, p, pos[e] == first_c, pos[e] == last_c, counter))
+            counter += 1
         else:
             push(t + p.seconds, e)
         run_cloud(t)
-        if not events and queue:
+        if not events and any(waiting.values()):
             raise RuntimeError("simulation deadlocked: cloud jobs wait but nothing else runs")
 
     lo, hi = max(warm_at), min(done_at)
@@ -177,7 +172,7 @@ def saturation(cost: StepCost, cloud: DeviceProfile, threshold: float = 0.95, sl
                limit: int = 1024, **kw) -> SaturationPoint:
     """The smallest N at which the cloud saturates: it is busy `threshold` of the time, or edges' steps take
     `slowdown` times longer than alone (they queue for compute or for activation memory). Found by doubling from
-    a lower bound, then bisecting."""
+    a lower bound, then bisecting to within 1/64 of N (exact below 128 edges)."""
     kw.setdefault("steps", 8)
     busy = cloud_seconds_per_step(cost)
     alone = sum(p.seconds for p in cost.phases)
@@ -193,7 +188,7 @@ def saturation(cost: StepCost, cloud: DeviceProfile, threshold: float = 0.95, sl
     while not saturated(result) and hi < limit:
         lo, hi = hi, min(2 * hi, limit)
         result = simulate(cost, hi, cloud, **kw)
-    while hi - lo > 1:
+    while hi - lo > max(1, hi // 64):
         mid = (lo + hi) // 2
         r = simulate(cost, mid, cloud, **kw)
         if saturated(r):

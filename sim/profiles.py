@@ -135,8 +135,16 @@ LINKS: dict[str, LinkProfile] = {
 
 def rate_link(rate_bps: float, rtt: float = WAN_RTT, name: str | None = None, source: str = "") -> LinkProfile:
     """A symmetric link of `rate_bps`."""
-    return LinkProfile(name or f"{rate_bps / 1e6:g}mbit", rate_bps, rate_bps, rtt,
+    return LinkProfile(name or rate_name(rate_bps), rate_bps, rate_bps, rtt,
                        source or f"symmetric {rate_bps / 1e6:g} Mbit/s, rtt {rtt * 1e3:g} ms (assumed)")
+
+
+def rate_name(rate_bps: float) -> str:
+    """100e6 -> '100mbit', 1e9 -> '1gbit', 2.5e5 -> '250kbit'."""
+    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
+        if rate_bps >= scale:
+            return f"{rate_bps / scale:g}{unit}"
+    return f"{rate_bps:g}bit"
 
 
 def testbed_link(rate_mbit: float) -> LinkProfile:

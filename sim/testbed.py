@@ -8,14 +8,13 @@ the host's own network; everything is torn down on exit, also after errors. Comm
 anything) are passed in and run with `ip netns exec`. Needs root (CAP_NET_ADMIN) and iproute2; `permitted()` says
 why not where it is not.
 
-A self-test moves bytes through the link with plain TCP sockets (`python -m sim.testbed sink|source`) and compares
-the throughput with the set rate times the TCP/IP payload share (sim.profiles.LinkProfile.efficiency).
+A self-test moves bytes through the link with plain TCP sockets (sim/tcptool.py) and compares the throughput with
+the set rate times the TCP/IP payload share (sim.profiles.LinkProfile.efficiency).
 """
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+TCPTOOL = str(Path(__file__).resolve().parent / "tcptool.py")  # run by path: starts without importing Tandem
 
 
 @dataclass(frozen=True)
 class TestbedConfig:
+    __test__ = False  # not a pytest test class
     edges: int = 1
     rate_mbit: float = 50.0  # both directions of every edge's link
     prefix: str = "tandem"
@@ -50,6 +51,7 @@ def tbf_args(rate_mbit: float, queue_bytes: int) -> list[str]:
 
 class Testbed:
     """`with Testbed(cfg) as tb:` builds the namespaces, links and rate limits, and always removes them."""
+    __test__ = False  # not a pytest test class
 
     def __init__(self, cfg: TestbedConfig = TestbedConfig()):
         if not 1 <= cfg.edges <= 64:
@@ -152,7 +154,7 @@ class Testbed:
     def wait_port(self, edge: int, port: int, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
         """Wait until the cloud accepts TCP connections on `port`, tried from inside edge `edge`'s namespace."""
         deadline = time.monotonic() + timeout
-        probe = [sys.executable, "-m", "sim.testbed", "probe", self.cloud_ip(edge), str(port)]
+        probe = [sys.executable, TCPTOOL, "probe", self.cloud_ip(edge), str(port)]
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"the cloud process exited with {proc.returncode} before listening")
@@ -163,14 +165,13 @@ class Testbed:
 
     # ---- self-test --------------------------------------------------------------------------------------------
     def measure_throughput(self, nbytes: int, direction: str = "up", edge: int = 0, port: int = 5201) -> float:
-        """Goodput in bit/s of one TCP transfer of `nbytes` (up: edge -> cloud, down: cloud -> edge), timed from
-        the first byte sent until the receiver has confirmed the last."""
+        """Goodput in bit/s of one TCP transfer of `nbytes` (up: edge -> cloud, down: cloud -> edge), timed by the
+        receiver from the first chunk's arrival to the last's."""
         recv_ns, recv_ip, send_ns = ((self.cloud_ns, self.cloud_ip(edge), self.edge_ns[edge]) if direction == "up"
                                      else (self.edge_ns[edge], self.edge_ip(edge), self.cloud_ns))
-        sink = self.popen(recv_ns, [sys.executable, "-m", "sim.testbed", "sink", recv_ip, str(port)],
-                          stdout=subprocess.PIPE, text=True)
+        sink = self.popen(recv_ns, [sys.executable, TCPTOOL, "sink", recv_ip, str(port)])
         try:
-            out = self.run(send_ns, [sys.executable, "-m", "sim.testbed", "source", recv_ip, str(port), str(nbytes)],
+            out = self.run(send_ns, [sys.executable, TCPTOOL, "source", recv_ip, str(port), str(nbytes)],
                            timeout=600, capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"source failed: {out.stderr.strip()}")
@@ -202,64 +203,3 @@ def permitted() -> tuple[bool, str]:
     finally:
         probe.down()
     return True, ""
-
-
-# ---- tiny TCP tools run inside the namespaces (python -m sim.testbed ...) -------------------------------------------
-def _sink(host: str, port: int) -> None:
-    """Accept one connection, read to EOF, answer with the byte count."""
-    with socket.create_server((host, port)) as srv:
-        conn, _ = srv.accept()
-        with conn:
-            total = 0
-            while chunk := conn.recv(1 << 20):
-                total += len(chunk)
-            conn.sendall(str(total).encode())
-
-
-def _source(host: str, port: int, nbytes: int) -> None:
-    """Send `nbytes`, wait for the sink's count, print the goodput in bit/s."""
-    block = bytes(1 << 16)
-    for _ in range(200):  # the sink may still be starting
-        try:
-            conn = socket.create_connection((host, port), timeout=5)
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        raise SystemExit(f"cannot connect to {host}:{port}")
-    with conn:
-        conn.settimeout(600)
-        t0 = time.perf_counter()
-        left = nbytes
-        while left > 0:
-            left -= conn.send(block[:min(left, len(block))])
-        conn.shutdown(socket.SHUT_WR)
-        got = int(conn.recv(64).decode())
-        dt = time.perf_counter() - t0
-    if got != nbytes:
-        raise SystemExit(f"sink received {got} of {nbytes} bytes")
-    print(f"{nbytes * 8 / dt:.1f}")
-
-
-def _probe(host: str, port: int) -> None:
-    with socket.create_connection((host, port), timeout=2):
-        pass
-
-
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["sink"]:
-        _sink(argv[1], int(argv[2]))
-    elif argv[:1] == ["source"]:
-        _source(argv[1], int(argv[2]), int(argv[3]))
-    elif argv[:1] == ["probe"]:
-        try:
-            _probe(argv[1], int(argv[2]))
-        except OSError:
-            sys.exit(1)
-    else:
-        raise SystemExit("usage: python -m sim.testbed sink HOST PORT | source HOST PORT NBYTES | probe HOST PORT")
-
-
-if __name__ == "__main__":
-    main()

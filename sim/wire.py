@@ -129,7 +129,7 @@ def tensor_payload(msg) -> int:
     total = 0
     for fd, value in msg.ListFields():
         if fd.message_type is not None:
-            total += sum(tensor_payload(v) for v in (value if fd.label == fd.LABEL_REPEATED else [value]))
+            total += sum(tensor_payload(v) for v in (value if fd.is_repeated else [value]))
     return total
 
 
