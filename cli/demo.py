@@ -69,6 +69,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                           k=cfg.k, m=cfg.m, cloud_lora=cfg.cloud_lora, lr=cfg.lr, steps=cfg.steps,
                           batch_size=cfg.batch_size, seed=cfg.seed + i, wire_up=cfg.wire_up, wire_down=cfg.wire_down,
                           eval_examples=cfg.eval_examples, out_dir=str(out / names[i]), device=cfg.device,
+                          eval_before=i == 0,  # zero-shot is the base model's (LoRA B starts at 0): measured once
                           dtype=cfg.dtype, name=names[i], checkpoint_every=0, progress_row=i)
         try:
             m = train(ecfg, loaded=copy.deepcopy(loaded))
@@ -87,6 +88,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     cloud.stop()
     if errors:
         raise errors[0]
+    for n in names[1:]:
+        results[n]["eval_before"] = dict(results[names[0]]["eval_before"], shared_with=names[0])
     runs = [(n, results[n]) for n in names]
     wall = time.perf_counter() - t_start
     print(f"\n[4/4] done in {wall / 60:.1f} min", flush=True)
