@@ -65,6 +65,7 @@ class EdgeConfig:
     eval_after: bool = True
     out_dir: str | None = None  # adapter, checkpoint and metrics go here
     checkpoint_every: int = 50
+    retries: int = 6  # per step, with exponential backoff; a lost session is reopened
     dtype: str = "float32"
     device: str = "cpu"
     progress: bool = True
@@ -126,10 +127,40 @@ def build_edge(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None):
     loaded = loaded or load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
     link = link or CloudLink(LinkConfig(cfg.cloud, cfg.token, cfg.tls_dir, cfg.client_name))
     em = EdgeModel(loaded.model, cfg, link)
-    link.open(fingerprint=em.fingerprint, k=cfg.k, m=cfg.m, wire_up=wire_dtype(cfg.wire_up),
-              wire_down=wire_dtype(cfg.wire_down), lora_targets=cfg.lora_targets if em.cloud.lora_blocks else (),
-              lora_blocks=em.cloud.lora_blocks)
+    open_session(em, cfg)
     return em, loaded.tokenizer or T.tiny_tokenizer(), link
+
+
+def open_session(em: EdgeModel, cfg: EdgeConfig):
+    return em.cloud.link.open(fingerprint=em.fingerprint, k=cfg.k, m=cfg.m, wire_up=wire_dtype(cfg.wire_up),
+                              wire_down=wire_dtype(cfg.wire_down),
+                              lora_targets=cfg.lora_targets if em.cloud.lora_blocks else (),
+                              lora_blocks=em.cloud.lora_blocks)
+
+
+# A step that fails for one of these reasons is retried; the others are the caller's mistake and are raised.
+RETRY = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "NOT_FOUND", "INTERNAL", "RESOURCE_EXHAUSTED"}
+
+
+def _train_step(em: EdgeModel, cfg: EdgeConfig, batch, opt, retries: int, backoff: float = 1.0):
+    """Forward, backward through the cloud, with retries. A lost session (the cloud restarted, or it expired) is
+    opened again: the cloud holds nothing the edge needs, so training resumes where it was."""
+    for attempt in range(retries + 1):
+        try:
+            opt.zero_grad(set_to_none=True)
+            loss, _ = em.loss(batch)
+            loss.backward()
+            return loss
+        except StepFailed as e:
+            code = e.code.name if e.code is not None else "UNKNOWN"
+            if attempt == retries or code not in RETRY:
+                raise
+            time.sleep(min(backoff * 2 ** attempt, 30.0))
+            if code in ("NOT_FOUND", "UNAVAILABLE"):
+                try:
+                    open_session(em, cfg)
+                except StepFailed:
+                    pass  # still down: the next attempt waits longer
 
 
 def load_items(cfg: EdgeConfig, tokenizer, split: str) -> list[dict]:
@@ -226,16 +257,7 @@ def train(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None, on_ste
         batch = next(batches).to(cfg.device)
         em.cloud.step = step
         t0 = time.perf_counter()
-        for attempt in range(3):  # a failed step is retried on the same session
-            try:
-                opt.zero_grad(set_to_none=True)
-                loss, _ = em.loss(batch)
-                loss.backward()
-                break
-            except StepFailed as e:
-                if attempt == 2 or e.code is not None and e.code.name in ("INVALID_ARGUMENT", "PERMISSION_DENIED",
-                                                                         "NOT_FOUND", "UNAUTHENTICATED"):
-                    raise
+        loss = _train_step(em, cfg, batch, opt, cfg.retries)
         opt.step()
         dt = time.perf_counter() - t0
         tr: Traffic = em.cloud.last_traffic
