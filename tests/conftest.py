@@ -21,9 +21,9 @@ def tiny():
 
 
 class CloudHandle:
-    def __init__(self, model, config: CloudConfig):
+    def __init__(self, model, config: CloudConfig, max_message_mb: int = 8):
         self.service = BackboneService(copy.deepcopy(model), {v: k for k, v in TOKENS.items()}, config)
-        self.server, self.port = make_server(self.service, "127.0.0.1:0", max_message_mb=8)
+        self.server, self.port = make_server(self.service, "127.0.0.1:0", max_message_mb=max_message_mb)
         self.server.start()
         self.address = f"127.0.0.1:{self.port}"
 

@@ -17,7 +17,8 @@ H = 64  # tiny-llama hidden size
 
 
 def stub_for(cloud, client="alice"):
-    channel = grpc.insecure_channel(cloud.address, options=[("grpc.max_send_message_length", 64 << 20)])
+    channel = grpc.insecure_channel(cloud.address, options=[("grpc.max_send_message_length", 64 << 20),
+                                                            ("grpc.max_receive_message_length", 64 << 20)])
     md = [(AUTH_HEADER, f"Bearer {TOKENS[client]}")] if client else []
     return pb_grpc.BackboneStub(channel), md, channel
 
@@ -234,3 +235,17 @@ def test_health_and_graceful_shutdown(cloud):
     assert health.Check(req).status == health_pb2.HealthCheckResponse.SERVING
     cloud.server.health.enter_graceful_shutdown()
     assert health.Check(req).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_tensors_are_not_bounded_by_grpcs_4mb_default(tiny):
+    from cloud.service import CloudConfig
+    from tests.conftest import CloudHandle
+    big = CloudHandle(tiny.model, CloudConfig(max_tokens_per_step=32768), max_message_mb=256)  # the serve default
+    try:
+        stub, md, _ = stub_for(big)
+        sid = open_session(stub, md, tiny).session_id
+        hidden = torch.randn(10, 2000, H)  # 5.1 MB each way
+        replies = list(stub.Step(iter([begin(sid, hidden)]), metadata=md, timeout=60))
+        assert replies[0].hidden.hidden.ByteSize() > 5_000_000
+    finally:
+        big.stop()
