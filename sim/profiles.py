@@ -66,11 +66,12 @@ DEVICES: dict[str, DeviceProfile] = {
 }
 
 
-def here(compute: str = "block") -> DeviceProfile:
-    """This machine, from `tandem sim calibrate`. `compute="block"` uses the measured decoder-block training
-    throughput, `"matmul"` the bare GEMM rate (which ignores norms, softmax, activations and autograd)."""
+def here(compute: str = "block", cal=None) -> DeviceProfile:
+    """This machine, from `tandem sim calibrate` (or the Calibration `cal`). `compute="block"` uses the measured
+    decoder-block training throughput, `"matmul"` the bare GEMM rate (which leaves out norms, softmax, rotary,
+    activations and autograd)."""
     from sim.calibrate import load_calibration
-    cal = load_calibration()
+    cal = cal or load_calibration()
     flops = {"block": cal.block_flops, "matmul": cal.matmul_flops}[compute]
     return DeviceProfile(
         "here", flops, cal.memory_bandwidth, cal.memory_bytes, 4, cal.codec_bytes_per_s,
@@ -147,11 +148,11 @@ def rate_name(rate_bps: float) -> str:
     return f"{rate_bps:g}bit"
 
 
-def testbed_link(rate_mbit: float) -> LinkProfile:
+def testbed_link(rate_mbit: float, cal=None) -> LinkProfile:
     """A veth pair rate-limited with tbf: the set rate both ways; the round trip is the calibrated gRPC loopback
     round trip (a veth pair adds no propagation delay)."""
     from sim.calibrate import load_calibration
-    rtt = load_calibration().grpc_rtt_s
+    rtt = (cal or load_calibration()).grpc_rtt_s
     return LinkProfile(f"testbed-{rate_mbit:g}mbit", rate_mbit * 1e6, rate_mbit * 1e6, rtt,
                        f"tc tbf {rate_mbit:g} Mbit/s both ways; rtt {rtt * 1e3:.3g} ms (calibrated gRPC loopback)")
 

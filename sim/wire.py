@@ -44,15 +44,9 @@ def _fill(t: pb.Tensor, shape, dtype: int) -> None:
         t.data = bytes(payload_bytes(shape, dtype))
 
 
-def zero_tensor(shape: tuple[int, ...], dtype: int) -> pb.Tensor:
-    t = pb.Tensor()
-    _fill(t, shape, dtype)
-    return t
-
-
 # ---- the messages, one builder each (also used by tests to compare with real encodings) --------------------------
-def begin(step: int, train: bool, hidden: tuple[int, ...], up: int, active_blocks=(), session_id: str = "0" * 32,
-          mask_dtype: int = pb.BOOL) -> pb.EdgeMessage:
+def begin(step: int, train: bool, hidden: tuple[int, ...], up: int, active_blocks=(),
+          session_id: str = "0" * SESSION_ID_CHARS, mask_dtype: int = pb.BOOL) -> pb.EdgeMessage:
     m = pb.EdgeMessage()
     b = m.begin
     b.session_id, b.step, b.train = session_id, step, train
