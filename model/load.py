@@ -5,7 +5,7 @@ checks the pinned sha256 and keeps it under the cache folder. `load_model(spec)`
   - "smollm2"                    the cached SmolLM2-135M-Instruct GGUF (fetched by `tandem models fetch`)
   - a path to a *.gguf file      loaded with transformers' `gguf_file=`
   - a Hugging Face model folder  anything `from_pretrained` reads (config.json + weights)
-  - "tiny-llama"                 a tiny random Llama for unit tests (seeded, no files)
+  - "tiny-llama", "tiny-gpt2"    tiny random models for unit tests (seeded, no files)
 """
 from __future__ import annotations
 
@@ -85,6 +85,12 @@ def tiny_llama_config(layers: int = 6, hidden: int = 64, vocab: int = 320):
                        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+def tiny_gpt2_config(layers: int = 4, hidden: int = 64, vocab: int = 320):
+    from transformers import GPT2Config
+    return GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
 def _resolve(spec: str) -> tuple[str, str | None]:
     """Return (folder, gguf_file or None) for a model spec, or raise ModelNotFound with the fix."""
     if spec == "smollm2":
@@ -116,12 +122,13 @@ def verify(spec: str) -> None:
 def load_model(spec: str = "smollm2", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                seed: int = 0, with_tokenizer: bool = True, attn_implementation: str = "sdpa") -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    if spec == "tiny-llama":
+    if spec in ("tiny-llama", "tiny-gpt2"):
+        from transformers import GPT2LMHeadModel
         torch.manual_seed(seed)
-        cfg = tiny_llama_config()
+        cfg = tiny_llama_config() if spec == "tiny-llama" else tiny_gpt2_config()
         cfg._attn_implementation = attn_implementation
-        model = LlamaForCausalLM(cfg).to(dtype=dtype, device=device).eval()
-        return Loaded(model, None, spec)
+        model = (LlamaForCausalLM if spec == "tiny-llama" else GPT2LMHeadModel)(cfg).to(dtype=dtype, device=device)
+        return Loaded(model.eval(), None, spec)
     folder, gguf = _resolve(spec)
     if spec == "smollm2":
         verify(spec)
@@ -149,5 +156,5 @@ def fingerprint(model) -> str:
     shape = [getattr(c, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                             "num_key_value_heads", "intermediate_size", "vocab_size")]
     h = hashlib.sha256(repr(shape).encode())
-    h.update(family_of(model).embed(model).weight.detach().float().cpu().numpy().tobytes())
+    h.update(family_of(model).embedding(model).weight.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:32]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.segments import family_of
+from model.segments import family_of, linear_dims
 
 
 @dataclass
@@ -62,8 +62,8 @@ class LoRASet(nn.Module):
         probe = self.family.blocks(shapes_from or model)
         for b in cfg.blocks:
             for t in cfg.targets:
-                lin = self.family.target_module(probe[b], t)
-                self.sites[site_key(b, t).replace("/", ":")] = LoRA(lin.in_features, lin.out_features, cfg)
+                self.sites[site_key(b, t).replace("/", ":")] = LoRA(*linear_dims(self.family.target_module(probe[b], t)),
+                                                                    cfg)
                 self.prefixes[site_key(b, t)] = f"{self.family.block_prefix(b)}.{self.family.target_path(probe[b], t)}"
 
     def site(self, block: int, target: str) -> LoRA:
@@ -111,7 +111,9 @@ class LoRASet(nn.Module):
         cfg = self.cfg
         return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                target_modules=list(cfg.targets), layers_to_transform=sorted(cfg.blocks),
-                               layers_pattern="layers", base_model_name_or_path=base_model_name or None,
+                               layers_pattern=self.family.layers_pattern,
+                               fan_in_fan_out=self.family.fan_in_fan_out,
+                               base_model_name_or_path=base_model_name or None,
                                task_type="CAUSAL_LM")
 
     def save_peft(self, path: str | Path, base_model_name: str = "") -> Path:

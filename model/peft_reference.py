@@ -21,7 +21,8 @@ def peft_model(model, lora: LoRASet):
 
 
 def hidden(pm, batch: T.Batch) -> torch.Tensor:
-    return pm.base_model.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    backbone = pm.base_model.model.base_model  # LlamaModel, GPT2Model ...: the decoder without its LM head
+    return backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
 
 
 def train_steps(pm, task: T.Task, batches, lr: float) -> tuple[list[float], list[float]]:

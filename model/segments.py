@@ -21,15 +21,20 @@ class Family(ABC):
     """How to drive one model family block by block."""
     # LoRA target -> the group of targets that read the same input (they travel together in DLoRA)
     input_groups: dict[str, str] = {}
-    group_order: list[str] = []
+    layers_pattern: str = "layers"  # PEFT's name for the block list
+    fan_in_fan_out: bool = False  # PEFT's flag for weights stored [in, out] (GPT-2's Conv1D)
 
     @abstractmethod
     def blocks(self, model) -> nn.ModuleList:
         """The list of transformer blocks."""
 
     @abstractmethod
-    def embed(self, model) -> nn.Module:
-        """The token embedding."""
+    def embedding(self, model) -> nn.Embedding:
+        """The token embedding module."""
+
+    def embed(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> the first block's input (families with learned positions add them here)."""
+        return self.embedding(model)(input_ids)
 
     @abstractmethod
     def final_norm(self, model) -> nn.Module:
@@ -64,12 +69,11 @@ class LlamaFamily(Family):
     """Llama, Mistral, Qwen2, SmolLM2 and other `model.layers[i]` decoders with rotary positions."""
     input_groups = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
                     "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out"}
-    group_order = ["attn_in", "attn_out", "mlp_in", "mlp_out"]
 
     def blocks(self, model):
         return model.model.layers
 
-    def embed(self, model):
+    def embedding(self, model):
         return model.model.embed_tokens
 
     def final_norm(self, model):
@@ -92,7 +96,48 @@ class LlamaFamily(Family):
         return out[0] if isinstance(out, tuple) else out
 
 
-FAMILIES = {"llama": LlamaFamily, "mistral": LlamaFamily, "qwen2": LlamaFamily}
+class GPT2Family(Family):
+    """GPT-2: learned positions added to the token embedding, Conv1D projections, `transformer.h[i]` blocks."""
+    input_groups = {"c_attn": "attn_in", "c_fc": "mlp_in"}  # c_proj exists in attn and mlp: name them apart first
+    layers_pattern = "h"
+    fan_in_fan_out = True
+
+    def blocks(self, model):
+        return model.transformer.h
+
+    def embedding(self, model):
+        return model.transformer.wte
+
+    def embed(self, model, input_ids):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return model.transformer.drop(model.transformer.wte(input_ids) + model.transformer.wpe(positions))
+
+    def final_norm(self, model):
+        return model.transformer.ln_f
+
+    def block_prefix(self, i):
+        return f"transformer.h.{i}"
+
+    def context(self, model, hidden, attention_mask):
+        from transformers.masking_utils import create_causal_mask
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None, position_ids=position_ids)
+        return {"attention_mask": mask, "position_ids": position_ids}
+
+    def run_block(self, block, hidden, ctx):
+        out = block(hidden, None, ctx["attention_mask"], position_ids=ctx["position_ids"])
+        return out[0] if isinstance(out, tuple) else out
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of an nn.Linear or of GPT-2's Conv1D (whose weight is stored [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)
+
+
+FAMILIES = {"llama": LlamaFamily, "mistral": LlamaFamily, "qwen2": LlamaFamily, "gpt2": GPT2Family}
 
 
 def family_of(model) -> Family:
@@ -150,11 +195,11 @@ class BlockRun(nn.Module):
 class EdgeBottom(nn.Module):
     def __init__(self, model, cut: Cut):
         super().__init__()
-        self.embed = family_of(model).embed(model)
+        self.embedding = family_of(model).embedding(model)
         self.run = BlockRun(model, cut.bottom)
 
     def forward(self, input_ids, attention_mask):
-        return self.run(self.embed(input_ids), attention_mask)
+        return self.run(self.run.family.embed(self.run._model[0], input_ids), attention_mask)
 
 
 class EdgeTop(nn.Module):

@@ -54,6 +54,29 @@ def test_twenty_steps_match_local_peft(cloud, tiny, tmp_path, cloud_lora):
     link.close()
 
 
+@pytest.mark.parametrize("cloud_lora", ["none", "edge"])
+def test_gpt2_family_travels_the_same_wire(cloud_lora):
+    """A second family (learned positions, Conv1D) needs a segment driver, not a new protocol."""
+    from tests.conftest import CloudHandle
+    from cloud.service import CloudConfig
+    from model.load import load_model
+    gpt2 = load_model("tiny-gpt2")
+    handle = CloudHandle(gpt2.model, CloudConfig())
+    try:
+        em, _, link = make_edge(handle, gpt2, cloud_lora=cloud_lora, lora_targets=("c_attn", "c_fc"))
+        randomize_lora_b(em.lora)
+        pm = ref.peft_model(copy.deepcopy(gpt2.model), em.lora)
+        batches = sst2_batches(5)
+        ref_losses, _ = ref.train_steps(pm, T.TASKS["sst2"], batches, LR)
+        split_losses = train_split(em, batches)
+        assert max(abs(a - b) / abs(b) for a, b in zip(split_losses, ref_losses)) <= 1e-4
+        if cloud_lora == "edge":  # c_attn and c_fc read different inputs: two round trips per cloud block
+            assert em.cloud.last_traffic.messages_down == 2 + 2 * 2 * len(em.cloud.lora_blocks)
+        link.close()
+    finally:
+        handle.stop()
+
+
 def test_bf16_wire_trains_close_to_fp32(cloud, tiny):
     em32, _, l1 = make_edge(cloud, tiny, cloud_lora="edge")
     em16, _, l2 = make_edge(cloud, tiny, cloud_lora="edge", wire_up="bf16", wire_down="bf16")

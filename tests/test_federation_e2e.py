@@ -1,0 +1,130 @@
+"""A small federation end to end on the tiny model: `tandem federate` (simulation driver) and `flwr run .` (Flower's
+own local SuperLink), both running the apps of cloud/federation and edge/federation through one shared cloud."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from cloud.federation.server_app import FederationConfig, initial_adapter
+from sim.federation_cli import main as federate_main
+
+ROOT = Path(__file__).resolve().parent.parent
+ADAPTER = 2 * (8 * (64 + 64) + 8 * (64 + 32)) * 4  # tiny-llama, split (blocks 0 and 5), q and v, r 8, float32
+
+
+def check_round_traffic(rep: dict, devices: int, steps: int) -> None:
+    assert rep["adapter"]["bytes"] == ADAPTER
+    for r in rep["rounds"][1:]:
+        assert r["devices"] == len(r["clients"]) == devices
+        for c in r["clients"]:
+            # Flower: the adapter goes down and comes back at exactly its size in its wire dtype
+            assert c["adapter_bytes_down"] == c["adapter_bytes_up"] == ADAPTER
+            assert c["flower_bytes_down"] > ADAPTER and c["flower_bytes_up"] > ADAPTER
+            # split: the device's per-step counts add up to its total, which is the cloud's own count
+            assert c["split_steps"] == steps == len(c["split_step_bytes_up"])
+            assert c["split_bytes_up"] == sum(c["split_step_bytes_up"]) == c["cloud_bytes_received"]
+            assert c["split_bytes_down"] == sum(c["split_step_bytes_down"]) == c["cloud_bytes_sent"]
+        assert r["adapter_bytes_down"] == r["adapter_bytes_up"] == devices * ADAPTER
+        assert r["flower_bytes_down"] == sum(c["flower_bytes_down"] for c in r["clients"])
+        assert r["split_bytes_up"] == sum(sum(c["split_step_bytes_up"]) for c in r["clients"])
+        assert r["split_bytes_down"] == sum(sum(c["split_step_bytes_down"]) for c in r["clients"])
+        assert r["split_steps"] == devices * steps
+        assert r["split_bytes_per_step"] == pytest.approx((r["split_bytes_up"] + r["split_bytes_down"]) / r["split_steps"])
+        assert r["dev_examples"] == 12 and 0 <= r["dev_accuracy"] <= 1
+
+
+def test_tandem_federate_runs_fedavg_and_ffa_on_the_same_partitions(tmp_path, capsys, tiny):
+    out = tmp_path / "fed"
+    rc = federate_main(["--devices", "3", "--model", "tiny-llama", "--rounds", "2", "--local-steps", "2",
+                        "--batch-size", "4", "--lr", "0.01", "--eval-examples", "12", "--partitioner", "dirichlet",
+                        "--alpha", "0.5", "--strategies", "fedavg,ffa", "--cloud-lora", "none", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "comparison" in printed and "[ffa] per device" in printed
+    summary = json.loads((out / "federation.json").read_text())
+    assert (out / "federation.png").stat().st_size > 10_000
+    assert sum(p["examples"] for p in summary["partitions"]) == 60614 - 0  # the whole SST-2 train split, once
+    fedavg, ffa = summary["runs"]["fedavg"], summary["runs"]["ffa"]
+    for rep in (fedavg, ffa):
+        check_round_traffic(rep, devices=3, steps=2)
+    assert fedavg["rounds"][0]["dev_accuracy"] is not None
+    assert ffa["rounds"][0]["dev_accuracy"] == fedavg["rounds"][0]["dev_accuracy"]  # one zero-shot evaluation
+    # exactness: FFA-LoRA merges the updates exactly, FedAvg of A and B does not
+    assert all(r["deviation"] < 1e-6 for r in ffa["rounds"][1:])
+    assert all(r["deviation"] > 1e-4 for r in fedavg["rounds"][1:])
+    # FFA-LoRA never moved A: the final global adapter (PEFT format) has the initial A and a trained B
+    start = initial_adapter(tiny.model, FederationConfig(model="tiny-llama", cloud_lora="none"))
+    final = load_file(str(out / "ffa" / "adapter" / "adapter_model.safetensors"))
+    for key, value in start.items():
+        if ".lora_A." in key:
+            np.testing.assert_array_equal(final[key], value)
+        else:
+            assert np.abs(final[key]).max() > 0
+    assert summary["comparison"]["ffa"]["mean_deviation"] < 1e-6 < summary["comparison"]["fedavg"]["mean_deviation"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return [p for p in pids if p != os.getpid()]
+
+
+def test_flwr_run_dot_runs_the_app_with_secaggplus(tmp_path):
+    """`flwr run .` builds the app from pyproject.toml, starts a local SuperLink and runs one round; the ServerApp
+    hosts the backbone itself. Our own ports and FLWR_HOME, no runtime dependency install (the venv has them all)."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n\n'
+                                      '[superlink.local.options]\nnum-supernodes = 2\n\n'
+                                      '[superlink.local.options.backend.client-resources]\nnum-cpus = 1\n')
+    http_port, control_port = _free_port(), _free_port()
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+               FLWR_LOCAL_CONTROL_API_PORT=str(control_port), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    out = tmp_path / "run"
+    overrides = (f'model="tiny-llama" num-server-rounds=1 local-steps=2 batch-size=4 eval-examples=12 '
+                 f'cloud-lora="none" secagg=true out-dir="{out}"')
+    flwr = str(Path(sys.executable).parent / "flwr")
+    try:
+        proc = subprocess.run([flwr, "run", ".", "--stream", "--run-config", overrides], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        deadline = time.time() + 60  # the stream may end just before the report is written
+        while not (out / "report.json").exists() and time.time() < deadline:
+            time.sleep(1)
+        rep = json.loads((out / "report.json").read_text())
+    finally:  # stop the SuperLink `flwr run` started for us (and its SuperExec), found by our port numbers
+        for pid in _processes_mentioning(str(control_port)) + _processes_mentioning(f"127.0.0.1:{http_port}"):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    assert rep["nodes"] == 2 and rep["config"]["secagg"] is True
+    assert [r["round"] for r in rep["rounds"]] == [0, 1]
+    r = rep["rounds"][1]
+    assert r["devices"] == 2 and r["split_steps"] == 4
+    assert r["adapter_bytes_down"] == 2 * ADAPTER and r["adapter_bytes_up"] == 0  # masked vectors only
+    assert r["deviation"] is None  # under SecAgg+ the server never sees one device's adapter
+    assert 0 <= r["dev_accuracy"] <= 1 and r["dev_examples"] == 12
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
