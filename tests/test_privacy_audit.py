@@ -54,8 +54,11 @@ def test_candidates_see_only_their_context(tiny, probe):
 
 
 def test_dictionary_at_k0_is_the_embedding_table(tiny):
-    d = A.token_dictionary(tiny, torch.tensor([5, 6, 7]), [0], chunk=100)[0]
-    torch.testing.assert_close(d, tiny.get_input_embeddings().weight)
+    d = A.build_dictionary(tiny, torch.tensor([5, 6, 7]), [0, 2], chunk=100)
+    torch.testing.assert_close(d.table[0], tiny.get_input_embeddings().weight)
+    assert d.table[2].shape == (VOCAB, 64)
+    sub = A.build_dictionary(tiny, torch.tensor([5, 6, 7]), [2], vocab=torch.tensor([9, 40, 300]))
+    torch.testing.assert_close(sub.table[2], d.table[2][[9, 40, 300]], atol=1e-5, rtol=1e-5)
 
 
 def test_raw_embeddings_are_recovered_exactly_and_huge_noise_leaves_chance(tiny, probe):
@@ -84,11 +87,20 @@ def test_in_context_attack_is_exact_when_the_truth_is_shortlisted(tiny, probe):
 
 
 def test_run_audit_reports_every_combination(tiny, probe):
-    res = A.run_audit(tiny, probe, ks=[1, 2], sigmas=[0.0, 0.5], candidates=4)
+    d = A.build_dictionary(tiny, torch.tensor([5]), [1, 2])
+    res = A.run_audit(tiny, probe, ks=[1, 2], sigmas=[0.0, 0.5], attacks=A.ATTACKS, dictionary=d, candidates=4)
     assert [(r.k, r.sigma_rel, r.attack) for r in res] == [
         (k, s, a) for k in (1, 2) for s in (0.0, 0.5) for a in A.ATTACKS]
     for r in res:
         assert r.total == 140 and 0 <= r.recovered <= r.total
+    with pytest.raises(ValueError, match="need a dictionary"):
+        A.run_audit(tiny, probe, ks=[1], sigmas=[0.0], attacks=("dictionary",))
+    with pytest.raises(ValueError, match="unknown attacks"):
+        A.run_audit(tiny, probe, ks=[1], sigmas=[0.0], attacks=("magic",))
+
+
+def test_vocab_of_tokenizes_mid_prompt():
+    assert A.vocab_of(CharTokenizer(), ["ba", "ab c"]).tolist() == [ord(" "), ord("a"), ord("b"), ord("c")]
 
 
 class CharTokenizer:
@@ -96,6 +108,8 @@ class CharTokenizer:
 
     def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False, padding=False,
                  return_tensors=None):
+        if return_tensors is None:
+            return {"input_ids": [[ord(c) for c in t] for t in texts]}
         T = max(len(t) for t in texts)
         ids = torch.zeros(len(texts), T, dtype=torch.long)
         mask = torch.zeros(len(texts), T, dtype=torch.long)
