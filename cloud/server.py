@@ -9,10 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from cloud.service import BackboneService, CloudConfig, make_server
-from model.load import load_model
+from model.load import DTYPES, load_model
 
 log = logging.getLogger("tandem.cloud")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

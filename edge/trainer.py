@@ -20,12 +20,11 @@ from torch import nn
 import tasks as T
 from edge.link import CloudLink, LinkConfig, StepFailed, Traffic
 from edge.remote import RemoteCloud
-from model.load import fingerprint, load_model
+from model.load import DTYPES, fingerprint, load_model
 from model.lora import LoRAConfig, LoRASet
 from model.segments import EdgeBottom, EdgeTop, cut_of, drop_blocks
 from protocol.tensors import wire_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
