@@ -68,8 +68,8 @@ def cmd_build(args) -> None:
             ["weights", f"{size / 1e6:.1f} MB ({manifest['dtype']})"]]
     if manifest["distillation"]:
         d = manifest["distillation"]
-        rows.append(["distillation", f"{d['steps']} steps, held-out mse {d['held_out_mse_before']:.4g} -> "
-                                     f"{d['held_out_mse_after']:.4g}"])
+        rows.append(["distillation", f"{d['steps']} steps, held-out error {d['held_out_error_before']:.4g} -> "
+                                     f"{d['held_out_error_after']:.4g}"])
     print(table(["bundle", str(out / "bundle")], rows))
     if me is not None:
         sealed = seal_dir(out / "bundle", out / "bundle.sealed", BUNDLE_FORMAT, me, peer)
@@ -98,9 +98,9 @@ def cmd_tune(args) -> None:
     adapter = metrics.pop("_adapter")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     tr = metrics["training"]
-    print(f"emulator zero-shot {100 * metrics.get('emulator_zero_shot', float('nan')):.1f}%  ->  fine-tuned "
-          f"{100 * metrics['emulator_fine_tuned']:.1f}%  ({tr['steps']} steps, {tr['step_seconds_median']:.3f} s/step, "
-          f"peak RSS {tr['peak_rss_mb'] or 0:.0f} MB)")
+    pct = lambda k: f"{100 * metrics[k]:.1f}%" if k in metrics else "-"  # noqa: E731
+    print(f"emulator zero-shot {pct('emulator_zero_shot')}  ->  fine-tuned {pct('emulator_fine_tuned')}  "
+          f"({tr['steps']} steps, {tr['step_seconds_median']:.3f} s/step, peak RSS {tr['peak_rss_mb'] or 0:.0f} MB)")
     if cloud is not None:
         sealed = seal_dir(out / "adapter", out / "adapter.sealed", ADAPTER_FORMAT, me, cloud)
         print(f"adapter: {out / 'adapter'}; send {sealed} to {cloud.name} (signed by {me.name}, encrypted to "

@@ -151,15 +151,15 @@ def format_table(res: dict) -> str:
     own, ref = res.get("owner_training"), res.get("reference_training")
     if own and ref:
         e, f = own["step_seconds_median"], ref["step_seconds_median"]
-        out += ["", table(["tuning", "step s (median)", "peak RSS MB (process)"],
-                          [["on the emulator (data owner)", f"{e:.3f}", f"{own.get('peak_rss_mb') or 0:.0f}"],
-                           ["on the full model (this run)", f"{f:.3f}", "-"],
-                           ["ratio", f"{e / f:.2f}", "see bench/offsite.py"]])]
+        out += ["", table(["tuning step", "seconds (median)", "where measured"],
+                          [["on the emulator", f"{e:.3f}", "the data owner's run (adapter manifest)"],
+                           ["on the full model", f"{f:.3f}", "the reference run here"],
+                           ["ratio", f"{e / f:.2f}", "side by side with peak memory: bench/offsite.py"]])]
     return "\n".join(out)
 
 
 def _distill_note(rec: dict | None) -> str:
     if not rec:
         return "none"
-    return (f"{rec['steps']} steps on {rec['data']}, held-out mse {rec['held_out_mse_before']:.4g} -> "
-            f"{rec['held_out_mse_after']:.4g}")
+    return (f"{rec['steps']} steps on {rec['data']}, held-out error {rec['held_out_error_before']:.4g} -> "
+            f"{rec['held_out_error_after']:.4g}")

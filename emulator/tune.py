@@ -19,6 +19,7 @@ import torch
 import tasks as T
 from emulator.bundle import ADAPTER_FORMAT, Emulated, block_of, load_bundle, manifest_digest, renumber, write_manifest
 from model.lora import LoRAConfig, LoRASet
+from model.segments import family_of
 
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3}
 
@@ -37,7 +38,8 @@ class TuneConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     eval_examples: int = 500
     eval_batch_size: int = 32
-    eval_before: bool = True
+    eval_before: bool = True  # the emulator's zero-shot accuracy, before tuning
+    eval_after: bool = True
     seed: int = 0
     progress: bool = True
 
@@ -60,7 +62,7 @@ class Adapter:
     def parameters(self) -> list[torch.nn.Parameter]:
         if self.lora is not None:
             return list(self.lora.parameters())
-        blocks = self.model.base_model.layers
+        blocks = family_of(self.model).blocks(self.model)
         return [p for i in self.positions for p in blocks[i].parameters()]
 
     def state(self, to_full: dict[int, int]) -> dict[str, torch.Tensor]:
@@ -255,8 +257,9 @@ def tune(cfg: TuneConfig, bundle_dir: str | Path, out_dir: str | Path, *, emulat
     adapter = make_adapter(emulated.model, emulated.adapter_positions, cfg.mode, cfg)
     record = train_adapter(adapter, data.task, data.train, cfg, data.pad_id)
     record["peak_rss_mb"] = peak_rss_mb()
-    metrics["emulator_fine_tuned"] = accuracy(emulated.model, data.task, data.dev, data.pad_id, data.label_ids,
-                                              cfg.eval_batch_size)
+    if cfg.eval_after:
+        metrics["emulator_fine_tuned"] = accuracy(emulated.model, data.task, data.dev, data.pad_id, data.label_ids,
+                                                  cfg.eval_batch_size)
     record["dev_accuracy"] = {k: metrics[k] for k in ("emulator_zero_shot", "emulator_fine_tuned") if k in metrics}
     metrics["adapter_manifest"] = save_adapter(out_dir, adapter, emulated, cfg, record)
     metrics["training"] = record

@@ -131,7 +131,7 @@ def test_distillation_moves_the_emulator_toward_the_full_middle(tiny, tmp_path):
     manifest = build(cfg, tmp_path / "distilled", loaded=tiny)
     rec = manifest["distillation"]
     assert rec["steps"] == 30 and rec["data"].startswith("wikitext2")
-    assert rec["held_out_mse_after"] < 0.9 * rec["held_out_mse_before"]
+    assert rec["held_out_error_after"] < 0.9 * rec["held_out_error_before"]
     state = load_file(str(tmp_path / "distilled" / WEIGHTS))
     full = tiny.model.state_dict()
     emulator_block = manifest["layout"]["emulator"][0]
