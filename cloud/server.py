@@ -6,7 +6,6 @@ import signal
 import threading
 from dataclasses import dataclass
 
-
 from cloud.service import BackboneService, CloudConfig, make_server
 from model.load import DTYPES, load_model
 
