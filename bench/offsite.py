@@ -1,0 +1,220 @@
+"""Offsite tuning end to end on the real model, and what it costs the data owner, in one run.
+
+    1. cloud      build the bundle (adapter blocks + layer-dropped, optionally distilled emulator), seal it to the owner
+    2. owner      open and verify it, tune the adapter on SST-2 through the emulator, seal the adapter back
+    3. cloud      open and verify the adapter, plug it in, evaluate the paper's five rows on the same dev examples
+    4. ONNX       export the owner's model and the plugged model, compare onnxruntime with PyTorch (max |logits|)
+    5. cost       tuning step time and peak memory on the emulator vs on the full model, each variant in its own
+                  subprocess (fresh process, same batches, same loader), alternated so both see the same machine
+
+Peak memory is the process's resident high-water mark (Linux VmHWM) while tuning, minus the resident memory right
+after the imports: the model's weights plus everything tuning adds (activations, gradients, optimizer state). The
+high-water mark is reset (/proc/self/clear_refs) after loading, so loading transients do not count.
+
+    python bench/offsite.py --drop 0.65 --distill-steps 100 --steps 150 --out runs/offsite
+
+Ends by printing one line holding a JSON object of the headline figures (also written to OUT/offsite.json).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import tasks as T  # noqa: E402
+from edge.report import table  # noqa: E402
+from emulator.build import BuildConfig, build  # noqa: E402
+from emulator.bundle import ADAPTER_FORMAT, BUNDLE_FORMAT, load_bundle, open_sealed_dir, seal_dir  # noqa: E402
+from emulator.onnx_export import export_onnx, max_abs_diff, session  # noqa: E402
+from emulator.plug import format_table, load_adapter, offsite_table  # noqa: E402
+from emulator.tune import TuneConfig, make_adapter, median, task_data, train_adapter, tune  # noqa: E402
+from model.load import load_model  # noqa: E402
+from privacy.seal import generate_identity, load_identity, load_public  # noqa: E402
+
+
+def status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak() -> None:
+    """Give freed memory back to the OS and restart the high-water mark from the current resident size."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def child(args) -> None:
+    """One variant's tuning cost, in this fresh process. Prints one JSON line."""
+    base_kb = status_kb("VmRSS")
+    emu = load_bundle(args.bundle)
+    data = task_data(args.task, emu.tokenizer, 1)
+    cfg = TuneConfig(task=args.task, mode=args.mode, steps=args.warmup + args.measure_steps, progress=False,
+                     batch_size=args.batch_size)
+    reset_peak()
+    loaded_kb = status_kb("VmRSS")
+    torch.manual_seed(0)
+    adapter = make_adapter(emu.model, emu.adapter_positions, args.mode, cfg)
+    rec = train_adapter(adapter, data.task, data.train, cfg, data.pad_id)
+    peak_kb = status_kb("VmHWM")
+    print(json.dumps({"variant": args.child, "blocks": emu.model.config.num_hidden_layers,
+                      "step_seconds": rec["step_seconds"][args.warmup:],
+                      "step_seconds_median": median(rec["step_seconds"][args.warmup:]),
+                      "weights_mb": (loaded_kb - base_kb) / 1024, "peak_mb": (peak_kb - base_kb) / 1024,
+                      "tuning_mb": (peak_kb - loaded_kb) / 1024}))
+
+
+def measure(args, bundles: dict[str, Path]) -> dict:
+    """Run the variants' subprocesses alternately, `rounds` times each; medians over rounds."""
+    runs: dict[str, list[dict]] = {v: [] for v in bundles}
+    for r in range(args.rounds):
+        for variant, bundle in bundles.items():
+            cmd = [sys.executable, __file__, "--child", variant, "--bundle", str(bundle), "--task", args.task,
+                   "--mode", args.mode, "--batch-size", str(args.batch_size), "--measure-steps",
+                   str(args.measure_steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+            t0 = time.perf_counter()
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs[variant].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"  cost round {r + 1}/{args.rounds} {variant}: {runs[variant][-1]['step_seconds_median']:.3f} "
+                  f"s/step, peak {runs[variant][-1]['peak_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s)", flush=True)
+    summary = {v: {"blocks": rs[0]["blocks"],
+                   "step_seconds": median([r["step_seconds_median"] for r in rs]),
+                   "peak_mb": median([r["peak_mb"] for r in rs]),
+                   "weights_mb": median([r["weights_mb"] for r in rs]),
+                   "tuning_mb": median([r["tuning_mb"] for r in rs]), "runs": rs} for v, rs in runs.items()}
+    e, f = summary["emulator"], summary["full"]
+    summary["step_time_ratio"] = e["step_seconds"] / f["step_seconds"]
+    summary["peak_memory_ratio"] = e["peak_mb"] / f["peak_mb"]
+    return summary
+
+
+def cost_table(c: dict) -> str:
+    rows = [[v, str(c[v]["blocks"]), f"{c[v]['step_seconds']:.3f}", f"{c[v]['peak_mb']:.0f}",
+             f"{c[v]['weights_mb']:.0f}", f"{c[v]['tuning_mb']:.0f}"] for v in ("emulator", "full")]
+    rows.append(["emulator / full", "", f"{c['step_time_ratio']:.2f}", f"{c['peak_memory_ratio']:.2f}", "", ""])
+    return table(["tuning on", "blocks", "step s (median)", "peak MB", "of which weights", "tuning adds"], rows)
+
+
+@torch.no_grad()
+def onnx_check(model, out_dir: Path, tokenizer, data) -> float:
+    """Export, then the largest |onnxruntime - PyTorch| logit over real tokens of a padded dev batch."""
+    path = export_onnx(model, out_dir, tokenizer, data.task.name)
+    batch = next(T.batches(data.task, data.dev[:8], 8, data.pad_id))
+    return max_abs_diff(model, session(path), batch.input_ids, batch.attention_mask)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--bottom", type=int, default=2)
+    p.add_argument("--top", type=int, default=2)
+    p.add_argument("--drop", type=float, default=0.65)
+    p.add_argument("--distill-steps", type=int, default=100)
+    p.add_argument("--distill-lr", type=float, default=3e-4)
+    p.add_argument("--mode", default="full", choices=["full", "lora"])
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-examples", type=int, default=500)
+    p.add_argument("--measure-steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="cost subprocesses per variant, alternated")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a shared, oversubscribed machine OpenMP spin-waits cost more than it gives)")
+    p.add_argument("--skip-table", action="store_true", help="only the cost measurement")
+    p.add_argument("--skip-onnx", action="store_true")
+    p.add_argument("--out", default="runs/offsite")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--bundle", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return child(args)
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: choose a new --out")
+    t_start = time.perf_counter()
+    keys = out / "keys"
+    for name in ("cloud", "owner"):
+        generate_identity(keys, name)
+    cloud, owner = load_identity(keys, "cloud"), load_identity(keys, "owner")
+
+    print(f"[1/5] cloud: building the bundle (drop {args.drop}, distillation {args.distill_steps} steps)", flush=True)
+    loaded = load_model(args.model)
+    bcfg = BuildConfig(model=args.model, bottom=args.bottom, top=args.top, drop=args.drop,
+                       distill_steps=args.distill_steps, distill_lr=args.distill_lr)
+    manifest = build(bcfg, out / "cloud" / "bundle", loaded=loaded)
+    seal_dir(out / "cloud" / "bundle", out / "cloud" / "bundle.sealed", BUNDLE_FORMAT, cloud, load_public(keys, "owner"))
+    # the full-model variant of the cost measurement: same loader, nothing dropped, nothing distilled
+    build(BuildConfig(model=args.model, bottom=args.bottom, top=args.top, drop=0.0), out / "cloud" / "full_bundle",
+          loaded=loaded)
+    results: dict = {"config": vars(args), "bundle": {k: manifest[k] for k in ("layout", "drop_ratio", "distillation",
+                                                                                "parameters")}}
+
+    if not args.skip_table:
+        print("[2/5] data owner: verify the bundle, tune the adapter through the emulator", flush=True)
+        open_sealed_dir(out / "cloud" / "bundle.sealed", out / "owner" / "bundle", BUNDLE_FORMAT,
+                        load_public(keys, "cloud"), owner)
+        tcfg = TuneConfig(task=args.task, mode=args.mode, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
+                          eval_examples=args.eval_examples, eval_before=False, eval_after=False)
+        tuned = tune(tcfg, out / "owner" / "bundle", out / "owner" / "adapter")
+        seal_dir(out / "owner" / "adapter", out / "owner" / "adapter.sealed", ADAPTER_FORMAT, owner,
+                 load_public(keys, "cloud"))
+
+        print("[3/5] cloud: verify the adapter, plug it in, evaluate the table", flush=True)
+        open_sealed_dir(out / "owner" / "adapter.sealed", out / "cloud" / "adapter", ADAPTER_FORMAT,
+                        load_public(keys, "owner"), cloud)
+        res = offsite_table(loaded.model, loaded.tokenizer, load_bundle(out / "cloud" / "bundle"),
+                            load_adapter(out / "cloud" / "adapter"), args.task, args.eval_examples)
+        plugged = res.pop("_plugged")
+        results["table"] = res
+        print(format_table(res), flush=True)
+
+        if not args.skip_onnx:
+            print("[4/5] ONNX: export both models, compare onnxruntime with PyTorch", flush=True)
+            data = task_data(args.task, loaded.tokenizer, args.eval_examples)
+            owner_model = tuned["_adapter"]
+            owner_model.merge()
+            results["onnx_max_abs_diff"] = {
+                "owner (adapter + emulator)": onnx_check(owner_model.model, out / "owner" / "onnx", loaded.tokenizer,
+                                                         data),
+                "plugged full model": onnx_check(plugged, out / "cloud" / "onnx", loaded.tokenizer, data)}
+            print(table(["ONNX model", "max |ort - torch| logits"],
+                        [[k, f"{v:.2e}"] for k, v in results["onnx_max_abs_diff"].items()]), flush=True)
+        del plugged, tuned
+    del loaded
+    gc.collect()
+
+    print(f"[5/5] cost: {args.rounds} x {args.measure_steps} steps per variant, each in its own process", flush=True)
+    cost = measure(args, {"emulator": out / "cloud" / "bundle", "full": out / "cloud" / "full_bundle"})
+    results["cost"] = cost
+    print(cost_table(cost), flush=True)
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    (out / "offsite.json").write_text(json.dumps(results, indent=1))
+
+    rows = results.get("table", {}).get("rows", {})
+    headline = {"model": args.model, "task": args.task, "dev_examples": results.get("table", {}).get("dev_examples"),
+                "mode": args.mode, "drop_ratio": manifest["drop_ratio"], "distill_steps": args.distill_steps,
+                "tune_steps": args.steps, **{k.replace(" ", "_").replace("-", "_"): round(v, 4) for k, v in rows.items()},
+                "step_time_ratio": round(cost["step_time_ratio"], 3),
+                "peak_memory_ratio": round(cost["peak_memory_ratio"], 3),
+                "onnx_max_abs_diff": max(results["onnx_max_abs_diff"].values()) if "onnx_max_abs_diff" in results
+                else None, "seconds": results["seconds"]}
+    print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+    main()
