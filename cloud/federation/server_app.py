@@ -189,7 +189,10 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict:
 def _rounds(grid: Grid, context: Context, cfg: FederationConfig, model, address: str, token: str,
             t_start: float) -> dict:
     metered = MeteredGrid(grid)
-    while len(node_ids := list(grid.get_node_ids())) < cfg.min_nodes:
+    deadline = time.time() + cfg.round_timeout
+    while len(node_ids := list(grid.get_node_ids())) < cfg.min_nodes:  # the devices connect
+        if time.time() > deadline:
+            raise TimeoutError(f"only {len(node_ids)} of {cfg.min_nodes} devices connected in {cfg.round_timeout}s")
         time.sleep(1)
     strategy, lora_strategy = make_strategy(cfg, len(node_ids))
     adapter = initial_adapter(model, cfg)
