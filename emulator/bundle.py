@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -81,19 +82,19 @@ class Layout:
         return Layout(int(d["num_layers"]), tuple(d["bottom"]), tuple(d["top"]), tuple(d["emulator"]))
 
 
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # Llama-style `model.layers.12.`, GPT-2 `transformer.h.12.`
+
+
 def block_of(name: str) -> int | None:
     """The block index in a tensor name like `model.layers.12.mlp.up_proj.weight` (None outside the blocks)."""
-    parts = name.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p == "layers" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
+    m = _BLOCK.search(name)
+    return int(m.group(1)) if m else None
 
 
 def renumber(name: str, mapping: dict[int, int]) -> str:
     """Rename a tensor from one block numbering to another (full model <-> compact model)."""
-    b = block_of(name)
-    return name if b is None else name.replace(f"layers.{b}.", f"layers.{mapping[b]}.", 1)
+    m = _BLOCK.search(name)
+    return name if m is None else f"{name[:m.start(1)]}{mapping[int(m.group(1))]}{name[m.end(1):]}"
 
 
 # --------------------------------------------------------------------------------------------- compact models

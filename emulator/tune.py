@@ -104,6 +104,7 @@ def make_adapter(model, positions: list[int], mode: str, cfg: TuneConfig) -> Ada
 def merge_lora(model, peft_state: dict[str, torch.Tensor], scaling: float, to_model: dict[int, int]) -> None:
     """Add PEFT-format LoRA (`...{module}.lora_A.weight`, `...lora_B.weight`) into `model`'s linear weights."""
     params = dict(model.named_parameters())
+    transpose = family_of(model).fan_in_fan_out  # GPT-2's Conv1D keeps its weight as [in, out]
     for key, a in peft_state.items():
         if ".lora_A." not in key:
             continue
@@ -112,8 +113,9 @@ def merge_lora(model, peft_state: dict[str, torch.Tensor], scaling: float, to_mo
                         .replace(".lora_A.default.weight", ".weight"), to_model)
         if name not in params:
             raise KeyError(f"LoRA for {name}, which this model does not have")
+        delta = scaling * b.float() @ a.float()
         with torch.no_grad():
-            params[name] += (scaling * b.float() @ a.float()).to(params[name].dtype)
+            params[name] += (delta.T if transpose else delta).to(params[name].dtype)
 
 
 # ------------------------------------------------------------------------------------------- train and evaluate

@@ -147,3 +147,23 @@ def test_offsite_table(tiny, undropped, data, tmp_path):
     assert {block_of(k) for k in before if not torch.equal(before[k], after[k])} == {0, 5}
     text = format_table(res)
     assert "plug-in" in text and "ratio" in text
+
+
+def test_gpt2_family_lora_round_trip(data, tmp_path):
+    """A second family (learned positions, Conv1D weights stored [in, out]): bundle, LoRA tuning, PEFT-exact plug-in."""
+    gpt2 = load_model("tiny-gpt2")
+    build(BuildConfig(model="tiny-gpt2", bottom=1, top=1, drop=0.5, progress=False), tmp_path / "bundle",
+          loaded=gpt2)
+    emu = load_bundle(tmp_path / "bundle")
+    assert emu.layout.kept == (0, 1, 3) and emu.model.config.n_layer == 3
+    cfg = config(data, "lora")
+    cfg.lora_targets = ("c_attn", "c_fc")
+    tuned = tune(cfg, tmp_path / "bundle", tmp_path / "adapter")["_adapter"]
+    ours = plug(gpt2.model, load_adapter(tmp_path / "adapter"), emu.manifest)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(gpt2.model), str(tmp_path / "adapter" / "peft")).eval()
+    ids = torch.randint(3, 300, (2, 9))
+    assert torch.allclose(logits(ours, ids), logits(theirs, ids), atol=1e-5)
+    assert not torch.allclose(logits(ours, ids), logits(gpt2.model, ids), atol=1e-4)
+    before = logits(tuned.model, ids)
+    tuned.merge()  # folding LoRA into the Conv1D weights gives the same function
+    assert torch.allclose(logits(tuned.model, ids), before, atol=1e-5)
