@@ -119,8 +119,8 @@ def candidate_mask(positions: torch.Tensor, context_len: int, dtype: torch.dtype
 @torch.no_grad()
 def candidate_hidden(model, context: torch.Tensor, positions: torch.Tensor, candidates: torch.Tensor,
                      ks: list[int]) -> dict[int, torch.Tensor]:
-    """{k: [N, H]}: hidden state after k blocks of token candidates[j], placed at positions[j] after the context
-    context[:positions[j]].
+    """{k: [N, H]}: hidden state after k blocks of token candidates[j], placed at positions[j] right after the
+    tokens context[:positions[j]].
 
     All N candidates go through one forward with `context`; none of them sees another."""
     T = context.numel()
