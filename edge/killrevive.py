@@ -8,7 +8,7 @@ and its weights stay as they are and stay in the saved adapter. The policy, with
                 the active blocks are killed, lowest first, while more than `min_active` of the blocks stay active
   revive        every `revive_every` steps all killed blocks come back for `probe_steps` steps so their scores are
                 measured afresh (a module that started to matter again stays); and all come back at once when the
-                loss EMA rises `loss_rise` above its best (the signal that killed modules are missed)
+                (slow) loss EMA rises `loss_rise` above its best (the signal that killed modules are missed)
 
 Hand-written because no library implements DLoRA's policy; it is ~60 lines of bookkeeping over LoRA weights.
 """
@@ -26,8 +26,9 @@ class KRConfig:
     min_active: float = 0.3  # fraction of cloud blocks that always stays active
     revive_every: int = 25
     probe_steps: int = 2
-    loss_rise: float = 0.10  # relative rise of the loss EMA over its best that revives everything
-    ema: float = 0.7
+    loss_rise: float = 0.20  # relative rise of the loss EMA over its best that revives everything
+    ema: float = 0.7  # smoothing of the per-block update scores
+    loss_ema: float = 0.95  # smoothing of the loss: a batch-8 loss is noisy, the signal must not fire on noise
 
 
 @dataclass
@@ -55,7 +56,8 @@ class KillRevive:
                 self.score[b] = ratio if b not in self.score else c.ema * self.score[b] + (1 - c.ema) * ratio
             self._prev[b] = now
         if last_loss is not None:
-            self._loss_ema = last_loss if self._loss_ema is None else c.ema * self._loss_ema + (1 - c.ema) * last_loss
+            self._loss_ema = (last_loss if self._loss_ema is None
+                              else c.loss_ema * self._loss_ema + (1 - c.loss_ema) * last_loss)
             self._best = min(self._best, self._loss_ema)
         loss_signal = self._loss_ema is not None and self._loss_ema > self._best * (1 + c.loss_rise)
         if self.killed and (loss_signal or (step >= c.warmup and step % c.revive_every == 0)):

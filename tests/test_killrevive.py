@@ -71,7 +71,7 @@ def test_policy_kills_slow_modules_keeps_a_floor_and_revives(cloud, tiny):
 def test_loss_rise_revives_everything(cloud, tiny):
     fake = FakeEdge(cloud, tiny)
     kr = KillRevive([1, 2, 3, 4], KRConfig(warmup=0, threshold=10.0, min_active=0.25, revive_every=1000,
-                                           probe_steps=0, ema=0.0))
+                                           probe_steps=0, ema=0.0, loss_ema=0.0))
     for step in range(3):
         kr.before_step(fake, step, last_loss=1.0)
         with torch.no_grad():
