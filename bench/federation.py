@@ -23,6 +23,40 @@ from cloud.federation.server_app import FederationConfig  # noqa: E402
 from sim.federation import FederateOptions, federate, render  # noqa: E402
 
 
+class CpuMeter:
+    """CPU seconds of this process and every descendant (the cloud, Ray and its device workers), sampled every few
+    seconds so workers that end are counted too. On a shared machine the wall time depends on the others' load;
+    CPU seconds / cores is what the run needs of an otherwise idle machine."""
+
+    def __init__(self, every: float = 2.0):
+        import threading
+
+        import psutil
+        self.me = psutil.Process()
+        self.seen: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.every = every
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        for p in [self.me, *self.me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                self.seen[p.pid] = max(self.seen.get(p.pid, 0.0), t.user + t.system)
+            except Exception:  # gone between listing and reading
+                pass
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self._sample()
+
+    def seconds(self) -> float:
+        self._sample()
+        self.stop.set()
+        return sum(self.seen.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -48,14 +82,17 @@ def main() -> None:
                            local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
                            eval_examples=args.eval_examples, eval_nodes=args.eval_nodes)
     load_before = os.getloadavg()
+    meter = CpuMeter()
     t0 = time.time()
     summary = federate(opts, fed)
     wall = time.time() - t0
+    cpu = meter.seconds()
     print(render(summary, args.out), flush=True)
     headline = {"bench": "federation", "model": args.model, "task": args.task, "devices": args.devices,
                 "rounds": args.rounds, "partitioner": f"dirichlet(alpha={args.alpha})", "cloud_lora": args.cloud_lora,
                 "local_steps": args.local_steps, "batch_size": args.batch_size, "lr": args.lr,
                 "dev_examples": args.eval_examples, "wall_seconds": round(wall, 1), "cpus": os.cpu_count(),
+                "cpu_seconds": round(cpu, 1), "idle_machine_seconds": round(cpu / (os.cpu_count() or 1), 1),
                 "load_average_before": [round(x, 2) for x in load_before],
                 "load_average_after": [round(x, 2) for x in os.getloadavg()]}
     for name, c in summary["comparison"].items():

@@ -188,7 +188,8 @@ def round_table(rep: dict) -> str:
 
 def device_table(rep: dict) -> str:
     """Per device, summed over rounds: Flower traffic and split traffic (steps and bytes)."""
-    per: dict[int, dict] = {}
+    per: dict[int, Counter] = {}
+    modes: dict[int, set] = {}
     for r in rep["rounds"]:
         for c in r.get("clients", []):
             d = per.setdefault(c["partition"], Counter())
@@ -196,16 +197,19 @@ def device_table(rep: dict) -> str:
                                         "flower_bytes_up", "adapter_bytes_down", "adapter_bytes_up")})
             d["rounds"] += 1
             d["examples"] = c["examples"]
-    rows = [[p, d["examples"], d["rounds"], _mb(d["flower_bytes_down"]), _mb(d["flower_bytes_up"]), d["split_steps"],
-             _mb(d["split_bytes_up"]), _mb(d["split_bytes_down"])] for p, d in sorted(per.items())]
+            d["local_steps"] += c.get("local_steps", c["split_steps"])
+            modes.setdefault(c["partition"], set()).add(c.get("mode", "cloud"))
+    rows = [[p, "+".join(sorted(modes[p])), d["examples"], d["rounds"], _mb(d["flower_bytes_down"]),
+             _mb(d["flower_bytes_up"]), d["local_steps"], d["split_steps"], _mb(d["split_bytes_up"]),
+             _mb(d["split_bytes_down"])] for p, d in sorted(per.items())]
     tot = Counter()
     for d in per.values():
         tot.update(d)
-    rows.append(["total", sum(d["examples"] for d in per.values()), "", _mb(tot["flower_bytes_down"]),
-                 _mb(tot["flower_bytes_up"]), tot["split_steps"], _mb(tot["split_bytes_up"]),
+    rows.append(["total", "", sum(d["examples"] for d in per.values()), "", _mb(tot["flower_bytes_down"]),
+                 _mb(tot["flower_bytes_up"]), tot["local_steps"], tot["split_steps"], _mb(tot["split_bytes_up"]),
                  _mb(tot["split_bytes_down"])])
-    return table(["device", "examples", "rounds", "Flower down MB", "Flower up MB", "split steps", "split up MB",
-                  "split down MB"], rows)
+    return table(["device", "trains", "examples", "rounds", "Flower down MB", "Flower up MB", "steps", "split steps",
+                  "split up MB", "split down MB"], rows)
 
 
 def comparison_table(comparison: dict) -> str:

@@ -49,13 +49,13 @@ class FederationConfig:
     task: str = "sst2"
     cut_bottom: int = 1  # k: blocks at the bottom of the edge
     cut_top: int = 1  # m: blocks at the top of the edge
-    cloud_lora: str = "none"  # "none": split (LoRA on the edge's blocks), "edge": DLoRA (LoRA in every block)
+    cloud_lora: str = "edge"  # "edge": DLoRA (LoRA in every block, computed on the device), "none": split
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: str = "q_proj,v_proj"
-    local_steps: int = 10
+    local_steps: int = 4
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3
     seed: int = 0
     wire_up: str = "fp32"  # split traffic dtypes (edge -> cloud, cloud -> edge)
     wire_down: str = "fp32"
@@ -63,10 +63,12 @@ class FederationConfig:
     fraction_train: float = 1.0
     min_nodes: int = 2
     eval_nodes: int = 2
-    eval_examples: int = 500
+    eval_examples: int = 200
     eval_batch_size: int = 32
     eval_initial: bool = True  # round 0: the initial adapter (B = 0, i.e. zero-shot)
     partition_dir: str = ""  # client-<partition-id>.jsonl per device; empty: IID shards of the shared set
+    emulator_bundle: str = ""  # an offsite bundle folder (`tandem offsite build`) ...
+    emulator_devices: str = ""  # ... and the partition ids that train locally on it: "0,3" or "all"
     cloud_address: str = ""  # empty: this ServerApp hosts the backbone service
     cloud_token: str = ""
     secagg: bool = False
@@ -96,13 +98,16 @@ class FederationConfig:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {cfg.strategy!r}")
         if cfg.cloud_lora not in ("none", "edge"):
             raise ValueError(f"cloud-lora must be 'none' (split) or 'edge' (DLoRA), got {cfg.cloud_lora!r}")
+        if cfg.emulator_devices and (not cfg.emulator_bundle or cfg.cloud_lora != "none"):
+            raise ValueError("devices on the offsite emulator need emulator-bundle, and split training (cloud-lora "
+                             "none): the emulator has no middle blocks to carry DLoRA's LoRA")
         return cfg
 
     def instructions(self, address: str, token: str) -> ConfigRecord:
         """What every device is told each round (edge/federation/client_app.py reads these keys)."""
         keys = ("model", "task", "cut_bottom", "cut_top", "cloud_lora", "lora_r", "lora_alpha", "lora_targets",
                 "local_steps", "batch_size", "lr", "seed", "wire_up", "wire_down", "partition_dir", "eval_examples",
-                "eval_batch_size")
+                "eval_batch_size", "emulator_bundle", "emulator_devices")
         rec = ConfigRecord({k.replace("_", "-"): getattr(self, k) for k in keys})
         rec["cloud-address"], rec["cloud-token"] = address, token
         return rec
@@ -134,7 +139,8 @@ def save_adapter(model, cfg: FederationConfig, adapter: dict[str, np.ndarray], p
 
 
 def make_strategy(cfg: FederationConfig, num_nodes: int):
-    """The configured LoRA strategy, wrapped in Flower's central-DP wrapper when `dp` is on."""
+    """(the strategy to run, the LoRA strategy inside it): the configured LoRA strategy, wrapped in Flower's
+    central-DP wrapper (client-side clipping, server-side noise: it composes with SecAgg+) when `dp` is on."""
     per_round = max(int(num_nodes * cfg.fraction_train), min(2, num_nodes))
     strategy: LoRAFedAvg = STRATEGIES[cfg.strategy](
         eval_nodes=cfg.eval_nodes, adapter_dtype=cfg.adapter_dtype, fraction_train=cfg.fraction_train,
@@ -154,6 +160,8 @@ def _client_rows(replies: list[Message] | None, per_client: list[tuple[int, dict
     for node, met in sorted(per_client, key=lambda nm: nm[1].get("partition-id", 0)):
         flower = metered.counts[phase].get(node, {})
         rows.append({"node": node, "partition": int(met.get("partition-id", -1)), "examples": int(met["num-examples"]),
+                     "mode": "emulator" if met.get("on-emulator") else "cloud",
+                     "local_steps": int(met.get("local-steps", met.get("split-steps", 0))),
                      "train_loss": met.get("train-loss"), "train_seconds": met.get("train-seconds"),
                      "split_steps": int(met.get("split-steps", 0)),
                      "split_bytes_up": int(met.get("split-bytes-up", 0)),
@@ -194,7 +202,7 @@ def _rounds(grid: Grid, context: Context, cfg: FederationConfig, model, address:
         if time.time() > deadline:
             raise TimeoutError(f"only {len(node_ids)} of {cfg.min_nodes} devices connected in {cfg.round_timeout}s")
         time.sleep(1)
-    strategy, lora_strategy = make_strategy(cfg, len(node_ids))
+    strategy, _ = make_strategy(cfg, len(node_ids))
     adapter = initial_adapter(model, cfg)
     arrays = arrays_to_record(adapter, "float32")
     wire = arrays_to_record(adapter, cfg.adapter_dtype)

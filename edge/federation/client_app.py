@@ -1,10 +1,15 @@
-"""The Tandem ClientApp: one edge device of a federation. Its data never leaves it; it trains through the cloud.
+"""The Tandem ClientApp: one edge device of a federation. Its data never leaves it.
 
 Each round the ServerApp sends the global LoRA adapter and the round's instructions (a ConfigRecord, keys below).
-The device starts from that adapter, trains `local-steps` steps on its own data through the shared cloud backbone
-(split or DLoRA: the ordinary `edge.trainer.train`), and replies with its adapter, in the same wire dtype and key
-order, plus metrics: its number of training examples (the FedAvg weight), its loss, and the split traffic of every
-step. For evaluation it runs its slice of the dev set through the cloud with the global adapter.
+The device starts from that adapter, trains `local-steps` steps on its own data, and replies with its adapter, in
+the same wire dtype and key order, plus metrics: its number of training examples (the FedAvg weight), its loss, and
+the split traffic of every step. Two ways to train, per device:
+  cloud     through the shared cloud backbone, split or DLoRA (the ordinary `edge.trainer.train`)
+  emulator  locally, on an offsite-tuning bundle (adapter blocks + a compressed emulator of the middle,
+            `tandem offsite build`): no cloud traffic at all. The bundle's adapter blocks must be the federation's
+            LoRA sites, i.e. split with cut-bottom / cut-top = the bundle's bottom / top blocks.
+For evaluation a device runs its slice of the dev set through the cloud with the global adapter (the full backbone:
+what the federation's adapter is for).
 
 Instructions (train/evaluate ConfigRecord, set by cloud/federation/server_app.py):
   cloud-address, cloud-token       the backbone service every device shares
@@ -14,9 +19,10 @@ Instructions (train/evaluate ConfigRecord, set by cloud/federation/server_app.py
   freeze-a                         FFA-LoRA: train B only
   local-steps, batch-size, lr, seed, wire-up, wire-down
   partition-dir                    folder with client-<partition-id>.jsonl (empty: an IID shard of the shared set)
+  emulator-bundle, emulator-devices  the bundle folder, and which partition ids train on it ("0,3" or "all")
   server-round; evaluate only: eval-examples, eval-batch-size, dev-shard, dev-shards
-Node config (per device, overrides): partition-id, num-partitions (set by the simulation), train-file, cloud-address,
-cloud-token.
+Node config (per device, overrides): partition-id, num-partitions (set by the simulation), train-file, train-mode
+("cloud" or "emulator"), cloud-address, cloud-token.
 
 A Ray actor runs many simulated devices one after another, so the backbone is loaded once per process and every
 round gets fresh modules that share its frozen weights (see `device_model`).
@@ -52,20 +58,22 @@ class Instructions:
     task: str = "sst2"
     cut_bottom: int = 1
     cut_top: int = 1
-    cloud_lora: str = "none"
+    cloud_lora: str = "edge"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: str = "q_proj,v_proj"
     freeze_a: bool = False
-    local_steps: int = 10
+    local_steps: int = 4
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3
     seed: int = 0
     wire_up: str = "fp32"
     wire_down: str = "fp32"
     partition_dir: str = ""
+    emulator_bundle: str = ""
+    emulator_devices: str = ""
     server_round: int = 0
-    eval_examples: int = 500
+    eval_examples: int = 200
     eval_batch_size: int = 32
     dev_shard: int = 0
     dev_shards: int = 1
@@ -73,6 +81,7 @@ class Instructions:
     partition_id: int = 0
     num_partitions: int = 1
     train_file: str = ""
+    train_mode: str = ""
 
     @classmethod
     def read(cls, config: ConfigRecord, node_config: dict) -> "Instructions":
@@ -85,13 +94,27 @@ class Instructions:
                     values[name] = value
         return cls(**values)
 
+    @property
+    def on_emulator(self) -> bool:
+        """This device trains locally on the offsite emulator (its node config says so, or the server's list does)."""
+        if self.train_mode:
+            if self.train_mode not in ("cloud", "emulator"):
+                raise ValueError(f"train-mode must be 'cloud' or 'emulator', got {self.train_mode!r}")
+            return self.train_mode == "emulator"
+        chosen = {d.strip() for d in self.emulator_devices.split(",") if d.strip()}
+        return "all" in chosen or str(self.partition_id) in chosen
+
+    @property
+    def seed_this_round(self) -> int:
+        return self.seed + 1000 * self.server_round + self.partition_id  # new batches every round
+
     def edge_config(self, train_file: str | None, steps: int) -> EdgeConfig:
         return EdgeConfig(cloud=self.cloud_address, token=self.cloud_token or None, model=self.model, task=self.task,
                           train_file=train_file, k=self.cut_bottom, m=self.cut_top, cloud_lora=self.cloud_lora,
                           lora_r=self.lora_r, lora_alpha=self.lora_alpha,
                           lora_targets=tuple(t for t in self.lora_targets.split(",") if t),
                           lora_freeze_a=self.freeze_a, lr=self.lr, steps=steps, batch_size=self.batch_size,
-                          seed=self.seed + 1000 * self.server_round + self.partition_id,  # new batches every round
+                          seed=self.seed_this_round,
                           wire_up=self.wire_up, wire_down=self.wire_down, eval_examples=self.eval_examples,
                           eval_batch_size=self.eval_batch_size, eval_before=False, eval_after=False,
                           progress=False, name=f"edge-{self.partition_id}")
@@ -116,6 +139,51 @@ def device_model(spec: str, k: int, m: int) -> Loaded:
     base = _BACKBONES[key]
     shared = {id(t): t for t in itertools.chain(base.model.parameters(), base.model.buffers())}
     return Loaded(copy.deepcopy(base.model, shared), base.tokenizer, base.name)
+
+
+_BUNDLES: dict = {}
+
+
+def emulator_model(folder: str):
+    """The offsite bundle's compact model (adapter blocks + emulator), verified and loaded once per process; every
+    call returns fresh modules sharing its frozen weights, as `device_model` does."""
+    from emulator.bundle import Emulated, load_bundle
+    if folder not in _BUNDLES:
+        _BUNDLES[folder] = load_bundle(folder)
+    base = _BUNDLES[folder]
+    shared = {id(t): t for t in itertools.chain(base.model.parameters(), base.model.buffers())}
+    return Emulated(copy.deepcopy(base.model, shared), base.tokenizer, base.manifest, base.layout)
+
+
+def train_on_emulator(ins: Instructions, start: dict[str, torch.Tensor],
+                      train_file: str) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """`local-steps` steps of LoRA on the bundle's adapter blocks, from the global adapter, entirely on the device.
+    Returns the adapter (named as in the full model) and the step losses."""
+    from emulator.bundle import renumber
+    from emulator.tune import TuneConfig, make_adapter, train_adapter
+    emulated = emulator_model(ins.emulator_bundle)
+    to_full = dict(enumerate(emulated.layout.kept))
+    to_compact = {b: j for j, b in to_full.items()}
+    cfg = TuneConfig(task=ins.task, train_file=train_file, mode="lora", lr=ins.lr, steps=ins.local_steps,
+                     batch_size=ins.batch_size, lora_r=ins.lora_r, lora_alpha=ins.lora_alpha,
+                     lora_targets=tuple(t for t in ins.lora_targets.split(",") if t), eval_before=False,
+                     eval_after=False, seed=ins.seed_this_round, progress=False)
+    adapter = make_adapter(emulated.model, emulated.adapter_positions, "lora", cfg)
+    sites = {renumber(k, to_full) for k in adapter.lora.peft_state_dict()}
+    if sites != set(start):
+        raise ValueError(f"the emulator bundle's adapter blocks {list(emulated.layout.adapter)} are not the "
+                         f"federation's LoRA sites: train split (cloud-lora none) with cut-bottom / cut-top equal to "
+                         f"the bundle's bottom / top blocks and the same lora-targets")
+    adapter.lora.load_peft_state_dict({renumber(k, to_compact): v for k, v in start.items()})
+    if ins.freeze_a:
+        for name, p in adapter.lora.named_parameters():
+            p.requires_grad_("lora_A" not in name)
+    tok = emulated.tokenizer or T.tiny_tokenizer()
+    task = T.TASKS[ins.task]
+    items = T.encode(task, T.load_split(ins.task, "train", train_file), tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    record = train_adapter(adapter, task, items, cfg, pad_id)
+    return adapter.state(to_full), record["losses"]
 
 
 # ---- this device's data -------------------------------------------------------------------------------------------
@@ -169,23 +237,29 @@ app = ClientApp()
 
 @app.train(mods=[secaggplus_when_asked, clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training through the cloud, from the global adapter."""
+    """One round of local training from the global adapter: through the cloud, or on the offsite emulator."""
     ins = Instructions.read(msg.content["config"], dict(context.node_config))
     start = msg.content["arrays"]
     path = train_file_of(ins)
     t0 = time.perf_counter()
-    result = train_edge(ins.edge_config(path, ins.local_steps),
-                        loaded=device_model(ins.model, ins.cut_bottom, ins.cut_top),
-                        initial_adapter=adapter_from_record(start))
-    steps = result["steps"]
-    session = result.get("cloud_session", {})
+    if ins.on_emulator:
+        adapter, losses = train_on_emulator(ins, adapter_from_record(start), path)
+        steps, session = [], {}
+    else:
+        result = train_edge(ins.edge_config(path, ins.local_steps),
+                            loaded=device_model(ins.model, ins.cut_bottom, ins.cut_top),
+                            initial_adapter=adapter_from_record(start))
+        adapter, steps = result["_edge_model"].lora.peft_state_dict(), result["steps"]
+        losses, session = [s["loss"] for s in steps], result.get("cloud_session", {})
     metrics = MetricRecord({
         "num-examples": examples_in(ins.task, path),
         "partition-id": ins.partition_id,
-        "train-loss": float(np.mean([s["loss"] for s in steps])),
-        "train-loss-last": float(steps[-1]["loss"]),
+        "on-emulator": int(ins.on_emulator),
+        "local-steps": len(losses),
+        "train-loss": float(np.mean(losses)),
+        "train-loss-last": float(losses[-1]),
         "train-seconds": time.perf_counter() - t0,
-        "split-steps": len(steps),
+        "split-steps": len(steps),  # steps through the cloud (0 on the emulator)
         "split-bytes-up": sum(s["bytes_up"] for s in steps),
         "split-bytes-down": sum(s["bytes_down"] for s in steps),
         "split-step-bytes-up": [int(s["bytes_up"]) for s in steps],
@@ -193,8 +267,7 @@ def train(msg: Message, context: Context) -> Message:
         "cloud-bytes-received": int(session.get("bytes_received", 0)),  # the cloud's own count of this session
         "cloud-bytes-sent": int(session.get("bytes_sent", 0)),
     })
-    arrays = record_like(result["_edge_model"].lora.peft_state_dict(), start)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": record_like(adapter, start), "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

@@ -31,8 +31,8 @@ from flwr.supercore import log
 
 WEIGHT_KEY = "num-examples"
 WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
-SUMMED = ("split-steps", "split-bytes-up", "split-bytes-down", "cloud-bytes-received", "cloud-bytes-sent",
-          WEIGHT_KEY)  # traffic and counts add up over clients; everything else is an examples-weighted mean
+SUMMED = ("split-steps", "local-steps", "split-bytes-up", "split-bytes-down", "cloud-bytes-received",
+          "cloud-bytes-sent", "on-emulator", WEIGHT_KEY)  # traffic and counts add up over clients; everything else is an examples-weighted mean
 
 
 # ---- adapters as plain dicts of arrays ----------------------------------------------------------------------------
