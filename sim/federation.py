@@ -236,7 +236,9 @@ def plot(reports: dict[str, dict], path: str | Path) -> Path:
             ax_loss.plot(*zip(*loss), marker="o", label=name)
     ax_acc.set(xlabel="round", ylabel="dev accuracy (global adapter)", title="accuracy per round")
     ax_loss.set(xlabel="round", ylabel="mean train loss of the devices", title="train loss per round")
+    from matplotlib.ticker import MaxNLocator
     for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
