@@ -28,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("TQDM_DISABLE", "1")  # before anything imports tqdm: no progress bars from model loading
 
 from sim.calibrate import Calibration, calibrate, load_calibration  # noqa: E402
 from sim.costmodel import Workload, predict  # noqa: E402
@@ -94,7 +95,6 @@ def main(argv=None) -> dict:
         print(f"skipped: the network testbed is not permitted here: {why}")
         print(json.dumps({"skipped": why}))
         return {"skipped": why}
-    os.environ["TQDM_DISABLE"] = "1"  # no progress bars from model loading
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if args.threads:
         import torch
@@ -157,6 +157,10 @@ def main(argv=None) -> dict:
                           f"{row['step_meas']:.3f} s ({row['step_err']:+.1%}); bytes {row['bytes_err']:+.4%}; "
                           f"load {load:.1f}", flush=True)
 
+    after = None
+    if not args.calibration:  # the same microbenchmarks again: how much this shared machine drifted meanwhile
+        after = calibrate(shape.name)
+        print("calibration after the runs (not used for predictions):", after.summary())
     print()
     print(f"{'path':<7}{'Mbit/s':>7}{'MB/step pred':>14}{'meas':>10}{'err':>9}{'step s pred':>13}{'meas':>9}"
           f"{'err':>8}{'edge s p/m':>14}{'cloud+net s p/m':>18}{'(net p)':>9}{'load':>6}")
@@ -173,6 +177,7 @@ def main(argv=None) -> dict:
                 "max_abs_step_time_error": max(abs(r["step_err"]) for r in rows),
                 "within_15pct": all(abs(r["step_err"]) <= 0.15 for r in rows),
                 "block_gflops": dev.flops / 1e9, "gemm_gflops": cal.matmul_flops / 1e9,
+                "block_gflops_after": after.block_flops / 1e9 if after else None,
                 "rows": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}
     print(json.dumps(headline))
     return headline
