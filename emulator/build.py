@@ -20,7 +20,7 @@ import torch
 
 import tasks as T
 from emulator.bundle import BUNDLE_FORMAT, WEIGHTS, Layout, compact_model, full_state_for, renumber, write_manifest
-from emulator.tune import batch_stream
+from emulator.tune import batch_stream, hidden
 from model.load import DTYPES, fingerprint, load_model
 from model.segments import BlockRun, family_of
 
@@ -36,6 +36,7 @@ class BuildConfig:
     distill_batch: int = 8
     distill_seq: int = 64
     distill_eval_batches: int = 4  # held-out WikiText-2 batches to measure the emulator's error before and after
+    alignment_batches: int = 2  # held-out WikiText-2 batches for the gradient alignment check (0: skip)
     dtype: str = "float32"  # how the weights are stored in the bundle
     seed: int = 0
     progress: bool = True
@@ -143,6 +144,39 @@ def distill(full, emu, layout: Layout, tokenizer, cfg: BuildConfig) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def gradient_alignment(full, emu, layout: Layout, tokenizer, batches: int = 2, seq: int = 64) -> dict[str, float]:
+    """How well the emulator stands in for the middle where offsite tuning needs it: for each adapter block, the
+    cosine between its gradient through the emulator and through the full model (LM loss on held-out WikiText-2).
+
+    The data owner follows the first gradients; an adapter block whose gradients point elsewhere than the full
+    model's learns something that will not carry over to the plug-in. The cloud measures this on public text."""
+    task = T.TASKS["wikitext2"]
+    pad = getattr(tokenizer, "pad_token_id", 0) or 0
+    data = [b for b, _ in zip(T.batches(task, wikitext_items(tokenizer, "dev", seq), 8, pad), range(batches))]
+
+    def grads(model, where: dict[int, int]) -> dict[int, torch.Tensor]:
+        blocks = family_of(model).blocks(model)
+        params = {b: list(blocks[i].parameters()) for b, i in where.items()}
+        flat = [p for ps in params.values() for p in ps]
+        was = [p.requires_grad for p in flat]
+        for p in flat:
+            p.requires_grad_(True)
+        total = {b: 0.0 for b in where}
+        for batch in data:
+            loss, _ = T.loss_from_hidden(task, hidden(model, batch), batch, model.get_output_embeddings())
+            g = iter(torch.autograd.grad(loss, flat))
+            for b, ps in params.items():
+                total[b] = total[b] + torch.cat([next(g).flatten() for _ in ps])
+        for p, w in zip(flat, was):
+            p.requires_grad_(w)
+        return total
+
+    ref = grads(full, {b: b for b in layout.adapter})
+    got = grads(emu, {b: layout.position(b) for b in layout.adapter})
+    return {str(b): round(torch.nn.functional.cosine_similarity(ref[b], got[b], dim=0).item(), 4)
+            for b in layout.adapter}
+
+
 def build(cfg: BuildConfig, out_dir: str | Path, *, loaded=None) -> dict:
     """Make the bundle folder `out_dir` (weights, tokenizer, manifest). Returns the manifest."""
     from safetensors.torch import save_file
@@ -153,9 +187,14 @@ def build(cfg: BuildConfig, out_dir: str | Path, *, loaded=None) -> dict:
     full, tok = loaded.model, loaded.tokenizer
     layout = make_layout(len(family_of(full).blocks(full)), cfg.bottom, cfg.top, cfg.drop)
     emu = compact_model(full, layout)
-    record = None
+    tok_ = tok or T.tiny_tokenizer()
+    record, alignment = None, {}
+    if cfg.alignment_batches and cfg.distill_steps > 0:
+        alignment["before_distillation"] = gradient_alignment(full, emu, layout, tok_, cfg.alignment_batches)
     if cfg.distill_steps > 0:
-        record = distill(full, emu, layout, tok or T.tiny_tokenizer(), cfg)
+        record = distill(full, emu, layout, tok_, cfg)
+    if cfg.alignment_batches:
+        alignment["bundle"] = gradient_alignment(full, emu, layout, tok_, cfg.alignment_batches)
     # The emulator's (possibly distilled) blocks replace the originals; the adapter blocks are the full model's.
     to_full = dict(enumerate(layout.kept))
     state = {renumber(k, to_full): v.detach().to(DTYPES[cfg.dtype]).contiguous()
@@ -170,7 +209,8 @@ def build(cfg: BuildConfig, out_dir: str | Path, *, loaded=None) -> dict:
     manifest = {"format": BUNDLE_FORMAT, "family": full.config.model_type,
                 "source": {"model": cfg.model, "fingerprint": fingerprint(full)},
                 "config": config, "layout": layout.to_json(), "drop_ratio": round(layout.drop_ratio, 4),
-                "requested_drop": cfg.drop, "distillation": record, "dtype": cfg.dtype,
+                "requested_drop": cfg.drop, "distillation": record, "gradient_alignment": alignment,
+                "dtype": cfg.dtype,
                 "parameters": {"bundle": sum(t.numel() for t in state.values()),
                                "full": sum(p.numel() for p in full.parameters())}}
     return write_manifest(out, manifest)

@@ -70,6 +70,11 @@ def cmd_build(args) -> None:
         d = manifest["distillation"]
         rows.append(["distillation", f"{d['steps']} steps, held-out error {d['held_out_error_before']:.4g} -> "
                                      f"{d['held_out_error_after']:.4g}"])
+    align = manifest["gradient_alignment"]
+    if align:
+        fmt = lambda a: " ".join(f"{b}:{c:.2f}" for b, c in a.items())  # noqa: E731
+        rows.append(["gradient cosine", (f"{fmt(align['before_distillation'])} -> " if "before_distillation" in align
+                                         else "") + fmt(align["bundle"]) + " (adapter block: emulator vs full)"])
     print(table(["bundle", str(out / "bundle")], rows))
     if me is not None:
         sealed = seal_dir(out / "bundle", out / "bundle.sealed", BUNDLE_FORMAT, me, peer)

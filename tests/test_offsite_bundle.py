@@ -71,6 +71,13 @@ def test_bundle_holds_exactly_the_kept_blocks(bundle, tiny):
     assert manifest["parameters"]["bundle"] == sum(v.numel() for v in state.values()) < manifest["parameters"]["full"]
 
 
+def test_gradient_alignment_is_one_without_drop(tiny, tmp_path):
+    manifest = build(BuildConfig(model="tiny-llama", bottom=1, top=1, drop=0.0, progress=False), tmp_path / "b",
+                     loaded=tiny)
+    assert manifest["gradient_alignment"] == {"bundle": {"0": pytest.approx(1.0, abs=1e-4),
+                                                         "5": pytest.approx(1.0, abs=1e-4)}}
+
+
 def test_loaded_bundle_is_the_compact_model(bundle, tiny):
     emu = load_bundle(bundle)
     assert emu.model.config.num_hidden_layers == 4 and emu.adapter_positions == [0, 3]
@@ -132,6 +139,10 @@ def test_distillation_moves_the_emulator_toward_the_full_middle(tiny, tmp_path):
     rec = manifest["distillation"]
     assert rec["steps"] == 30 and rec["data"].startswith("wikitext2")
     assert rec["held_out_error_after"] < 0.9 * rec["held_out_error_before"]
+    # and the adapter blocks' gradients through the emulator point more like the full model's
+    before, after = manifest["gradient_alignment"]["before_distillation"], manifest["gradient_alignment"]["bundle"]
+    assert set(before) == set(after) == {"0", "5"}
+    assert all(after[b] > before[b] + 0.1 for b in before)
     state = load_file(str(tmp_path / "distilled" / WEIGHTS))
     full = tiny.model.state_dict()
     emulator_block = manifest["layout"]["emulator"][0]
