@@ -96,7 +96,7 @@ def main() -> None:
                 "load_average_before": [round(x, 2) for x in load_before],
                 "load_average_after": [round(x, 2) for x in os.getloadavg()]}
     for name, c in summary["comparison"].items():
-        headline[name] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in c.items()}
+        headline[name] = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in c.items()}
     rounds = summary["runs"][opts.strategies[0]]["rounds"][1:]
     if rounds:
         headline["split_bytes_per_step"] = round(rounds[-1]["split_bytes_per_step"])

@@ -93,9 +93,10 @@ def _processes_mentioning(text: str) -> list[int]:
     return [p for p in pids if p != os.getpid()]
 
 
-def test_flwr_run_dot_runs_the_app_with_secaggplus(tmp_path):
-    """`flwr run .` builds the app from pyproject.toml, starts a local SuperLink and runs one round; the ServerApp
-    hosts the backbone itself. Our own ports and FLWR_HOME, no runtime dependency install (the venv has them all)."""
+def test_flwr_run_dot_runs_the_app_with_secaggplus_and_central_dp(tmp_path):
+    """`flwr run .` builds the app from pyproject.toml, starts a local SuperLink and runs one round with both privacy
+    options on; the ServerApp hosts the backbone itself. Our own ports and FLWR_HOME, and no runtime dependency
+    install (Flower would otherwise `uv sync` the project's dependencies into a fresh env; the venv has them all)."""
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n\n'
@@ -106,7 +107,8 @@ def test_flwr_run_dot_runs_the_app_with_secaggplus(tmp_path):
                FLWR_LOCAL_CONTROL_API_PORT=str(control_port), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     out = tmp_path / "run"
     overrides = (f'model="tiny-llama" num-server-rounds=1 local-steps=2 batch-size=4 eval-examples=12 '
-                 f'cloud-lora="none" secagg=true out-dir="{out}"')
+                 f'cloud-lora="none" secagg=true dp=true dp-noise-multiplier=0.01 dp-clipping-norm=10.0 '
+                 f'out-dir="{out}"')
     flwr = str(Path(sys.executable).parent / "flwr")
     try:
         proc = subprocess.run([flwr, "run", ".", "--stream", "--run-config", overrides], cwd=ROOT, env=env,
@@ -122,7 +124,7 @@ def test_flwr_run_dot_runs_the_app_with_secaggplus(tmp_path):
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    assert rep["nodes"] == 2 and rep["config"]["secagg"] is True
+    assert rep["nodes"] == 2 and rep["config"]["secagg"] is True and rep["config"]["dp"] is True
     assert [r["round"] for r in rep["rounds"]] == [0, 1]
     r = rep["rounds"][1]
     assert r["devices"] == 2 and r["split_steps"] == 4
