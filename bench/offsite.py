@@ -7,11 +7,12 @@
     5. cost       tuning step time and peak memory on the emulator vs on the full model, each variant in its own
                   subprocess (fresh process, same batches, same loader), alternated so both see the same machine
 
-Peak memory is the process's resident high-water mark (Linux VmHWM) while tuning, minus the resident memory right
-after the imports: the model's weights plus everything tuning adds (activations, gradients, optimizer state). The
-high-water mark is reset (/proc/self/clear_refs) after loading, so loading transients do not count.
+Peak memory is the process's resident high-water mark (Linux VmHWM) while tuning, minus the resident memory just
+before the model is loaded (imports done, training data tokenized): the model's weights plus everything tuning adds
+(activations, gradients, optimizer state). The high-water mark is reset (/proc/self/clear_refs) after loading, so
+loading transients do not count.
 
-    python bench/offsite.py --drop 0.65 --distill-steps 100 --steps 150 --out runs/offsite
+    python bench/offsite.py --drop 0.65 --distill-steps 200 --mode lora --steps 150 --out runs/offsite
 
 Ends by printing one line holding a JSON object of the headline figures (also written to OUT/offsite.json).
 """
@@ -33,7 +34,8 @@ import torch  # noqa: E402
 import tasks as T  # noqa: E402
 from edge.report import table  # noqa: E402
 from emulator.build import BuildConfig, build  # noqa: E402
-from emulator.bundle import ADAPTER_FORMAT, BUNDLE_FORMAT, load_bundle, open_sealed_dir, seal_dir  # noqa: E402
+from emulator.bundle import (ADAPTER_FORMAT, BUNDLE_FORMAT, Layout, compact_config, load_bundle,  # noqa: E402
+                             open_sealed_dir, seal_dir, verify_dir)
 from emulator.onnx_export import export_onnx, max_abs_diff, session  # noqa: E402
 from emulator.plug import format_table, load_adapter, offsite_table  # noqa: E402
 from emulator.tune import TuneConfig, make_adapter, median, task_data, train_adapter, tune  # noqa: E402
@@ -57,9 +59,16 @@ def reset_peak() -> None:
 
 def child(args) -> None:
     """One variant's tuning cost, in this fresh process. Prints one JSON line."""
+    from transformers import AutoModelForCausalLM
+    bundle = Path(args.bundle)
+    manifest = verify_dir(bundle, BUNDLE_FORMAT)
+    tok = load_tokenizer(bundle / "tokenizer") if (bundle / "tokenizer").is_dir() else T.tiny_tokenizer()
+    data = task_data(args.task, tok, 1)
+    with torch.device("meta"):  # import the model's code now, so that only weights and tuning count below
+        AutoModelForCausalLM.from_config(compact_config(manifest["config"], Layout.from_json(manifest["layout"])))
+    gc.collect()
     base_kb = status_kb("VmRSS")
-    emu = load_bundle(args.bundle)
-    data = task_data(args.task, emu.tokenizer, 1)
+    emu = load_bundle(bundle)
     cfg = TuneConfig(task=args.task, mode=args.mode, steps=args.warmup + args.measure_steps, progress=False,
                      batch_size=args.batch_size)
     reset_peak()
@@ -73,6 +82,14 @@ def child(args) -> None:
                       "step_seconds_median": median(rec["step_seconds"][args.warmup:]),
                       "weights_mb": (loaded_kb - base_kb) / 1024, "peak_mb": (peak_kb - base_kb) / 1024,
                       "tuning_mb": (peak_kb - loaded_kb) / 1024}))
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def measure(args, bundles: dict[str, Path]) -> dict:
@@ -121,9 +138,9 @@ def main() -> None:
     p.add_argument("--bottom", type=int, default=2)
     p.add_argument("--top", type=int, default=2)
     p.add_argument("--drop", type=float, default=0.65)
-    p.add_argument("--distill-steps", type=int, default=100)
+    p.add_argument("--distill-steps", type=int, default=200)
     p.add_argument("--distill-lr", type=float, default=3e-4)
-    p.add_argument("--mode", default="full", choices=["full", "lora"])
+    p.add_argument("--mode", default="lora", choices=["full", "lora"])
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
@@ -154,6 +171,7 @@ def main() -> None:
 
     print(f"[1/5] cloud: building the bundle (drop {args.drop}, distillation {args.distill_steps} steps)", flush=True)
     loaded = load_model(args.model)
+    tok = loaded.tokenizer or T.tiny_tokenizer()  # tiny test models have none
     bcfg = BuildConfig(model=args.model, bottom=args.bottom, top=args.top, drop=args.drop,
                        distill_steps=args.distill_steps, distill_lr=args.distill_lr)
     manifest = build(bcfg, out / "cloud" / "bundle", loaded=loaded)
@@ -177,7 +195,7 @@ def main() -> None:
         print("[3/5] cloud: verify the adapter, plug it in, evaluate the table", flush=True)
         open_sealed_dir(out / "owner" / "adapter.sealed", out / "cloud" / "adapter", ADAPTER_FORMAT,
                         load_public(keys, "owner"), cloud)
-        res = offsite_table(loaded.model, loaded.tokenizer, load_bundle(out / "cloud" / "bundle"),
+        res = offsite_table(loaded.model, tok, load_bundle(out / "cloud" / "bundle"),
                             load_adapter(out / "cloud" / "adapter"), args.task, args.eval_examples)
         plugged = res.pop("_plugged")
         results["table"] = res
@@ -185,7 +203,7 @@ def main() -> None:
 
         if not args.skip_onnx:
             print("[4/5] ONNX: export both models, compare onnxruntime with PyTorch", flush=True)
-            data = task_data(args.task, loaded.tokenizer, args.eval_examples)
+            data = task_data(args.task, tok, args.eval_examples)
             owner_model = tuned["_adapter"]
             owner_model.merge()
             results["onnx_max_abs_diff"] = {

@@ -99,7 +99,8 @@ def renumber(name: str, mapping: dict[int, int]) -> str:
 
 # --------------------------------------------------------------------------------------------- compact models
 
-def _compact_config(config: dict, layout: Layout):
+def compact_config(config: dict, layout: Layout):
+    """The Hugging Face config of the compact model: the full model's, with only the kept blocks."""
     from transformers import CONFIG_MAPPING
     cfg = dict(config)
     cfg.pop("quantization_config", None)
@@ -113,7 +114,7 @@ def model_from_state(config: dict, layout: Layout, state: dict[str, torch.Tensor
                      attn_implementation: str = "sdpa"):
     """Build the compact model (len(layout.kept) blocks) from full-model-named tensors of exactly those blocks."""
     from transformers import AutoModelForCausalLM
-    cfg = _compact_config(config, layout)
+    cfg = compact_config(config, layout)
     cfg._attn_implementation = attn_implementation
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     to_compact = {b: j for j, b in enumerate(layout.kept)}

@@ -21,7 +21,7 @@ from emulator.bundle import ADAPTER_FORMAT, Emulated, block_of, load_bundle, man
 from model.lora import LoRAConfig, LoRASet
 from model.segments import family_of
 
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3}
+DEFAULT_LR = {"full": 1e-4, "lora": 2e-3}
 
 
 @dataclass
@@ -29,7 +29,7 @@ class TuneConfig:
     task: str = "sst2"
     train_file: str | None = None  # the data owner's own data (TSV/CSV/JSONL); default: the shared set
     dev_file: str | None = None
-    mode: str = "full"  # "full": train the adapter blocks; "lora": LoRA on the adapter blocks
+    mode: str = "lora"  # "lora": LoRA on the adapter blocks; "full": train the adapter blocks whole
     lr: float | None = None  # default by mode: DEFAULT_LR
     steps: int = 150
     batch_size: int = 8
