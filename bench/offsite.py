@@ -147,7 +147,7 @@ def main() -> None:
     p.add_argument("--eval-examples", type=int, default=500)
     p.add_argument("--measure-steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="cost subprocesses per variant, alternated")
+    p.add_argument("--rounds", type=int, default=3, help="cost subprocesses per variant, alternated")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared, oversubscribed machine OpenMP spin-waits cost more than it gives)")
     p.add_argument("--skip-table", action="store_true", help="only the cost measurement")
@@ -226,7 +226,9 @@ def main() -> None:
     rows = results.get("table", {}).get("rows", {})
     headline = {"model": args.model, "task": args.task, "dev_examples": results.get("table", {}).get("dev_examples"),
                 "mode": args.mode, "drop_ratio": manifest["drop_ratio"], "distill_steps": args.distill_steps,
-                "tune_steps": args.steps, **{k.replace(" ", "_").replace("-", "_"): round(v, 4) for k, v in rows.items()},
+                "tune_steps": args.steps, "gradient_alignment": manifest["gradient_alignment"]["bundle"],
+                "bundle_parameters_ratio": round(manifest["parameters"]["bundle"] / manifest["parameters"]["full"], 3),
+                **{k.replace(" ", "_").replace("-", "_"): round(v, 4) for k, v in rows.items()},
                 "step_time_ratio": round(cost["step_time_ratio"], 3),
                 "peak_memory_ratio": round(cost["peak_memory_ratio"], 3),
                 "onnx_max_abs_diff": max(results["onnx_max_abs_diff"].values()) if "onnx_max_abs_diff" in results

@@ -10,6 +10,7 @@ weights in PEFT format, named as in the full model so the cloud plugs them in di
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,8 +166,7 @@ def train_adapter(adapter: Adapter, task: T.Task, items: list[dict], cfg: TuneCo
 
 
 def median(xs: list[float]) -> float | None:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if xs else None
+    return statistics.median(xs) if xs else None
 
 
 @torch.no_grad()
