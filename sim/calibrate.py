@@ -3,10 +3,12 @@
 Each figure is one microbenchmark, run as Tandem runs (fp32 on the CPU, torch's current thread count), timed as the
 best of repeated runs; nothing is fitted to a training run:
   matmul_flops        a GEMM of realistic shape: [tokens, H] x [H, I] of the calibration model
-  block_flops         forward + backward (input gradient, frozen weights) of `blocks` decoder blocks of the
+  block_curve         forward + backward (input gradient, frozen weights) of `blocks` decoder blocks of the
                       calibration model's shape, run through the same code as the cloud (model.segments.BlockRun),
-                      counted with the cost model's FLOP formulas. This is the figure used for compute time: it
-                      includes what a bare GEMM leaves out (norms, softmax, rotary, SiLU, autograd) at the same shapes
+                      counted with the cost model's FLOP formulas, at batch x {16, 32, 64, 128} tokens. This is what
+                      compute time uses (interpolated in tokens per step): it includes what a bare GEMM leaves out
+                      (norms, softmax, rotary, SiLU, autograd) and how small steps run slower per FLOP.
+                      block_flops is its value at batch x seq
   memory_bandwidth    copying a 256 MB tensor (read + write)
   codec_bytes_per_s   encode + serialize + parse + decode of a hidden state with protocol/tensors.py
   grpc_rtt_s          median round trip of a 1-byte message on a gRPC bidirectional stream over loopback
@@ -35,17 +37,19 @@ class Calibration:
     batch: int
     seq: int
     matmul_flops: float
-    block_flops: float
+    block_flops: float  # at batch x seq tokens
+    block_curve: list  # [[tokens, FLOP/s], ...], tokens ascending
     memory_bandwidth: float
     memory_bytes: float
     codec_bytes_per_s: float
     grpc_rtt_s: float
 
     def summary(self) -> str:
+        curve = ", ".join(f"{t}: {f / 1e9:.0f}" for t, f in self.block_curve)
         return (f"{self.machine}, {self.threads} threads: GEMM {self.matmul_flops / 1e9:.0f} GFLOP/s; decoder block "
-                f"fwd+bwd {self.block_flops / 1e9:.0f} GFLOP/s ({self.model}, batch {self.batch} x {self.seq} "
-                f"tokens); memory {self.memory_bandwidth / 1e9:.1f} GB/s; codec {self.codec_bytes_per_s / 1e9:.2f} "
-                f"GB/s; gRPC loopback round trip {self.grpc_rtt_s * 1e6:.0f} us")
+                f"fwd+bwd GFLOP/s by tokens per step {{{curve}}} ({self.model}, batch {self.batch}); memory "
+                f"{self.memory_bandwidth / 1e9:.1f} GB/s; codec {self.codec_bytes_per_s / 1e9:.2f} GB/s; gRPC "
+                f"loopback round trip {self.grpc_rtt_s * 1e6:.0f} us")
 
 
 def calibration_path() -> Path:
@@ -197,17 +201,22 @@ def _memory_bytes() -> float:
         return 8e9
 
 
+CURVE_SEQS = (16, 32, 64, 128)
+
+
 def calibrate(model: str = "smollm2-135m", batch: int = 4, seq: int = 64, blocks: int = 4,
               quick: bool = False) -> Calibration:
-    """Run every microbenchmark (about 15 s; `quick` shortens each for tests)."""
+    """Run every microbenchmark (about 20 s; `quick` shortens each for tests)."""
     import torch
     shape = load_shape(model)
     scale = 0.1 if quick else 1.0
+    seqs = sorted(set(CURVE_SEQS) | {seq})
+    curve = [[batch * t, measure_block(shape, batch, t, blocks, 1.5 * scale)] for t in seqs]
     return Calibration(
         machine=_machine(), threads=torch.get_num_threads(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
         model=shape.name, batch=batch, seq=seq,
         matmul_flops=measure_matmul(shape, batch * seq, 1.0 * scale),
-        block_flops=measure_block(shape, batch, seq, blocks, 4.0 * scale),
+        block_flops=dict((t, f) for t, f in curve)[batch * seq], block_curve=curve,
         memory_bandwidth=measure_memory_bandwidth((256 if not quick else 32) << 20, 0.5 * scale),
         memory_bytes=_memory_bytes(),
         codec_bytes_per_s=measure_codec(shape, batch, seq, 0.5 * scale),

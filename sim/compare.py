@@ -59,9 +59,9 @@ def assumptions(shape: ModelShape, w: Workload, edge: DeviceProfile, cloud: Devi
         f"LoRA r={w.rank} on {','.join(w.targets)}; wire up {w.wire_up}, down {w.wire_down}; DLoRA active "
         f"fraction {w.active_fraction:g}; emulator keeps {w.emulator_fraction:g} of the middle; federated round "
         f"= {w.local_steps} steps; epoch = {w.epoch_examples} examples ({w.steps_per_epoch} steps)",
-        f"edge       {edge.name}: {edge.flops / 1e12:.3g} TFLOP/s sustained, {edge.memory / 1e9:.0f} GB, "
+        f"edge       {edge.name}: {edge.throughput(w.tokens) / 1e12:.3g} TFLOP/s sustained, {edge.memory / 1e9:.0f} GB, "
         f"{8 * edge.dtype_bytes}-bit training, codec {edge.codec / 1e9:.2g} GB/s. {edge.source}",
-        f"cloud      {cloud.name}: {cloud.flops / 1e12:.3g} TFLOP/s sustained, {cloud.memory / 1e9:.0f} GB, "
+        f"cloud      {cloud.name}: {cloud.throughput(w.tokens) / 1e12:.3g} TFLOP/s sustained, {cloud.memory / 1e9:.0f} GB, "
         f"{cloud.memory_bandwidth / 1e12:.3g} TB/s, {cloud.kernel_overhead * 1e3:g} ms per job. {cloud.source}",
     ]
     for link in links:

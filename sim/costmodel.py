@@ -23,6 +23,7 @@ FLOPs (per step, B sequences of T tokens, t = B*T):
   norms, softmax, rotary, SiLU: no FLOPs counted; their time is inside the measured block throughput (calibrate)
 Optimizer: AdamW in fp32 moves 28 bytes per trained weight (read weight, grad, 2 moments; write 3) -> memory time.
 
+Compute time = FLOPs / the device's throughput at the step's tokens (measured at several sizes for `here`).
 Time of one step = edge compute + cloud compute + for each message: transfer (wire bytes with HTTP/2 framing over
 the link's payload rate) + codec (encode/serialize/parse/decode at the devices' measured or assumed rate) + half a
 round trip of latency. Every part is sequential in Tandem's protocol, so they add. Cloud compute is
@@ -170,6 +171,7 @@ class Phase:
     weight_bytes: float = 0.0  # cloud: weights this job reads
     key: str = ""  # cloud: jobs with the same key use the same weights and may run as one batch
     wire_bytes: int = 0
+    tokens: int = 0  # cloud: tokens this job processes (a batch of jobs runs at the throughput of their sum)
 
 
 @dataclass(frozen=True)
@@ -224,16 +226,19 @@ class StepCost:
         return self.bytes_up + self.bytes_down
 
 
-def _side(device: DeviceProfile, c: Compute, weights: int, flops_seconds: float | None = None) -> SideCost:
+def _side(device: DeviceProfile, c: Compute, weights: int, tokens: int,
+          flops_seconds: float | None = None) -> SideCost:
     extra = OPTIMIZER_STATE_BYTES + (4 if device.dtype_bytes < 4 else 0)
-    seconds = c.flops / device.flops + c.optimizer_bytes / device.memory_bandwidth
+    seconds = c.flops / device.throughput(tokens) + c.optimizer_bytes / device.memory_bandwidth
     return SideCost(c.flops, seconds if flops_seconds is None else flops_seconds, weights * device.dtype_bytes,
                     c.trained * extra, c.activations * device.dtype_bytes, c.trained)
 
 
-def cloud_job_seconds(device: DeviceProfile, flops: float, weight_bytes: float) -> float:
-    """A cloud job: compute- or memory-bound (weights read once per job), plus the fixed per-job overhead."""
-    return max(flops / device.flops, weight_bytes / device.memory_bandwidth) + device.kernel_overhead
+def cloud_job_seconds(device: DeviceProfile, flops: float, weight_bytes: float, tokens: int | None = None) -> float:
+    """A cloud job over `tokens` tokens: compute- or memory-bound (weights read once per job), plus the fixed
+    per-job overhead."""
+    return (max(flops / device.throughput(tokens), weight_bytes / device.memory_bandwidth)
+            + device.kernel_overhead)
 
 
 def _message_phase(msg, link: LinkProfile, edge: DeviceProfile, cloud: DeviceProfile) -> Phase:
@@ -244,7 +249,7 @@ def _message_phase(msg, link: LinkProfile, edge: DeviceProfile, cloud: DevicePro
 
 def _local(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud: DeviceProfile,
            c: Compute, weights: int, notes=()) -> StepCost:
-    side = _side(edge, c, weights)
+    side = _side(edge, c, weights, w.tokens)
     phases = (Phase("edge", side.seconds, "forward + backward + optimizer"),)
     return StepCost(path, shape.name, w, side, SideCost(), 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, phases, notes=tuple(notes),
                     edge_fits=side.peak_bytes <= edge.memory)
@@ -306,12 +311,12 @@ def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud
     fwd_i = bwd_i = 0
 
     def edge_time(flops: float, optimizer_bytes: float = 0.0) -> float:
-        return flops / edge.flops + optimizer_bytes / edge.memory_bandwidth
+        return flops / edge.throughput(w.tokens) + optimizer_bytes / edge.memory_bandwidth
 
     def cloud_phase(kind: str, i: int):
         flops = fwd_slice if kind == "fwd" else bwd_slice
-        phases.append(Phase("cloud", cloud_job_seconds(cloud, flops, wb_slice), f"cloud {kind} slice {i}", flops,
-                            wb_slice, f"{kind}:{i}"))
+        phases.append(Phase("cloud", cloud_job_seconds(cloud, flops, wb_slice, w.tokens), f"cloud {kind} slice {i}",
+                            flops, wb_slice, f"{kind}:{i}", tokens=w.tokens))
 
     phases.append(Phase("edge", edge_time(bottom.forward), "edge bottom forward"))
     for msg in traffic.messages:
@@ -332,7 +337,7 @@ def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud
 
     edge_s = sum(p.seconds for p in phases if p.where == "edge")
     cloud_s = sum(p.seconds for p in phases if p.where == "cloud")
-    edge_side = _side(edge, edge_c, edge_weights, edge_s)
+    edge_side = _side(edge, edge_c, edge_weights, w.tokens, edge_s)
     # DLoRA: the edge also keeps the LoRA outputs it computed for the cloud until their gradients come.
     kept = w.tokens * sum(shape.linear(t)[1] for _, ts in groups for t in ts) * len(active) * edge.dtype_bytes
     edge_side = replace(edge_side, activation_bytes=edge_side.activation_bytes + kept)

@@ -107,7 +107,8 @@ def simulate(cost: StepCost, n_edges: int, cloud: DeviceProfile, *, steps: int =
         batch = [q.popleft() for _ in range(n)]
         in_flight += sum(j.first for j in batch)
         max_in_flight = max(max_in_flight, in_flight)
-        cloud_free_at = t + cloud_job_seconds(cloud, sum(j.phase.flops for j in batch), head.phase.weight_bytes)
+        cloud_free_at = t + cloud_job_seconds(cloud, sum(j.phase.flops for j in batch), head.phase.weight_bytes,
+                                              sum(j.phase.tokens for j in batch))
         busy.append((t, cloud_free_at))
         batches.append(n)
         for j in batch:

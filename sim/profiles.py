@@ -9,6 +9,7 @@ Two kinds of figures live here, and every profile says which it is in `source`:
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -17,7 +18,9 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """One side's compute. `flops` is the sustained training throughput used for compute time (FLOP/s)."""
+    """One side's compute. `flops` is the sustained training throughput used for compute time (FLOP/s); where it
+    was measured at several sizes, `flops_curve` holds (tokens per step, FLOP/s) and `throughput(tokens)` follows it
+    (small batches run matrices too small to reach full speed)."""
     name: str
     flops: float  # sustained FLOP/s for transformer training steps
     memory_bandwidth: float  # bytes/s (optimizer steps and memory-bound batches)
@@ -28,6 +31,21 @@ class DeviceProfile:
     peak_flops: float = 0.0
     efficiency: float = 1.0
     kernel_overhead: float = 0.0  # seconds of fixed cost per cloud job (launches, Python, scheduling)
+    flops_curve: tuple[tuple[int, float], ...] = ()  # measured (tokens, FLOP/s), tokens ascending
+
+    def throughput(self, tokens: float | None = None) -> float:
+        """FLOP/s at `tokens` tokens per step: interpolated in log(tokens) between measured sizes, the nearest
+        measured size outside them; `flops` where no curve was measured."""
+        curve = self.flops_curve
+        if not curve or tokens is None:
+            return self.flops
+        if tokens <= curve[0][0]:
+            return curve[0][1]
+        for (t0, f0), (t1, f1) in zip(curve, curve[1:]):
+            if tokens <= t1:
+                a = math.log(tokens / t0) / math.log(t1 / t0)
+                return f0 + a * (f1 - f0)
+        return curve[-1][1]
 
 
 # Efficiency for GPUs: Meta reports 38-43 % BF16 model-FLOPs utilisation training Llama 3 on H100s
@@ -73,10 +91,13 @@ def here(compute: str = "block", cal=None) -> DeviceProfile:
     from sim.calibrate import load_calibration
     cal = cal or load_calibration()
     flops = {"block": cal.block_flops, "matmul": cal.matmul_flops}[compute]
+    curve = tuple((int(t), float(f)) for t, f in cal.block_curve) if compute == "block" else ()
+    sizes = ", ".join(f"{t} tokens {f / 1e9:.0f}" for t, f in curve)
     return DeviceProfile(
         "here", flops, cal.memory_bandwidth, cal.memory_bytes, 4, cal.codec_bytes_per_s,
         f"measured by `tandem sim calibrate` on {cal.machine} ({cal.threads} threads, {cal.measured_at}): "
-        f"{compute} benchmark {flops / 1e9:.0f} GFLOP/s fp32", cal.matmul_flops, flops / cal.matmul_flops)
+        f"{compute} benchmark " + (f"GFLOP/s fp32 at {sizes}" if curve else f"{flops / 1e9:.0f} GFLOP/s fp32"),
+        cal.matmul_flops, flops / cal.matmul_flops, flops_curve=curve)
 
 
 def device_profile(name: str) -> DeviceProfile:

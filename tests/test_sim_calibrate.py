@@ -18,6 +18,17 @@ def test_microbenchmarks_give_sane_figures(cal):
     assert cal.memory_bandwidth > 1e8 and cal.codec_bytes_per_s > 1e6
     assert 1e-6 < cal.grpc_rtt_s < 0.1
     assert cal.threads >= 1 and cal.model == "smollm2-135m"
+    assert [t for t, _ in cal.block_curve] == [64, 128, 256, 512]  # batch 4 x 16..128 tokens
+    assert dict(cal.block_curve)[256] == cal.block_flops
+
+
+def test_throughput_follows_the_measured_curve():
+    from sim.profiles import DeviceProfile
+    d = DeviceProfile("d", 5.0, 1, 1, 4, 1, "test", flops_curve=((100, 10.0), (400, 30.0)))
+    assert d.throughput(None) == 5.0
+    assert d.throughput(50) == 10.0 and d.throughput(1000) == 30.0  # the nearest measured size outside
+    assert d.throughput(200) == pytest.approx(20.0)  # halfway in log(tokens)
+    assert DeviceProfile("g", 7.0, 1, 1, 2, 1, "datasheet").throughput(123) == 7.0
 
 
 def test_here_profiles_use_the_saved_measurements(cal, tmp_path, monkeypatch):
