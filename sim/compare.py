@@ -114,8 +114,10 @@ def plot_step_time_vs_bandwidth(shape, w, edge, cloud, rtt: float, out: Path, pa
     rates = np.logspace(6, 10, 41)  # 1 Mbit/s .. 10 Gbit/s
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for path in paths:
-        ys = [predict(shape, path, w, edge, cloud, rate_link(r, rtt)).step_s for r in rates]
-        ax.loglog(rates / 1e6, ys, label=path)
+        costs = [predict(shape, path, w, edge, cloud, rate_link(r, rtt)) for r in rates]
+        fits = costs[0].edge_fits and costs[0].cloud_fits
+        ax.loglog(rates / 1e6, [c.step_s for c in costs], "-" if fits else ":",
+                  label=path if fits else f"{path} (does not fit in memory)")
     ax.set_xlabel("link bandwidth (Mbit/s, both directions)")
     ax.set_ylabel("time per step (s)")
     ax.set_title(f"{shape.name}: step time vs bandwidth (edge {edge.name}, cloud {cloud.name})")
