@@ -103,13 +103,15 @@ def test_flwr_run_dot_runs_the_app_with_secaggplus_and_central_dp(tmp_path):
                                       '[superlink.local.options]\nnum-supernodes = 2\n\n'
                                       '[superlink.local.options.backend.client-resources]\nnum-cpus = 1\n')
     http_port, control_port = _free_port(), _free_port()
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+    # `flwr run` spawns `flower-superlink` by name: the venv's bin must be on PATH even when the venv is not activated
+    bindir = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=os.pathsep.join([bindir, os.environ.get("PATH", "")]), FLWR_HOME=str(home), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
                FLWR_LOCAL_CONTROL_API_PORT=str(control_port), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     out = tmp_path / "run"
     overrides = (f'model="tiny-llama" num-server-rounds=1 local-steps=2 batch-size=4 eval-examples=12 '
                  f'cloud-lora="none" secagg=true dp=true dp-noise-multiplier=0.01 dp-clipping-norm=10.0 '
                  f'out-dir="{out}"')
-    flwr = str(Path(sys.executable).parent / "flwr")
+    flwr = str(Path(bindir) / "flwr")
     try:
         proc = subprocess.run([flwr, "run", ".", "--stream", "--run-config", overrides], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
