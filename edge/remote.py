@@ -34,9 +34,11 @@ class _CloudFn(torch.autograd.Function):
             if msg.block not in remote.active_blocks() or msg.group not in remote.groups:
                 stream.close()
                 raise StepFailed(None, f"the cloud asked for LoRA {msg.block}/{msg.group}, which is not active here")
-            x = remote.decode(msg.x, list(hidden.shape), hidden).requires_grad_(train)
+            sites = [remote.lora.site(msg.block, t) for t in remote.groups[msg.group]]
+            x_shape = list(hidden.shape[:-1]) + [sites[0].lora_A.in_features]  # mlp_out's input is [B, T, I]
+            x = remote.decode(msg.x, x_shape, hidden).requires_grad_(train)
             with torch.set_grad_enabled(train):
-                outs = [remote.lora.site(msg.block, t)(x) for t in remote.groups[msg.group]]
+                outs = [site(x) for site in sites]
             if train:
                 saved[(msg.block, msg.group)] = (x, outs)
             stream.send(lora_reply=pb.LoraReply(block=msg.block, group=msg.group,

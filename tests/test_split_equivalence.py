@@ -54,6 +54,21 @@ def test_twenty_steps_match_local_peft(cloud, tiny, tmp_path, cloud_lora):
     link.close()
 
 
+def test_all_linear_targets_match_local_peft(cloud, tiny):
+    """LoRA on all seven linear modules of every block: four input groups per cloud block, one of them (down_proj)
+    reading the MLP's [B, T, intermediate] activation rather than the hidden state."""
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    em, _, link = make_edge(cloud, tiny, cloud_lora="edge", lora_targets=targets)
+    randomize_lora_b(em.lora)
+    pm = ref.peft_model(copy.deepcopy(tiny.model), em.lora)
+    batches = sst2_batches(5)
+    ref_losses, _ = ref.train_steps(pm, T.TASKS["sst2"], batches, LR)
+    split_losses = train_split(em, batches)
+    assert max(abs(a - b) / abs(b) for a, b in zip(split_losses, ref_losses)) <= 1e-4
+    assert em.cloud.last_traffic.messages_down == 2 + 2 * 4 * len(em.cloud.lora_blocks)
+    link.close()
+
+
 @pytest.mark.parametrize("cloud_lora", ["none", "edge"])
 def test_gpt2_family_travels_the_same_wire(cloud_lora):
     """A second family (learned positions, Conv1D) needs a segment driver, not a new protocol."""
