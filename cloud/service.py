@@ -306,7 +306,7 @@ class BackboneService(pb_grpc.BackboneServicer):
                           what="attention_mask").long()
         except WireError as e:
             raise _StepAbort(e.code, str(e))
-        active = set(begin.active_blocks) if begin.active_blocks else set(sess.lora_blocks)
+        active = set(begin.active_blocks)  # empty: no LoRA site runs this step (Kill & Revive may kill all)
         if not active <= set(sess.lora_blocks):
             raise _StepAbort(INVALID, f"active blocks {sorted(active - set(sess.lora_blocks))} have no LoRA sites")
         self._local.step = {"sess": sess, "chan": chan, "active": active, "pending": {}}

@@ -44,7 +44,8 @@ def begin(sid, hidden=None, mask=None, train=False, **kw):
     hidden = torch.randn(2, 5, H) if hidden is None else hidden
     mask = torch.ones(hidden.shape[:2], dtype=torch.bool) if mask is None else mask
     t = kw.pop("hidden_msg", None) or encode(hidden)
-    return pb.EdgeMessage(begin=pb.Begin(session_id=sid, train=train, hidden=t, attention_mask=encode(mask, pb.BOOL)))
+    return pb.EdgeMessage(begin=pb.Begin(session_id=sid, train=train, hidden=t, attention_mask=encode(mask, pb.BOOL),
+                                         active_blocks=kw.pop("active_blocks", ())))
 
 
 def test_forward_only_step_works(cloud, tiny):
@@ -174,7 +175,7 @@ def test_missing_lora_reply_times_out_and_the_step_can_be_retried(cloud, tiny):
     gate = threading.Event()
 
     def stalls():  # Begin, then never answer the LoRA request
-        yield begin(sid)
+        yield begin(sid, active_blocks=[1, 2, 3, 4])
         gate.wait(5)
 
     responses = stub.Step(stalls(), metadata=md, timeout=10)
@@ -186,7 +187,7 @@ def test_missing_lora_reply_times_out_and_the_step_can_be_retried(cloud, tiny):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The same session serves the retried step: answer every LoRA request this time.
     cloud.service.config.step_timeout = 5.0
-    outbox = [begin(sid)]
+    outbox = [begin(sid, active_blocks=[1, 2, 3, 4])]
     sizes = {"q_proj": 64, "v_proj": 32}  # tiny-llama: 4 heads x 16, 2 kv heads x 16
     kinds = []
 
