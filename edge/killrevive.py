@@ -3,7 +3,11 @@
 A killed module costs nothing: the cloud skips its site (no LoRA input or output crosses the wire, no edge compute),
 and its weights stay as they are and stay in the saved adapter. The policy, with every threshold an option:
 
-  score(block)  = EMA over steps of  ||update of the block's LoRA weights|| / ||weights||   (measured while active)
+  score(block)  = EMA over steps, measured while the block is active, of its `signal`:
+                  "grad"    ||gradient of the block's LoRA weights|| at the last step. Under Adam every active weight
+                            moves by about lr per step whatever its gradient, so the loss a module can still remove
+                            per step grows with its gradient, not with its update (the default);
+                  "update"  ||update of the block's LoRA weights|| / ||weights|| (the paper's wording)
   kill          after `warmup` steps, every step: active blocks whose score is below `threshold` x the mean score of
                 the active blocks are killed, lowest first, while more than `min_active` of the blocks stay active
   revive        every `revive_every` steps all killed blocks come back for `probe_steps` steps so their scores are
@@ -21,6 +25,7 @@ import torch
 
 @dataclass
 class KRConfig:
+    signal: str = "grad"  # "grad" or "update": what a block's score measures (see above)
     warmup: int = 10
     threshold: float = 1.0
     min_active: float = 0.3  # fraction of cloud blocks that always stays active
@@ -43,18 +48,33 @@ class KillRevive:
     _best: float = float("inf")
     _probe_until: int = -1
 
-    def _flat(self, lora, b: int) -> torch.Tensor:
-        return torch.cat([p.detach().flatten() for t in lora.cfg.targets for p in lora.site(b, t).parameters()])
+    def __post_init__(self):
+        if self.cfg.signal not in ("grad", "update"):
+            raise ValueError(f"Kill & Revive signal must be 'grad' or 'update', not {self.cfg.signal!r}")
+
+    def _params(self, lora, b: int) -> list[torch.Tensor]:
+        return [p for t in lora.cfg.targets for p in lora.site(b, t).parameters()]
+
+    def _grad_norm(self, lora, b: int) -> float | None:
+        """||gradient|| of the block's LoRA weights from the last step; None before its first step."""
+        grads = [p.grad for p in self._params(lora, b) if p.grad is not None]
+        return torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item() if grads else None
+
+    def _update_ratio(self, lora, b: int) -> float | None:
+        """||change since this block was last seen|| / ||weights||; None the first time."""
+        now = torch.cat([p.detach().flatten() for p in self._params(lora, b)])
+        prev, self._prev[b] = self._prev.get(b), now
+        return None if prev is None else ((now - prev).norm() / (now.norm() + 1e-12)).item()
 
     def before_step(self, em, step: int, last_loss: float | None = None) -> set[int]:
         """Update scores from the last step's updates, decide who is killed this step, tell the RemoteCloud."""
         c = self.cfg
         for b in self.blocks:
-            now = self._flat(em.lora, b)
-            if b in self._prev and b not in self.killed:
-                ratio = ((now - self._prev[b]).norm() / (now.norm() + 1e-12)).item()
-                self.score[b] = ratio if b not in self.score else c.ema * self.score[b] + (1 - c.ema) * ratio
-            self._prev[b] = now
+            if b in self.killed:
+                continue
+            value = self._grad_norm(em.lora, b) if c.signal == "grad" else self._update_ratio(em.lora, b)
+            if value is not None:
+                self.score[b] = value if b not in self.score else c.ema * self.score[b] + (1 - c.ema) * value
         if last_loss is not None:
             self._loss_ema = (last_loss if self._loss_ema is None
                               else c.loss_ema * self._loss_ema + (1 - c.loss_ema) * last_loss)

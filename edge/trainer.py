@@ -52,6 +52,7 @@ class EdgeConfig:
     kr_threshold: float = 1.0
     kr_min_active: float = 0.3
     kr_revive_every: int = 25
+    kr_signal: str = "grad"  # what a module's score measures: "grad" (gradient norm) or "update" (relative update)
     lr: float = 1e-3
     steps: int = 100
     batch_size: int = 8
@@ -181,6 +182,7 @@ def evaluate(em: EdgeModel, items: list[dict], pad_id: int, batch_size: int = 32
     task = em.task
     killed, em.cloud.killed = em.cloud.killed, set()  # the model being evaluated has every LoRA module
     correct, n, nll, ntok = 0, 0, 0.0, 0
+    items = sorted(items, key=lambda it: len(it["ids"]))  # similar lengths share a batch: less padding, same result
     total = -(-len(items) // batch_size)
     for batch in tqdm(T.batches(task, items, batch_size, pad_id), total=total, desc=desc, disable=desc is None,
                       position=position, leave=False, dynamic_ncols=True):
@@ -244,7 +246,8 @@ def train(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None, on_ste
     if cfg.kr and em.cloud.lora_blocks:
         from edge.killrevive import KillRevive, KRConfig
         kr = KillRevive(em.cloud.lora_blocks, KRConfig(warmup=cfg.kr_warmup, threshold=cfg.kr_threshold,
-                                                       min_active=cfg.kr_min_active, revive_every=cfg.kr_revive_every))
+                                                       min_active=cfg.kr_min_active, revive_every=cfg.kr_revive_every,
+                                                       signal=cfg.kr_signal))
     bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.name} train", disable=not cfg.progress,
                position=cfg.progress_row, dynamic_ncols=True)
     em.train()

@@ -1,6 +1,7 @@
 """DLoRA Kill & Revive: a killed module sends nothing and is not updated; the policy kills and revives."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from edge.killrevive import KillRevive, KRConfig
@@ -28,6 +29,14 @@ def test_killed_module_costs_no_bytes_and_is_not_updated(cloud, tiny, tmp_path):
         B, T = batch.input_ids.shape
         assert (tr.payload_up, tr.payload_down) == expected_payload(B, T, "edge", "fp32", "fp32", [1, 4])
         assert tr.messages_down == 2 + 2 * 2
+    em.cloud.killed = {1, 2, 3, 4}  # all killed: the step is a frozen-cloud step, no LoRA traffic at all
+    batch = sst2_batches(1)[0]
+    loss, _ = em.loss(batch)
+    loss.backward()
+    B, T = batch.input_ids.shape
+    assert (em.cloud.last_traffic.payload_up, em.cloud.last_traffic.payload_down) == \
+        expected_payload(B, T, "edge", "fp32", "fp32", [])
+    assert em.cloud.last_traffic.messages_down == 2
     for b in (2, 3):  # killed: untouched
         assert all(torch.equal(x, y) for x, y in zip(before[b], site_weights(em, b)))
     for b in (1, 4):  # active: trained
@@ -51,7 +60,8 @@ class FakeEdge:
 
 def test_policy_kills_slow_modules_keeps_a_floor_and_revives(cloud, tiny):
     fake = FakeEdge(cloud, tiny)
-    kr = KillRevive([1, 2, 3, 4], KRConfig(warmup=3, threshold=0.5, min_active=0.5, revive_every=10, probe_steps=1))
+    kr = KillRevive([1, 2, 3, 4], KRConfig(warmup=3, threshold=0.5, min_active=0.5, revive_every=10, probe_steps=1,
+                                           signal="update"))
     speeds = {1: 1.0, 2: 0.01, 3: 0.02, 4: 0.9}  # blocks 2 and 3 barely learn
     for step in range(12):
         kr.before_step(fake, step, last_loss=1.0)
@@ -68,10 +78,29 @@ def test_policy_kills_slow_modules_keeps_a_floor_and_revives(cloud, tiny):
     assert 0.5 < kr.active_fraction() < 1
 
 
+def test_grad_signal_kills_the_modules_with_small_gradients(cloud, tiny):
+    """Default signal: a block's score is its LoRA gradient norm, read while it is active; killed blocks keep theirs."""
+    fake = FakeEdge(cloud, tiny)
+    kr = KillRevive([1, 2, 3, 4], KRConfig(warmup=2, threshold=1.0, min_active=0.5, revive_every=100, ema=0.0))
+    grads = {1: 2.0, 2: 0.1, 3: 0.05, 4: 1.0}
+    for step in range(5):
+        kr.before_step(fake, step, last_loss=1.0)
+        for b in [1, 2, 3, 4]:  # what a step's backward leaves: gradients on the active blocks only
+            for p in fake.lora.site(b, "q_proj").parameters():
+                p.grad = None if b in kr.killed else torch.full_like(p, grads[b])
+    q = fake.lora.site(1, "q_proj")
+    per_unit = sum(p.numel() for p in q.parameters()) ** 0.5
+    assert abs(kr.score[1] - 2.0 * per_unit) < 1e-3 * per_unit
+    assert kr.killed == {2, 3} and fake.cloud.killed == {2, 3}
+    assert kr.history[1] == [1, 2, 3, 4] and kr.history[2] == [1, 4]
+    with pytest.raises(ValueError, match="signal"):
+        KillRevive([1], KRConfig(signal="loss"))
+
+
 def test_loss_rise_revives_everything(cloud, tiny):
     fake = FakeEdge(cloud, tiny)
     kr = KillRevive([1, 2, 3, 4], KRConfig(warmup=0, threshold=10.0, min_active=0.25, revive_every=1000,
-                                           probe_steps=0, ema=0.0, loss_ema=0.0))
+                                           probe_steps=0, ema=0.0, loss_ema=0.0, signal="update"))
     for step in range(3):
         kr.before_step(fake, step, last_loss=1.0)
         with torch.no_grad():
