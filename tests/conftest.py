@@ -32,6 +32,16 @@ class CloudHandle:
         self.server.stop(0).wait()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread avoids OpenMP spin-waiting against other processes.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cloud(tiny):
     handle = CloudHandle(tiny.model, CloudConfig(max_tokens_per_step=4096, step_timeout=5.0))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from emulator.build import BuildConfig, build
 from emulator.bundle import (ADAPTER_FORMAT, BUNDLE_FORMAT, BundleError, load_bundle, open_sealed_dir, pack,
@@ -15,12 +14,7 @@ from model.load import load_model
 from privacy.seal import generate_identity, load_identity, load_public, seal
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
