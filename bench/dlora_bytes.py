@@ -3,7 +3,7 @@
     python bench/dlora_bytes.py [--steps 150] [--eval-examples 500] [--model smollm2]
 
 Rows: frozen-only split, DLoRA all-active fp32, DLoRA + Kill & Revive, DLoRA + int8 wire (both directions),
-DLoRA + KR + int8, and local PEFT (q,v LoRA on every block, no wire) as the accuracy reference. Each row trains a
+DLoRA + KR + int8, DLoRA + KR scoring modules by gradient norm instead of relative update, and local PEFT (q,v LoRA on every block, no wire) as the accuracy reference. Each row trains a
 fresh adapter from the same seed on the same batches through one cloud on loopback, then evaluates on the dev set.
 Goals (issue #3): KR <= 0.5 of the bytes, int8 <= 0.26, each within 0.5 pt of all-active fp32 accuracy.
 Writes runs/bench/dlora_bytes.json and .png; ends with one JSON line.
@@ -29,7 +29,8 @@ ROWS = [("split (frozen cloud)", dict(cloud_lora="none")),
         ("DLoRA fp32", dict(cloud_lora="edge")),
         ("DLoRA + KR", dict(cloud_lora="edge", kr=True)),
         ("DLoRA + int8", dict(cloud_lora="edge", wire_up="int8", wire_down="int8")),
-        ("DLoRA + KR + int8", dict(cloud_lora="edge", kr=True, wire_up="int8", wire_down="int8"))]
+        ("DLoRA + KR + int8", dict(cloud_lora="edge", kr=True, wire_up="int8", wire_down="int8")),
+        ("DLoRA + KR (grad signal)", dict(cloud_lora="edge", kr=True, kr_signal="grad"))]
 
 
 def local_peft_accuracy(loaded, args) -> tuple[float, float]:
@@ -76,7 +77,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-examples", type=int, default=500)
     ap.add_argument("--out", default="runs/bench")
-    ap.add_argument("--rows", default="all", help="comma-separated row numbers 0-4 to run (DLoRA fp32, row 1, is "
+    ap.add_argument("--rows", default="all", help="comma-separated row numbers 0-5 to run (DLoRA fp32, row 1, is "
                     "always run: it is the baseline), or 'all'")
     ap.add_argument("--no-reference", action="store_true", help="skip the local PEFT reference row")
     args = ap.parse_args()
@@ -112,21 +113,24 @@ def main():
     print(f"\nSST-2, {args.steps} steps of batch {args.batch_size}, dev {args.eval_examples}; zero-shot "
           f"{100 * zero_shot:.1f}%")
     print(f"{'path':<26}{'up MB/step':>11}{'down MB/step':>13}{'bytes ratio':>12}{'active':>8}{'dev acc':>9}"
-          f"{'d acc pt':>9}{'step s':>8}")
+          f"{'d acc pt':>9}{'step s':>8}{'min':>6}")
     for name, r in results.items():
         if "bytes_per_step" not in r:
             print(f"{name:<26}{'-':>11}{'-':>13}{'-':>12}{'-':>8}{100 * r['accuracy']:>8.1f}%"
-                  f"{100 * (r['accuracy'] - base['accuracy']):>+9.1f}{'-':>8}")
+                  f"{100 * (r['accuracy'] - base['accuracy']):>+9.1f}{'-':>8}{r['wall_seconds'] / 60:>6.1f}")
             continue
         print(f"{name:<26}{r['bytes_up_per_step'] / 1e6:>11.2f}{r['bytes_down_per_step'] / 1e6:>13.2f}"
               f"{r['bytes_per_step'] / base['bytes_per_step']:>12.3f}{r['active_fraction']:>8.2f}"
-              f"{100 * r['accuracy']:>8.1f}%{100 * (r['accuracy'] - base['accuracy']):>+9.1f}{r['step_seconds']:>8.2f}")
+              f"{100 * r['accuracy']:>8.1f}%{100 * (r['accuracy'] - base['accuracy']):>+9.1f}{r['step_seconds']:>8.2f}"
+              f"{r['wall_seconds'] / 60:>6.1f}")
     (out / "dlora_bytes.json").write_text(json.dumps({"args": vars(args), "zero_shot": zero_shot,
                                                       "results": results}, indent=1))
     plot(results, out / "dlora_bytes.png")
     head = {"zero_shot": round(zero_shot, 4), "dlora_fp32_acc": round(base["accuracy"], 4),
-            "local_peft_acc": None if acc_ref is None else round(acc_ref, 4)}
-    for name in [n for n in ("DLoRA + KR", "DLoRA + int8", "DLoRA + KR + int8", "split (frozen cloud)") if n in results]:
+            "local_peft_acc": None if acc_ref is None else round(acc_ref, 4),
+            "dlora_fp32_minutes": round(base["wall_seconds"] / 60, 2)}  # train + dev eval, one client, this machine
+    for name in [n for n in ("DLoRA + KR", "DLoRA + int8", "DLoRA + KR + int8", "DLoRA + KR (grad signal)",
+                             "split (frozen cloud)") if n in results]:
         key = name.lower().replace(" + ", "_").replace(" ", "_").replace("(", "").replace(")", "")
         head[f"{key}_bytes_ratio"] = round(results[name]["bytes_per_step"] / base["bytes_per_step"], 4)
         head[f"{key}_acc"] = round(results[name]["accuracy"], 4)

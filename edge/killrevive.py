@@ -4,10 +4,11 @@ A killed module costs nothing: the cloud skips its site (no LoRA input or output
 and its weights stay as they are and stay in the saved adapter. The policy, with every threshold an option:
 
   score(block)  = EMA over steps, measured while the block is active, of its `signal`:
-                  "grad"    ||gradient of the block's LoRA weights|| at the last step. Under Adam every active weight
-                            moves by about lr per step whatever its gradient, so the loss a module can still remove
-                            per step grows with its gradient, not with its update (the default);
-                  "update"  ||update of the block's LoRA weights|| / ||weights|| (the paper's wording)
+                  "update"  ||update of the block's LoRA weights|| / ||weights|| (the paper's wording; default)
+                  "grad"    ||gradient of the block's LoRA weights|| at the last step (under Adam every active weight
+                            moves by about lr per step, so the gradient says how much loss a module can still remove)
+                On SmolLM2 / SST-2 (160 steps, batch 8, both at ~0.40 of all-active bytes) "update" kept 88.2 % dev
+                accuracy and "grad" 86.8 %; `bench/dlora_bytes.py` runs both.
   kill          after `warmup` steps, every step: active blocks whose score is below `threshold` x the mean score of
                 the active blocks are killed, lowest first, while more than `min_active` of the blocks stay active
   revive        every `revive_every` steps all killed blocks come back for `probe_steps` steps so their scores are
@@ -25,7 +26,7 @@ import torch
 
 @dataclass
 class KRConfig:
-    signal: str = "grad"  # "grad" or "update": what a block's score measures (see above)
+    signal: str = "update"  # "update" or "grad": what a block's score measures (see above)
     warmup: int = 10
     threshold: float = 1.0
     min_active: float = 0.3  # fraction of cloud blocks that always stays active

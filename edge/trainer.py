@@ -52,7 +52,7 @@ class EdgeConfig:
     kr_threshold: float = 1.0
     kr_min_active: float = 0.3
     kr_revive_every: int = 25
-    kr_signal: str = "grad"  # what a module's score measures: "grad" (gradient norm) or "update" (relative update)
+    kr_signal: str = "update"  # what a module's score measures: "update" (relative update) or "grad" (gradient norm)
     lr: float = 1e-3
     steps: int = 100
     batch_size: int = 8
