@@ -45,3 +45,31 @@ def test_protect_clips_then_noises():
     torch.testing.assert_close(out.norm(dim=-1), torch.full((1000,), 4.0))
     noisy = protect(h, max_norm=4.0, sigma=0.1, generator=torch.Generator().manual_seed(0))
     assert abs((noisy - out).std().item() - 0.1) < 0.005
+
+
+def test_edge_sends_clipped_noised_hidden_and_still_trains(cloud, tiny, monkeypatch):
+    """`noise_sigma` / `noise_clip` on the edge: what reaches the cloud is the bottom's output clipped and noised
+    (sigma relative to its RMS over real tokens); gradients flow through the clip, and training goes on."""
+    from tests.conftest import make_edge, sst2_batches
+    em, _, link = make_edge(cloud, tiny, noise_sigma=0.5, noise_clip=0.18)
+    sent, clean = [], []
+    real_forward = type(em.cloud).forward
+
+    def spy(self, hidden, mask):  # what the RemoteCloud is about to encode and send
+        sent.append(hidden.detach())
+        return real_forward(self, hidden, mask)
+
+    monkeypatch.setattr(type(em.cloud), "forward", spy)
+    batch = sst2_batches(1)[0]
+    with torch.no_grad():
+        clean.append(em.bottom(batch.input_ids, batch.attention_mask))
+    loss, _ = em.loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in em.lora.parameters())
+    real = batch.attention_mask.bool()
+    clipped = clip_rows(clean[0], 0.18)
+    noise = (sent[0] - clipped)[real]
+    sigma = 0.5 * rms(clipped, batch.attention_mask)
+    assert abs(noise.std().item() / sigma - 1) < 0.1  # the asked scale, relative to the clipped signal
+    assert clean[0][real].norm(dim=-1).max() > 0.18  # clipping had work to do
+    link.close()
