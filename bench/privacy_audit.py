@@ -3,6 +3,7 @@ from the hidden state the edge sends after its first k blocks, with and without 
 
     python bench/privacy_audit.py [--model smollm2] [--sentences 64] [--ks 1,2,4,8] [--sigmas 0,0.3,1,3,10]
                                   [--full-vocab] [--in-context] [--in-context-sigmas 0,1]
+                                  [--utility-sigmas 0,1,3 --utility-steps 80]
 
 Victims: SST-2 dev sentences of at least --min-words words (a seeded sample), in the task's prompt; only the
 tokens of the review count (the template around it is public). Attacks (privacy/audit.py): `nearest` (input
@@ -59,6 +60,22 @@ def table(results: list[A.Result], ks: list[int], sigmas: list[float], attacks: 
     return "\n".join(lines)
 
 
+def train_with_noise(loaded, sigma: float, args) -> float:
+    """Dev accuracy after DLoRA training whose edge noises what it sends (the audit's sigma, relative to the RMS)."""
+    from cloud.service import BackboneService, make_server
+    from edge.trainer import EdgeConfig, train
+    token = "audit-token-0123456789abcdef"
+    server, port = make_server(BackboneService(copy.deepcopy(loaded.model), {token: "audit"}), "127.0.0.1:0")
+    server.start()
+    try:
+        cfg = EdgeConfig(cloud=f"127.0.0.1:{port}", token=token, model=args.model, cloud_lora="edge", k=1,
+                         steps=args.utility_steps, eval_examples=args.utility_eval, eval_before=False,
+                         noise_sigma=sigma, seed=args.seed, name=f"sigma={sigma:g}")
+        return train(cfg, loaded=copy.deepcopy(loaded))["eval_after"]["accuracy"]
+    finally:
+        server.stop(0)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -72,6 +89,11 @@ def main():
     ap.add_argument("--in-context-sigmas", type=floats, default=[0.0, 1.0])
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--utility-sigmas", type=floats, default=[],
+                    help="also train at these sigmas (edge --noise-sigma, DLoRA through a loopback cloud, k=1) and "
+                         "report dev accuracy beside the recovery rate: the price of the defence")
+    ap.add_argument("--utility-steps", type=int, default=80)
+    ap.add_argument("--utility-eval", type=int, default=500)
     ap.add_argument("--out", default="runs/bench/privacy_audit.json")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -121,13 +143,25 @@ def main():
         if args.in_context else "") + f" Wall {wall:.0f} s (load average {load_before[0]:.1f} at start, "
         f"{os.cpu_count()} CPUs).")
 
+    utility = {f"{sigma:g}": train_with_noise(loaded, sigma, args) for sigma in args.utility_sigmas}
+    if utility:
+        k1 = {r.sigma_rel: r.rate for r in results if r.k == 1 and r.attack == "dictionary"}
+        print(f"\nPrice of the defence: DLoRA on SST-2 (k=1, {args.utility_steps} steps of batch 8, dev "
+              f"{args.utility_eval}) with the edge's --noise-sigma")
+        print(f"{'σ/RMS':>6}  {'dictionary recovery (k=1)':>26}  {'dev accuracy':>12}")
+        for sigma in args.utility_sigmas:
+            rec = f"{k1[sigma]:.1%}" if sigma in k1 else "–"
+            print(f"{sigma:>6g}  {rec:>26}  {utility[f'{sigma:g}']:>12.1%}")
+        wall = time.time() - t0
+
     recovery = {f"k={k}": {a: {f"{r.sigma_rel:g}": round(r.rate, 4) for r in results if r.k == k and r.attack == a}
                            for a in attacks} for k in args.ks}
     headline = {"bench": "privacy_audit", "model": args.model, "task": "sst2", "sentences": probe.input_ids.shape[0],
                 "private_tokens": probe.n_private, "dictionary_vocab": n_vocab,
                 "dictionary_coverage": round(coverage, 4),
                 "candidates": args.candidates, "sigma_relative_to": "RMS of h_k over real tokens",
-                "recovery": recovery, "wall_seconds": round(wall, 1), "cpus": os.cpu_count(),
+                "recovery": recovery, "dev_accuracy_with_noise": {k: round(v, 4) for k, v in utility.items()},
+                "wall_seconds": round(wall, 1), "cpus": os.cpu_count(),
                 "load_average_before": [round(x, 2) for x in load_before],
                 "load_average_after": [round(x, 2) for x in os.getloadavg()]}
     out = Path(args.out)
