@@ -63,6 +63,7 @@ def plot(results: dict, path: Path):
     for bar, n in zip(bars, names):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{100 * results[n]['accuracy']:.1f}%",
                 ha="center", va="bottom")
+    ax.margins(y=0.12)  # room for the labels on top
     ax.set_ylabel("MB per step (up + down)")
     ax.set_title("SST-2 through the cloud: bytes per step, dev accuracy on top")
     plt.setp(ax.get_xticklabels(), rotation=15)
