@@ -3,7 +3,7 @@ from the hidden state the edge sends after its first k blocks, with and without 
 
     python bench/privacy_audit.py [--model smollm2] [--sentences 64] [--ks 1,2,4,8] [--sigmas 0,0.3,1,3,10]
                                   [--full-vocab] [--in-context] [--in-context-sigmas 0,1]
-                                  [--utility-sigmas 0,1,3 --utility-steps 80]
+                                  [--utility-sigmas 0,3,10 --utility-steps 80]
 
 Victims: SST-2 dev sentences of at least --min-words words (a seeded sample), in the task's prompt; only the
 tokens of the review count (the template around it is public). Attacks (privacy/audit.py): `nearest` (input
@@ -68,7 +68,8 @@ def train_with_noise(loaded, sigma: float, args) -> float:
     server, port = make_server(BackboneService(copy.deepcopy(loaded.model), {token: "audit"}), "127.0.0.1:0")
     server.start()
     try:
-        cfg = EdgeConfig(cloud=f"127.0.0.1:{port}", token=token, model=args.model, cloud_lora="edge", k=1,
+        cfg = EdgeConfig(cloud=f"127.0.0.1:{port}", token=token, model=args.model, cloud_lora="edge",
+                         k=args.utility_k,
                          steps=args.utility_steps, eval_examples=args.utility_eval, eval_before=False,
                          noise_sigma=sigma, seed=args.seed, name=f"sigma={sigma:g}")
         return train(cfg, loaded=copy.deepcopy(loaded))["eval_after"]["accuracy"]
@@ -90,9 +91,10 @@ def main():
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--utility-sigmas", type=floats, default=[],
-                    help="also train at these sigmas (edge --noise-sigma, DLoRA through a loopback cloud, k=1) and "
+                    help="also train at these sigmas (edge --noise-sigma, DLoRA through a loopback cloud) and "
                          "report dev accuracy beside the recovery rate: the price of the defence")
     ap.add_argument("--utility-steps", type=int, default=80)
+    ap.add_argument("--utility-k", type=int, default=1, help="edge blocks below the cut in the utility runs")
     ap.add_argument("--utility-eval", type=int, default=500)
     ap.add_argument("--out", default="runs/bench/privacy_audit.json")
     args = ap.parse_args()
@@ -145,10 +147,10 @@ def main():
 
     utility = {f"{sigma:g}": train_with_noise(loaded, sigma, args) for sigma in args.utility_sigmas}
     if utility:
-        k1 = {r.sigma_rel: r.rate for r in results if r.k == 1 and r.attack == "dictionary"}
-        print(f"\nPrice of the defence: DLoRA on SST-2 (k=1, {args.utility_steps} steps of batch 8, dev "
+        k1 = {r.sigma_rel: r.rate for r in results if r.k == args.utility_k and r.attack == "dictionary"}
+        print(f"\nPrice of the defence: DLoRA on SST-2 (k={args.utility_k}, {args.utility_steps} steps of batch 8, dev "
               f"{args.utility_eval}) with the edge's --noise-sigma")
-        print(f"{'σ/RMS':>6}  {'dictionary recovery (k=1)':>26}  {'dev accuracy':>12}")
+        print(f"{'σ/RMS':>6}  {f'dictionary recovery (k={args.utility_k})':>26}  {'dev accuracy':>12}")
         for sigma in args.utility_sigmas:
             rec = f"{k1[sigma]:.1%}" if sigma in k1 else "–"
             print(f"{sigma:>6g}  {rec:>26}  {utility[f'{sigma:g}']:>12.1%}")
@@ -160,7 +162,8 @@ def main():
                 "private_tokens": probe.n_private, "dictionary_vocab": n_vocab,
                 "dictionary_coverage": round(coverage, 4),
                 "candidates": args.candidates, "sigma_relative_to": "RMS of h_k over real tokens",
-                "recovery": recovery, "dev_accuracy_with_noise": {k: round(v, 4) for k, v in utility.items()},
+                "recovery": recovery, "utility_k": args.utility_k,
+                "dev_accuracy_with_noise": {k: round(v, 4) for k, v in utility.items()},
                 "wall_seconds": round(wall, 1), "cpus": os.cpu_count(),
                 "load_average_before": [round(x, 2) for x in load_before],
                 "load_average_after": [round(x, 2) for x in os.getloadavg()]}

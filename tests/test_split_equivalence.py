@@ -26,6 +26,17 @@ def train_split(em, batches):
     return losses
 
 
+def max_rel_gap_to_peft(em, loaded, steps: int) -> float:
+    """Train the edge (through the cloud) and PEFT on the full model from the same weights on the same batches;
+    the largest relative loss difference over the steps."""
+    randomize_lora_b(em.lora)
+    pm = ref.peft_model(copy.deepcopy(loaded.model), em.lora)
+    batches = sst2_batches(steps)
+    ref_losses, _ = ref.train_steps(pm, T.TASKS["sst2"], batches, LR)
+    split_losses = train_split(em, batches)
+    return max(abs(a - b) / abs(b) for a, b in zip(split_losses, ref_losses))
+
+
 @pytest.mark.parametrize("cloud_lora", ["none", "edge"])
 def test_twenty_steps_match_local_peft(cloud, tiny, tmp_path, cloud_lora):
     em, _, link = make_edge(cloud, tiny, cloud_lora=cloud_lora)
@@ -59,12 +70,7 @@ def test_all_linear_targets_match_local_peft(cloud, tiny):
     reading the MLP's [B, T, intermediate] activation rather than the hidden state."""
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     em, _, link = make_edge(cloud, tiny, cloud_lora="edge", lora_targets=targets)
-    randomize_lora_b(em.lora)
-    pm = ref.peft_model(copy.deepcopy(tiny.model), em.lora)
-    batches = sst2_batches(5)
-    ref_losses, _ = ref.train_steps(pm, T.TASKS["sst2"], batches, LR)
-    split_losses = train_split(em, batches)
-    assert max(abs(a - b) / abs(b) for a, b in zip(split_losses, ref_losses)) <= 1e-4
+    assert max_rel_gap_to_peft(em, tiny, 5) <= 1e-4
     assert em.cloud.last_traffic.messages_down == 2 + 2 * 4 * len(em.cloud.lora_blocks)
     link.close()
 
@@ -79,12 +85,7 @@ def test_gpt2_family_travels_the_same_wire(cloud_lora):
     handle = CloudHandle(gpt2.model, CloudConfig())
     try:
         em, _, link = make_edge(handle, gpt2, cloud_lora=cloud_lora, lora_targets=("c_attn", "c_fc"))
-        randomize_lora_b(em.lora)
-        pm = ref.peft_model(copy.deepcopy(gpt2.model), em.lora)
-        batches = sst2_batches(5)
-        ref_losses, _ = ref.train_steps(pm, T.TASKS["sst2"], batches, LR)
-        split_losses = train_split(em, batches)
-        assert max(abs(a - b) / abs(b) for a, b in zip(split_losses, ref_losses)) <= 1e-4
+        assert max_rel_gap_to_peft(em, gpt2, 5) <= 1e-4
         if cloud_lora == "edge":  # c_attn and c_fc read different inputs: two round trips per cloud block
             assert em.cloud.last_traffic.messages_down == 2 + 2 * 2 * len(em.cloud.lora_blocks)
         link.close()
