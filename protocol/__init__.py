@@ -1,7 +1,7 @@
 """The wire between edge and cloud: the gRPC service (tandem.proto, generated/) and tensor encoding (tensors.py)."""
 from protocol.generated import tandem_pb2 as pb, tandem_pb2_grpc as pb_grpc
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: an empty Begin.active_blocks means no LoRA site (1: all of them)
 GRPC_PREFIX_BYTES = 5  # each gRPC message on a stream: 1 byte compressed-flag + 4 bytes length
 AUTH_HEADER = "authorization"  # metadata key: "Bearer <token>"
 
