@@ -43,6 +43,17 @@ def one_thread():
 
 
 @pytest.fixture
+def task_identity():
+    """Flower messages need the identity of the running task; outside a run we set one. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("task_identity")`."""
+    from flwr.supercore.task_identity import TaskIdentity  # only the federation tests need Flower
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
 def cloud(tiny):
     handle = CloudHandle(tiny.model, CloudConfig(max_tokens_per_step=4096, step_timeout=5.0))
     yield handle

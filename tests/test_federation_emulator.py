@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 import tasks as T
 from cloud.federation.server_app import FederationConfig, initial_adapter
@@ -18,12 +17,7 @@ from emulator.build import BuildConfig, build
 from tests.conftest import TOKENS
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.task_identity import TaskIdentity
 
 from cloud.federation.server_app import FederationConfig, make_strategy
 from cloud.federation.strategies.base import arrays_to_record, record_to_arrays
@@ -16,12 +15,7 @@ from edge.federation.mods import as_fitres, clip_when_asked, secaggplus_when_ask
 A, B = "m.layers.0.q_proj.lora_A.weight", "m.layers.0.q_proj.lora_B.weight"
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 class FakeGrid:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from cloud.federation.server_app import FederationConfig, initial_adapter, make_strategy
 from cloud.federation.strategies import FedAvgLoRA, FFALoRA
@@ -17,13 +16,7 @@ A, B = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", \
     "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower messages need the identity of the running task; outside a run we set one."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 class FakeGrid:
