@@ -3,8 +3,9 @@
     python bench/dlora_bytes.py [--steps 150] [--eval-examples 500] [--model smollm2]
 
 Rows: frozen-only split, DLoRA all-active fp32, DLoRA + Kill & Revive, DLoRA + int8 wire (both directions),
-DLoRA + KR + int8, DLoRA + KR scoring modules by gradient norm instead of relative update, and local PEFT (q,v LoRA on every block, no wire) as the accuracy reference. Each row trains a
-fresh adapter from the same seed on the same batches through one cloud on loopback, then evaluates on the dev set.
+DLoRA + KR + int8, DLoRA + KR scoring modules by gradient norm instead of relative update, and local PEFT (q,v LoRA
+on every block, no wire) as the accuracy reference. Each row trains a fresh adapter from the same seed on the same
+batches through one cloud on loopback, then evaluates on the dev set.
 Goals (issue #3): KR <= 0.5 of the bytes, int8 <= 0.26, each within 0.5 pt of all-active fp32 accuracy.
 Writes runs/bench/dlora_bytes.json and .png; ends with one JSON line.
 """
@@ -130,8 +131,7 @@ def main():
     head = {"zero_shot": round(zero_shot, 4), "dlora_fp32_acc": round(base["accuracy"], 4),
             "local_peft_acc": None if acc_ref is None else round(acc_ref, 4),
             "dlora_fp32_minutes": round(base["wall_seconds"] / 60, 2)}  # train + dev eval, one client, this machine
-    for name in [n for n in ("DLoRA + KR", "DLoRA + int8", "DLoRA + KR + int8", "DLoRA + KR (grad signal)",
-                             "split (frozen cloud)") if n in results]:
+    for name in [n for n, _ in ROWS if n in results and n != "DLoRA fp32"]:
         key = name.lower().replace(" + ", "_").replace(" ", "_").replace("(", "").replace(")", "")
         head[f"{key}_bytes_ratio"] = round(results[name]["bytes_per_step"] / base["bytes_per_step"], 4)
         head[f"{key}_acc"] = round(results[name]["accuracy"], 4)

@@ -55,7 +55,7 @@ class EdgeConfig:
     kr_revive_every: int = 25
     kr_signal: str = "update"  # what a module's score measures: "update" (relative update) or "grad" (gradient norm)
     noise_sigma: float = 0.0  # privacy/noise.py: Gaussian noise on the hidden state sent to the cloud, x its RMS
-    noise_clip: float | None = None  # ... after clipping each token's hidden vector to this L2 norm (a heuristic, not DP)
+    noise_clip: float | None = None  # ... after clipping each token's hidden vector to this L2 norm (not DP)
     lr: float = 1e-3
     steps: int = 100
     batch_size: int = 8

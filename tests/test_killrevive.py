@@ -79,7 +79,7 @@ def test_policy_kills_slow_modules_keeps_a_floor_and_revives(cloud, tiny):
 
 
 def test_grad_signal_kills_the_modules_with_small_gradients(cloud, tiny):
-    """The grad signal: a block's score is its LoRA gradient norm, read while it is active; killed blocks keep theirs."""
+    """The grad signal: a block's score is its LoRA gradient norm, read while active; killed blocks keep theirs."""
     fake = FakeEdge(cloud, tiny)
     kr = KillRevive([1, 2, 3, 4], KRConfig(warmup=2, threshold=1.0, min_active=0.5, revive_every=100, ema=0.0,
                                            signal="grad"))
