@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import tasks as T  # noqa: E402
-from edge.report import table  # noqa: E402
+from cli.report import table  # noqa: E402
 from emulator.build import BuildConfig, build  # noqa: E402
 from emulator.bundle import (ADAPTER_FORMAT, BUNDLE_FORMAT, Layout, compact_config, load_bundle,  # noqa: E402
                              open_sealed_dir, seal_dir, verify_dir)
@@ -40,7 +40,7 @@ from emulator.onnx_export import export_onnx, max_abs_diff, session  # noqa: E40
 from emulator.plug import format_table, load_adapter, offsite_table  # noqa: E402
 from emulator.tune import TuneConfig, make_adapter, median, task_data, train_adapter, tune  # noqa: E402
 from model.load import load_model  # noqa: E402
-from privacy.seal import generate_identity, load_identity, load_public  # noqa: E402
+from privacy.security.seal import generate_identity, load_identity, load_public  # noqa: E402
 
 
 def status_kb(field: str) -> int:

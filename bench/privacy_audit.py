@@ -6,12 +6,12 @@ from the hidden state the edge sends after its first k blocks, with and without 
                                   [--utility-sigmas 0,3,10 --utility-steps 80]
 
 Victims: SST-2 dev sentences of at least --min-words words (a seeded sample), in the task's prompt; only the
-tokens of the review count (the template around it is public). Attacks (privacy/audit.py): `nearest` (input
+tokens of the review count (the template around it is public). Attacks (privacy/audit/inversion.py): `nearest` (input
 embedding), `dictionary` (every candidate token run through the known first k blocks after the public prompt
 prefix), and with --in-context the dictionary's top candidates re-checked in the guessed sentence. By default the
 dictionary covers the attacker's prior, the tokens of 20,000 public SST-2 *train* sentences (cheap; the coverage
 line says what share of the victims' tokens it can reach at all); --full-vocab runs all 49,152 tokens instead.
-Noise sigma is relative to the RMS of h_k over real tokens (privacy/noise.py; a heuristic, not DP).
+Noise sigma is relative to the RMS of h_k over real tokens (privacy/defences/noise.py; a heuristic, not DP).
 
 Cost on 2 CPU cores: the default run takes about 1 minute of CPU (100 s wall at load average 5); --full-vocab
 --in-context about 6 CPU-minutes. Prints a table, writes runs/bench/privacy_audit.json, and ends with one JSON
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tasks as T  # noqa: E402
 from model.load import load_model  # noqa: E402
-from privacy import audit as A  # noqa: E402
+from privacy.audit import inversion as A  # noqa: E402
 
 
 def floats(text: str) -> list[float]:

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import tasks as T  # noqa: E402
 from cloud.service import BackboneService, make_server  # noqa: E402
 from edge.trainer import EdgeConfig, build_edge  # noqa: E402
-from model import peft_reference as ref  # noqa: E402
+from tests.reference import peft_local as ref  # noqa: E402
 from model.load import load_model  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"

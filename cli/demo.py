@@ -38,10 +38,10 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> dict:
     from cloud.server import Cloud, ServeConfig
-    from edge.report import plot_losses, print_client_table
+    from cli.report import plot_losses, print_client_table
     from edge.trainer import EdgeConfig, train
     from model.load import load_model
-    from privacy.tokens import make_tokens
+    from privacy.security.tokens import make_tokens
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     tokens = make_tokens(out / "tokens.json", names)  # client -> token
     tls_dir = None
     if cfg.tls:
-        from privacy.certs import make_certs
+        from privacy.security.certs import make_certs
         tls_dir = str(out / "certs")
         make_certs(tls_dir, clients=tuple(names))
     cloud = Cloud(ServeConfig(model=cfg.model, host="127.0.0.1", port=0, tls_dir=tls_dir, device=cfg.device),

@@ -58,7 +58,7 @@ def cmd_models(args):
 
 
 def cmd_certs(args):
-    from privacy.certs import make_certs
+    from privacy.security.certs import make_certs
     paths = make_certs(args.out, server_names=tuple(args.server_names.split(",")),
                        clients=tuple(c for c in args.clients.split(",") if c))
     print(f"wrote CA, server and {len(args.clients.split(','))} client certificates to {args.out}")
@@ -66,7 +66,7 @@ def cmd_certs(args):
 
 
 def cmd_tokens(args):
-    from privacy.tokens import make_tokens
+    from privacy.security.tokens import make_tokens
     make_tokens(args.out, [c for c in args.clients.split(",") if c])
     print(f"wrote tokens for {args.clients} to {args.out} (mode 0600); give each edge its own token")
 
@@ -106,7 +106,7 @@ def read_token(path: str, client: str) -> str:
 def cmd_edge_train(args):
     import json
     from edge.trainer import EdgeConfig, train
-    from edge.report import print_client_table
+    from cli.report import print_client_table
     cfg = dataclass_from_args(EdgeConfig, args)
     if cfg.token is None and args.token_file:
         cfg.token = read_token(args.token_file, cfg.name)
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
     import importlib.util
-    for module in ("emulator.cli", "sim.cli", "sim.federation_cli"):
+    for module in ("emulator.cli", "sim.cli", "sim.federation.cli"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).add_parser(sub)
     return p

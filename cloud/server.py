@@ -34,7 +34,7 @@ class Cloud:
     """A running backbone service (embedded in a process: the demo, the tests, `tandem cloud serve`)."""
 
     def __init__(self, cfg: ServeConfig, *, model=None, tokens: dict[str, str] | None = None):
-        from privacy.tokens import load_tokens
+        from privacy.security.tokens import load_tokens
         if tokens is None and cfg.tokens:
             tokens = load_tokens(cfg.tokens)
         if tokens is None and not (cfg.tls_dir and cfg.require_client_cert):
@@ -47,7 +47,7 @@ class Cloud:
                                        allow_cert_identity=bool(cfg.tls_dir and cfg.require_client_cert))
         creds = None
         if cfg.tls_dir:
-            from privacy.certs import load_server_credentials
+            from privacy.security.certs import load_server_credentials
             creds = load_server_credentials(cfg.tls_dir, cfg.require_client_cert)
         self.server, self.port = make_server(self.service, f"{cfg.host}:{cfg.port}", credentials=creds,
                                              max_workers=cfg.workers, max_message_mb=cfg.max_message_mb)

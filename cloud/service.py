@@ -30,7 +30,7 @@ import torch
 
 from model.load import fingerprint
 from model.segments import BlockRun, Cut, cut_of, family_of
-from privacy.tokens import AuthError, check_token
+from privacy.security.tokens import AuthError, check_token
 from protocol import PROTOCOL_VERSION, pb, pb_grpc, wire_size
 from protocol.tensors import WIRE_DTYPES, WireError, decode, encode
 
@@ -161,7 +161,7 @@ class BackboneService(pb_grpc.BackboneServicer):
     # ---- identity and sessions ----------------------------------------------------------------------------------
     def _client(self, context) -> str:
         if self.allow_cert_identity:
-            from privacy.certs import peer_client_name
+            from privacy.security.certs import peer_client_name
             name = peer_client_name(context)
             if name:
                 return name

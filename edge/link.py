@@ -70,7 +70,7 @@ class CloudLink:
         limit = cfg.max_message_mb * 1024 * 1024
         opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         if cfg.tls_dir:
-            from privacy.certs import load_channel_credentials
+            from privacy.security.certs import load_channel_credentials
             self.channel = grpc.secure_channel(cfg.address, load_channel_credentials(cfg.tls_dir, cfg.client_name),
                                                options=opts)
         else:

@@ -23,7 +23,7 @@ from edge.remote import RemoteCloud
 from model.load import DTYPES, fingerprint, load_model
 from model.lora import LoRAConfig, LoRASet
 from model.segments import EdgeBottom, EdgeTop, cut_of, drop_blocks
-from privacy.noise import add_gaussian_noise, clip_rows, rms
+from privacy.defences.noise import add_gaussian_noise, clip_rows, rms
 from protocol.tensors import wire_dtype
 
 
@@ -54,7 +54,7 @@ class EdgeConfig:
     kr_min_active: float = 0.3
     kr_revive_every: int = 25
     kr_signal: str = "update"  # what a module's score measures: "update" (relative update) or "grad" (gradient norm)
-    noise_sigma: float = 0.0  # privacy/noise.py: Gaussian noise on the hidden state sent to the cloud, x its RMS
+    noise_sigma: float = 0.0  # privacy/defences/noise.py: Gaussian noise on the hidden state sent to the cloud, x its RMS
     noise_clip: float | None = None  # ... after clipping each token's hidden vector to this L2 norm (not DP)
     lr: float = 1e-3
     steps: int = 100
@@ -116,7 +116,7 @@ class EdgeModel(nn.Module):
 
     def hidden(self, batch: T.Batch) -> torch.Tensor:
         h = self.bottom(batch.input_ids, batch.attention_mask)
-        if self.noise_clip is not None:  # what leaves the device is clipped, then noised (privacy/noise.py)
+        if self.noise_clip is not None:  # what leaves the device is clipped, then noised (privacy/defences/noise.py)
             h = clip_rows(h, self.noise_clip)
         if self.noise_sigma > 0:  # sigma relative to the RMS of what is sent, over real tokens
             h = add_gaussian_noise(h, self.noise_sigma * rms(h.detach(), batch.attention_mask))

@@ -13,7 +13,7 @@ holds: the adapter blocks and the kept emulator blocks, never the dropped ones. 
 an ordinary Hugging Face model with fewer layers (the data owner's model), `compact_model` does the same from the full
 model on the cloud.
 
-To travel, a folder is zipped (stored, fixed timestamps) and sealed with `privacy.seal`: signed by the sender
+To travel, a folder is zipped (stored, fixed timestamps) and sealed with `privacy.security.seal`: signed by the sender
 (Ed25519) and, given a recipient, encrypted to them (X25519 + AES-256-GCM). `open_sealed_dir` refuses anything that is
 unsigned, tampered, signed by someone else, addressed to someone else, of the wrong kind, or whose files do not match
 their manifest hashes, with a `BundleError` that says which.
@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from privacy.seal import Identity, PublicIdentity, SealError, open_sealed, seal
+from privacy.security.seal import Identity, PublicIdentity, SealError, open_sealed, seal
 
 BUNDLE_FORMAT = "tandem-offsite-bundle/1"
 ADAPTER_FORMAT = "tandem-offsite-adapter/1"

@@ -25,7 +25,7 @@ from emulator.tune import TuneConfig
 
 def _keys(args, *, need_peer: bool = True):
     """(my identity, the peer's public identity) from --keys/--me/--from|--to."""
-    from privacy.seal import load_identity, load_public
+    from privacy.security.seal import load_identity, load_public
     peer_name = getattr(args, "to", None) or getattr(args, "sender", None)
     if not args.keys or not args.me:
         raise SystemExit("give --keys DIR and --me NAME (make them with `tandem offsite keygen`)")
@@ -43,7 +43,7 @@ def _torch_threads(n: int | None) -> None:
 
 
 def cmd_keygen(args) -> None:
-    from privacy.seal import generate_identity
+    from privacy.security.seal import generate_identity
     generate_identity(args.keys, args.name)
     print(f"wrote {args.name}.sign.key/.pub (Ed25519) and {args.name}.box.key/.pub (X25519) to {args.keys}; "
           f"give others only the .pub files")
@@ -51,7 +51,7 @@ def cmd_keygen(args) -> None:
 
 def cmd_build(args) -> None:
     from cli.main import dataclass_from_args
-    from edge.report import table
+    from cli.report import table
     from emulator.build import build
     from emulator.bundle import BUNDLE_FORMAT, seal_dir
     _torch_threads(args.threads)

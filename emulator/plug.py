@@ -141,7 +141,7 @@ ROW_NOTES = {"full model zero-shot": "the backbone as it is",
 
 def format_table(res: dict) -> str:
     """The paper's table for one task, and the data owner's tuning cost next to full-model tuning."""
-    from edge.report import table
+    from cli.report import table
     rows = [[name, f"{100 * a:.1f}%", ROW_NOTES.get(name, "")] for name, a in res["rows"].items()]
     out = [f"{res['task']} dev ({res['dev_examples']} examples), adapter {res['mode']}, "
            f"blocks {res['layout']['bottom']}+{res['layout']['top']}, emulator {len(res['layout']['emulator'])} of "

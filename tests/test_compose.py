@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 import tasks
-from privacy.tokens import make_tokens
+from privacy.security.tokens import make_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 TANDEM = [sys.executable, "-m", "cli.main"]

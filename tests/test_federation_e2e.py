@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 import tasks as T
 
 from cloud.federation.server_app import FederationConfig, initial_adapter
-from sim.federation_cli import main as federate_main
+from sim.federation.cli import main as federate_main
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER = 2 * (8 * (64 + 64) + 8 * (64 + 32)) * 4  # tiny-llama, split (blocks 0 and 5), q and v, r 8, float32

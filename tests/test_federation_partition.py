@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 import tasks as T
-from sim.federation import partition, write_partitions
+from sim.federation.driver import partition, write_partitions
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_smollm2_dlora_matches_local_peft(tmp_path):
     import tasks as T
     from cloud.service import BackboneService, make_server
     from edge.trainer import EdgeConfig, build_edge
-    from model import peft_reference as ref
+    from tests.reference import peft_local as ref
     loaded = L.load_model("smollm2")
     svc = BackboneService(copy.deepcopy(loaded.model), {"real-model-token-0123456789": "a"})
     server, port = make_server(svc, "127.0.0.1:0")

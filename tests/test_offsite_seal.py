@@ -11,7 +11,7 @@ from emulator.bundle import (ADAPTER_FORMAT, BUNDLE_FORMAT, BundleError, load_bu
                              seal_dir, verify_dir)
 from emulator.tune import TuneConfig, tune
 from model.load import load_model
-from privacy.seal import generate_identity, load_identity, load_public, seal
+from privacy.security.seal import generate_identity, load_identity, load_public, seal
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

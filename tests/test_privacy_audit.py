@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.load import load_model
-from privacy import audit as A
+from privacy.audit import inversion as A
 
 VOCAB = 320
 

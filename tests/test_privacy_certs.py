@@ -1,4 +1,4 @@
-"""TLS and mutual TLS with the certificates from privacy.certs, against a real gRPC server on 127.0.0.1."""
+"""TLS and mutual TLS with the certificates from privacy.security.certs, against a real gRPC server on 127.0.0.1."""
 from __future__ import annotations
 
 import stat
@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from privacy.certs import load_channel_credentials, load_server_credentials, make_certs, peer_client_name
+from privacy.security.certs import load_channel_credentials, load_server_credentials, make_certs, peer_client_name
 
 
 class RecordingHealth(health.HealthServicer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from privacy.noise import add_gaussian_noise, clip_rows, protect, rms
+from privacy.defences.noise import add_gaussian_noise, clip_rows, protect, rms
 
 
 def test_clip_rows_caps_norms_and_keeps_directions():

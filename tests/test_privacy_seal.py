@@ -10,9 +10,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from privacy import seal as S
-from privacy.seal import SealError, generate_identity, load_identity, load_public, open_sealed, open_sealed_file
-from privacy.seal import seal, seal_file
+from privacy.security import seal as S
+from privacy.security.seal import SealError, generate_identity, load_identity, load_public, open_sealed, open_sealed_file
+from privacy.security.seal import seal, seal_file
 
 
 @pytest.fixture(scope="module")

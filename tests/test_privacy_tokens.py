@@ -9,8 +9,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from privacy import tokens as T
-from privacy.tokens import AuthError, bearer_metadata, check_token, load_tokens, make_tokens
+from privacy.security import tokens as T
+from privacy.security.tokens import AuthError, bearer_metadata, check_token, load_tokens, make_tokens
 
 
 @pytest.fixture

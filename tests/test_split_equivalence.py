@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tasks as T
-from model import peft_reference as ref
+from tests.reference import peft_local as ref
 from tests.conftest import make_edge, randomize_lora_b, sst2_batches
 
 STEPS, LR = 20, 1e-2

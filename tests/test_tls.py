@@ -9,7 +9,7 @@ import torch
 from cloud.server import Cloud, ServeConfig
 from edge.link import CloudLink, LinkConfig, StepFailed
 from edge.trainer import EdgeConfig, build_edge
-from privacy.certs import make_certs
+from privacy.security.certs import make_certs
 from tests.conftest import TOKENS, sst2_batches
 
 

@@ -1,7 +1,7 @@
 """A defence for the activations the edge sends: clip each token's hidden vector, then add Gaussian noise.
 
 Split training sends the hidden state after the edge's first k blocks to the cloud, and that state is easy to
-invert: a cloud that runs the same k blocks over the vocabulary reads most tokens back (privacy/audit.py). Clipping bounds how far any single token vector reaches; Gaussian noise on top
+invert: a cloud that runs the same k blocks over the vocabulary reads most tokens back (privacy/audit/inversion.py). Clipping bounds how far any single token vector reaches; Gaussian noise on top
 blurs it. bench/privacy_audit.py measures how much this helps: on SmolLM2 the attack barely notices sigma = 1x the
 RMS of the hidden state at k <= 2, and only noise several times larger than the signal brings it down, so check the
 task's accuracy at the sigma you pick.

@@ -106,7 +106,7 @@ def generate_identity(directory: str | Path, name: str) -> Identity:
 
 def _load(path: Path, loader, kind: type):
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: create it with privacy.seal.generate_identity")
+        raise FileNotFoundError(f"{path} is missing: create it with privacy.security.seal.generate_identity")
     key = loader(path.read_bytes(), **({"password": None} if loader is serialization.load_pem_private_key else {}))
     if not isinstance(key, kind):
         raise ValueError(f"{path} holds a {type(key).__name__}, expected {kind.__name__}")

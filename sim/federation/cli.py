@@ -1,4 +1,4 @@
-"""`tandem federate`: command line of the federation simulation (sim/federation.py).
+"""`tandem federate`: command line of the federation simulation (sim/federation/driver.py).
 
 Every federation setting of the ServerApp (FederationConfig, the same keys as `flwr run . --run-config`) is an
 option here, e.g. `--num-server-rounds 5 --local-steps 10 --cloud-lora edge`; the simulation adds the devices, the
@@ -16,7 +16,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from cloud.federation.server_app import FederationConfig
-from sim.federation import PARTITIONERS, FederateOptions
+from sim.federation.driver import PARTITIONERS, FederateOptions
 
 # set by the driver itself, not by the user
 _DRIVER_SET = {"strategy", "cloud_address", "cloud_token", "partition_dir", "out_dir", "label", "min_nodes"}
@@ -72,7 +72,7 @@ def options_of(args: argparse.Namespace) -> tuple[FederateOptions, FederationCon
 
 
 def run(args: argparse.Namespace) -> int:
-    from sim import federation as F
+    from sim.federation import driver as F
     if args.render:
         summary = F.load_summary(args.render)
         print(json.dumps(summary["comparison"], indent=1) if args.json else F.render(summary, args.render))

@@ -17,7 +17,7 @@ embedding and the first k blocks it never runs). Three attacks, from naive to st
                is nearest (L2) to the observed one. Repeating this (`rounds`) lets better context fix later positions.
 
 Recovery rate = fraction of the data owner's own tokens (the `private` positions, e.g. the review inside the SST-2
-prompt; the template around it is public) guessed exactly. Noise (privacy/noise.py) is added to h_k before the
+prompt; the template around it is public) guessed exactly. Noise (privacy/defences/noise.py) is added to h_k before the
 attack, with sigma given relative to the RMS of h_k over real tokens.
 
 Works for Llama-style decoders (model.model.layers, SmolLM2 included). The observed hidden state comes from
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from privacy.noise import add_gaussian_noise, rms
+from privacy.defences.noise import add_gaussian_noise, rms
 
 ATTACKS = ("nearest", "dictionary", "in-context")
 
@@ -235,7 +235,7 @@ def run_audit(model, probe: Probe, ks: list[int], sigmas: list[float], attacks=(
     if unknown:
         raise ValueError(f"unknown attacks {sorted(unknown)}; known: {ATTACKS}")
     if dictionary is None and set(attacks) & {"dictionary", "in-context"}:
-        raise ValueError("the dictionary and in-context attacks need a dictionary (privacy.audit.build_dictionary)")
+        raise ValueError("the dictionary and in-context attacks need a dictionary (privacy.audit.inversion.build_dictionary)")
     attacker = attacker if attacker is not None else model
     observed = observed if observed is not None else observed_hidden(model, probe, ks)
     truth = probe.input_ids[probe.private]

@@ -134,7 +134,7 @@ def make_certs(out_dir: str | Path, server_names: tuple[str, ...] = ("localhost"
 
 def _read(path: Path) -> bytes:
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: create the certificates with privacy.certs.make_certs")
+        raise FileNotFoundError(f"{path} is missing: create the certificates with privacy.security.certs.make_certs")
     return path.read_bytes()
 
 

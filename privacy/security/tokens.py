@@ -58,7 +58,7 @@ def load_tokens(path: str | Path) -> dict[str, str]:
     for client, token in table.items():
         if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
             raise ValueError(f"{path}: token of {client!r} must be a string of at least {MIN_TOKEN_CHARS} "
-                             "characters (make one with privacy.tokens.make_tokens)")
+                             "characters (make one with privacy.security.tokens.make_tokens)")
         if token in by_token:
             raise ValueError(f"{path}: {by_token[token]!r} and {client!r} share a token")
         by_token[token] = client

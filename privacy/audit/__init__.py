@@ -1,0 +1,1 @@
+"""Attack audits: what the cloud side can read back from the tensors it receives."""
