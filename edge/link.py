@@ -60,8 +60,11 @@ class LinkConfig:
     token: str | None = None
     tls_dir: str | None = None  # folder with ca.pem (and client cert/key for mTLS), from `tandem certs`
     client_name: str | None = None  # which client certificate to present
-    timeout: float = 300.0
+    timeout: float = 300.0  # seconds one RPC may take
     max_message_mb: int = 256
+    retries: int = 6  # a step that fails for a transient reason is run again this many times, with backoff
+    backoff: float = 1.0  # seconds before the first retry; doubles each time, up to max_backoff
+    max_backoff: float = 30.0
 
 
 class CloudLink:
