@@ -1,19 +1,28 @@
-"""The edge's connection to the cloud: a gRPC channel, a session, and one `Step` stream per step.
+"""The edge's connection to the cloud: a gRPC channel, a session, one `Step` stream per step, and the retry policy.
 
-`StepStream` is the edge's half of one step. It sends and receives the messages in order, counts every byte as it
-is serialized on the wire (protobuf size + 5-byte gRPC prefix) and the raw tensor payload, per direction.
+`StepStream` is the edge's half of one step. Every message it sends or receives goes through
+`protocol.step.StepProtocol`, which checks the step's order and counts wire bytes (protobuf size + 5-byte gRPC
+prefix) and tensor payload per direction. `CloudLink.call` runs a whole remote exchange again when it fails for a
+transient reason, with exponential backoff, reopening the session when the cloud lost it (restart, expiry): the
+cloud holds nothing the edge needs, so a step can always be run again.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
-from google.protobuf.message import Message
 
-from protocol import AUTH_HEADER, PROTOCOL_VERSION, pb, pb_grpc, wire_size
-from protocol.tensors import payload_bytes
+from protocol import AUTH_HEADER, PROTOCOL_VERSION, pb, pb_grpc
+from protocol.step import ProtocolError, StepProtocol
+
+log = logging.getLogger("tandem.edge")
+
+# A step that fails with one of these is run again; the others are the caller's mistake and are raised at once.
+TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "NOT_FOUND", "INTERNAL", "RESOURCE_EXHAUSTED"}
+SESSION_LOST = {"NOT_FOUND", "UNAVAILABLE"}  # reopen the session before the next attempt
 
 
 class StepFailed(RuntimeError):
@@ -23,35 +32,9 @@ class StepFailed(RuntimeError):
         super().__init__(f"{code.name if code else 'ERROR'}: {details}")
         self.code, self.details = code, details
 
-
-@dataclass
-class Traffic:
-    """Bytes of one step. wire = serialized gRPC messages; payload = raw tensor bytes inside them."""
-    bytes_up: int = 0
-    bytes_down: int = 0
-    payload_up: int = 0
-    payload_down: int = 0
-    messages_up: int = 0
-    messages_down: int = 0
-    cloud_seconds: float = 0.0
-    wait_seconds: float = 0.0  # time blocked waiting for the cloud (network + cloud compute)
-
-    def add(self, other: "Traffic"):
-        for k in self.__dataclass_fields__:
-            setattr(self, k, getattr(self, k) + getattr(other, k))
-
-
-def tensor_payload(msg) -> int:
-    """Raw tensor bytes in a message (data + int8 scales), found by walking its fields."""
-    if isinstance(msg, pb.Tensor):
-        return len(msg.data) + len(msg.scale)
-    total = 0
-    for fd, value in msg.ListFields():
-        if fd.message_type is None:
-            continue
-        items = [value] if isinstance(value, Message) else value  # a message, or a repeated field of them
-        total += sum(tensor_payload(v) for v in items)
-    return total
+    @property
+    def transient(self) -> bool:
+        return self.code is not None and self.code.name in TRANSIENT
 
 
 @dataclass
@@ -81,21 +64,43 @@ class CloudLink:
         self.stub = pb_grpc.BackboneStub(self.channel)
         self.metadata = [(AUTH_HEADER, f"Bearer {cfg.token}")] if cfg.token else []
         self.session: pb.OpenSessionReply | None = None
+        self._request: pb.OpenSessionRequest | None = None
 
     def wait_ready(self, timeout: float = 60.0):
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
     def open(self, *, fingerprint: str, k: int, m: int, wire_up: int, wire_down: int, lora_targets=(),
              lora_blocks=()) -> pb.OpenSessionReply:
-        req = pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION, model_fingerprint=fingerprint,
-                                    edge_bottom_blocks=k, edge_top_blocks=m, wire_dtype_up=wire_up,
-                                    wire_dtype_down=wire_down, lora_targets=list(lora_targets),
-                                    lora_blocks=list(lora_blocks))
+        self._request = pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION, model_fingerprint=fingerprint,
+                                              edge_bottom_blocks=k, edge_top_blocks=m, wire_dtype_up=wire_up,
+                                              wire_dtype_down=wire_down, lora_targets=list(lora_targets),
+                                              lora_blocks=list(lora_blocks))
+        return self.reopen()
+
+    def reopen(self) -> pb.OpenSessionReply:
+        """Open the session again with the same request (after the cloud restarted or the session expired)."""
         try:
-            self.session = self.stub.OpenSession(req, metadata=self.metadata, timeout=self.cfg.timeout)
+            self.session = self.stub.OpenSession(self._request, metadata=self.metadata, timeout=self.cfg.timeout)
         except grpc.RpcError as e:
             raise StepFailed(e.code(), e.details()) from None
         return self.session
+
+    def call(self, attempt):
+        """Run `attempt()` (one remote exchange), again after a transient failure, up to `cfg.retries` times."""
+        for n in range(self.cfg.retries + 1):
+            try:
+                return attempt()
+            except StepFailed as e:
+                if n == self.cfg.retries or not e.transient:
+                    raise
+                wait = min(self.cfg.backoff * 2 ** n, self.cfg.max_backoff)
+                log.warning("step failed (%s); retry %d/%d in %.1fs", e, n + 1, self.cfg.retries, wait)
+                time.sleep(wait)
+                if e.code.name in SESSION_LOST:
+                    try:
+                        self.reopen()
+                    except StepFailed:
+                        pass  # still down: the next attempt waits longer
 
     def close(self) -> pb.SessionStats | None:
         stats = None
@@ -109,46 +114,43 @@ class CloudLink:
         self.channel.close()
         return stats
 
-    def stream(self) -> "StepStream":
-        return StepStream(self)
+    def stream(self, groups=()) -> "StepStream":
+        return StepStream(self, groups)
 
 
 class StepStream:
-    """One step's bidirectional stream. `send` and `recv(kind)` in protocol order; `close` ends it."""
+    """One step's bidirectional stream. `send(kind=msg)` and `recv()` in protocol order; `close` ends it."""
 
-    def __init__(self, link: CloudLink):
+    def __init__(self, link: CloudLink, groups=()):
         self.outbox: queue.Queue = queue.Queue()
-        self.traffic = Traffic()
+        self.protocol = StepProtocol(groups)
+        self.traffic = self.protocol.traffic
         self._responses = link.stub.Step(iter(self.outbox.get, None), metadata=link.metadata,
                                          timeout=link.cfg.timeout)
         self.closed = False
 
     def send(self, **kind):
         msg = pb.EdgeMessage(**kind)
-        self.traffic.bytes_up += wire_size(msg)
-        self.traffic.payload_up += tensor_payload(msg)
-        self.traffic.messages_up += 1
+        self.protocol.observe(msg)
         self.outbox.put(msg)
 
-    def recv(self, *expect: str):
+    def recv(self):
+        """The cloud's next message, checked against the step's order: (kind, inner message)."""
         t0 = time.perf_counter()
         try:
             msg = next(self._responses)
         except StopIteration:
-            raise StepFailed(None, f"the cloud ended the step before sending {expect}") from None
+            raise StepFailed(None, f"the cloud ended the step before sending {self.protocol.next()}") from None
         except grpc.RpcError as e:
             self.close()
             raise StepFailed(e.code(), e.details()) from None
         finally:
             self.traffic.wait_seconds += time.perf_counter() - t0
-        self.traffic.bytes_down += wire_size(msg)
-        self.traffic.payload_down += tensor_payload(msg)
-        self.traffic.messages_down += 1
-        kind = msg.WhichOneof("kind")
-        if kind not in expect:
+        try:
+            kind, inner = self.protocol.observe(msg)
+        except ProtocolError as e:
             self.close()
-            raise StepFailed(None, f"expected {expect} from the cloud, got {kind}")
-        inner = getattr(msg, kind)
+            raise StepFailed(None, f"the cloud broke the protocol: {e.message}") from None
         if kind in ("hidden", "input_grad"):
             self.traffic.cloud_seconds += inner.cloud_seconds
         return kind, inner
@@ -166,6 +168,3 @@ class StepStream:
                 pass
         except grpc.RpcError as e:
             raise StepFailed(e.code(), e.details()) from None
-
-
-__all__ = ["CloudLink", "LinkConfig", "StepStream", "StepFailed", "Traffic", "payload_bytes", "tensor_payload"]

@@ -5,70 +5,118 @@
 Forward opens a `Step` stream, sends the hidden state, answers the cloud's LoRA requests (DLoRA: the edge computes
 the LoRA of cloud-resident blocks with its own weights) and returns the cloud's output. Backward sends dL/d output,
 answers the LoRA gradient requests (accumulating the LoRA weight gradients here, on the edge) and returns dL/d input.
+
+Retries live inside the Function, as in Petals' client: a forward that fails for a transient reason is run again;
+a backward that fails is run again on a fresh stream, which first replays the forward (the cloud kept no graph),
+after putting the cloud-block LoRA gradients back to what they were before the failed attempt. Every caller —
+training, evaluation, generation — gets the same retries from the link's policy.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from edge.link import CloudLink, StepFailed, Traffic
+from edge.link import CloudLink, StepFailed
 from model.lora import LoRASet
+from model.sites import site_groups
 from protocol import pb
+from protocol.step import Traffic
 from protocol.tensors import WireError, decode, encode
+
+
+class _Exchange:
+    """One attempt at the remote step: its stream and the LoRA inputs/outputs kept for the backward."""
+
+    def __init__(self, remote: "RemoteCloud", train: bool):
+        self.remote, self.train = remote, train
+        self.stream = remote.link.stream(remote.groups)
+        self.saved: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        remote.last_traffic = self.stream.traffic
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        r, stream = self.remote, self.stream
+        stream.send(begin=pb.Begin(session_id=r.link.session.session_id, step=r.step, train=self.train,
+                                   hidden=encode(hidden, r.wire_up), attention_mask=encode(mask.bool(), pb.BOOL),
+                                   active_blocks=r.active_blocks()))
+        while True:
+            kind, msg = stream.recv()
+            if kind == "hidden":
+                return r.decode(msg.hidden, list(hidden.shape), hidden)
+            self._answer_lora(msg, hidden)
+
+    def _answer_lora(self, msg, like: torch.Tensor) -> None:
+        r = self.remote
+        sites = [r.lora.site(msg.block, t) for t in dict(r.groups)[msg.group]]
+        x_shape = list(like.shape[:-1]) + [sites[0].lora_A.in_features]  # mlp_out's input is [B, T, I]
+        x = r.decode(msg.x, x_shape, like).requires_grad_(self.train)
+        with torch.set_grad_enabled(self.train):
+            outs = [site(x) for site in sites]
+        if self.train:
+            self.saved[(msg.block, msg.group)] = (x, outs)
+        self.stream.send(lora_reply=pb.LoraReply(block=msg.block, group=msg.group,
+                                                 outputs=[encode(o, r.wire_up) for o in outs]))
+
+    def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
+        r, stream = self.remote, self.stream
+        try:
+            stream.send(output_grad=pb.OutputGrad(grad=encode(grad_out, r.wire_up)))
+            while True:
+                kind, msg = stream.recv()
+                if kind == "input_grad":
+                    grad_in = r.decode(msg.grad, list(grad_out.shape), grad_out)
+                    break
+                x, outs = self.saved.pop((msg.block, msg.group))
+                grads = [r.decode(g, list(o.shape), o) for g, o in zip(msg.grads, outs)]
+                with torch.enable_grad():
+                    torch.autograd.backward(outs, grads)  # LoRA weight grads accumulate here, on the edge
+                stream.send(lora_grad_reply=pb.LoraGradReply(block=msg.block, group=msg.group,
+                                                             grad=encode(x.grad, r.wire_up)))
+            stream.finish()
+        finally:
+            stream.close()
+        return grad_in
 
 
 class _CloudFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, mask, remote: "RemoteCloud", train: bool):
-        stream = remote.link.stream()
-        remote.last_traffic = stream.traffic
-        stream.send(begin=pb.Begin(session_id=remote.link.session.session_id, step=remote.step, train=train,
-                                   hidden=encode(hidden, remote.wire_up), attention_mask=encode(mask.bool(), pb.BOOL),
-                                   active_blocks=remote.active_blocks()))
-        saved = {}  # block -> (x, outputs) for the LoRA backward
-        while True:
-            kind, msg = stream.recv("lora_request", "hidden")
-            if kind == "hidden":
-                out = remote.decode(msg.hidden, list(hidden.shape), hidden)
-                break
-            if msg.block not in remote.active_blocks() or msg.group not in remote.groups:
-                stream.close()
-                raise StepFailed(None, f"the cloud asked for LoRA {msg.block}/{msg.group}, which is not active here")
-            sites = [remote.lora.site(msg.block, t) for t in remote.groups[msg.group]]
-            x_shape = list(hidden.shape[:-1]) + [sites[0].lora_A.in_features]  # mlp_out's input is [B, T, I]
-            x = remote.decode(msg.x, x_shape, hidden).requires_grad_(train)
-            with torch.set_grad_enabled(train):
-                outs = [site(x) for site in sites]
-            if train:
-                saved[(msg.block, msg.group)] = (x, outs)
-            stream.send(lora_reply=pb.LoraReply(block=msg.block, group=msg.group,
-                                                outputs=[encode(o, remote.wire_up) for o in outs]))
+        def attempt():
+            ex = _Exchange(remote, train)
+            try:
+                out = ex.forward(hidden, mask)
+            except BaseException:
+                ex.stream.close()
+                raise
+            if not train:
+                ex.stream.finish()
+            return out, ex
+
+        out, ex = remote.link.call(attempt)
         if train:
-            ctx.stream, ctx.saved, ctx.remote, ctx.like = stream, saved, remote, hidden
-        else:
-            stream.finish()
+            ctx.exchange, ctx.remote, ctx.inputs = ex, remote, (hidden.detach(), mask)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        stream, remote = ctx.stream, ctx.remote
+        remote, first = ctx.remote, [True]
+        before = remote.lora_grads()
+
+        def attempt():
+            if not first[0]:  # replay: a fresh stream, the forward again, then this backward
+                remote.restore_lora_grads(before)
+                ctx.exchange = _Exchange(remote, True)
+                try:
+                    ctx.exchange.forward(*ctx.inputs)
+                except BaseException:
+                    ctx.exchange.stream.close()
+                    raise
+            first[0] = False
+            return ctx.exchange.backward(grad_out)
+
         try:
-            stream.send(output_grad=pb.OutputGrad(grad=encode(grad_out, remote.wire_up)))
-            while True:
-                kind, msg = stream.recv("lora_grad_request", "input_grad")
-                if kind == "input_grad":
-                    grad_in = remote.decode(msg.grad, list(grad_out.shape), grad_out)
-                    break
-                x, outs = ctx.saved.pop((msg.block, msg.group))
-                grads = [remote.decode(g, list(o.shape), o) for g, o in zip(msg.grads, outs)]
-                with torch.enable_grad():
-                    torch.autograd.backward(outs, grads)  # LoRA weight grads accumulate here, on the edge
-                stream.send(lora_grad_reply=pb.LoraGradReply(block=msg.block, group=msg.group,
-                                                             grad=encode(x.grad, remote.wire_up)))
-            stream.finish()
+            grad_in = remote.link.call(attempt)
         finally:
-            stream.close()
-            ctx.saved = None
+            ctx.exchange = None
         return grad_in, None, None, None
 
 
@@ -81,10 +129,8 @@ class RemoteCloud(nn.Module):
         self.link, self.wire_up, self.wire_down = link, wire_up, wire_down
         self.lora_blocks = list(lora_blocks)
         self.targets = list(targets)
-        self.groups: dict[str, list[str]] = {}  # input group -> its targets, in target order (as the cloud groups them)
-        if lora is not None:
-            for t in self.targets:
-                self.groups.setdefault(lora.family.input_groups[t], []).append(t)
+        # input group -> its targets, in execution order, exactly as the cloud and the simulator group them
+        self.groups = site_groups(lora.family.name, self.targets) if lora is not None else ()
         self.lora = lora
         self.killed: set[int] = set()  # Kill & Revive: blocks whose LoRA is off this step
         self.step = 0
@@ -92,6 +138,16 @@ class RemoteCloud(nn.Module):
 
     def active_blocks(self) -> list[int]:
         return [b for b in self.lora_blocks if b not in self.killed]
+
+    def lora_grads(self) -> dict:
+        """The cloud-block LoRA gradients as they are now (a failed backward may have added to them)."""
+        if self.lora is None:
+            return {}
+        return {p: None if p.grad is None else p.grad.clone() for p in self.lora.parameters()}
+
+    def restore_lora_grads(self, saved: dict) -> None:
+        for p, g in saved.items():
+            p.grad = g.clone() if g is not None else None
 
     def decode(self, msg, shape, like: torch.Tensor) -> torch.Tensor:
         try:

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import tasks as T
-from edge.link import CloudLink, LinkConfig, StepFailed, Traffic
+from edge.link import CloudLink, LinkConfig, StepFailed
+from protocol.step import Traffic
 from edge.remote import RemoteCloud
 from model.load import DTYPES, fingerprint, load_model
 from model.lora import LoRAConfig, LoRASet

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.sites import FAMILY_OF, INPUT_GROUPS
+
 
 class Family(ABC):
     """How to drive one model family block by block."""
-    # LoRA target -> the group of targets that read the same input (they travel together in DLoRA)
+    name: str = ""  # the family's key in model/sites.py
+    # LoRA target -> the group of targets that read the same input (they travel together in DLoRA): model/sites.py
     input_groups: dict[str, str] = {}
     layers_pattern: str = "layers"  # PEFT's name for the block list
     fan_in_fan_out: bool = False  # PEFT's flag for weights stored [in, out] (GPT-2's Conv1D)
@@ -67,8 +70,8 @@ class Family(ABC):
 
 class LlamaFamily(Family):
     """Llama, Mistral, Qwen2, SmolLM2 and other `model.layers[i]` decoders with rotary positions."""
-    input_groups = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
-                    "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out"}
+    name = "llama"
+    input_groups = INPUT_GROUPS["llama"]
 
     def blocks(self, model):
         return model.model.layers
@@ -98,7 +101,8 @@ class LlamaFamily(Family):
 
 class GPT2Family(Family):
     """GPT-2: learned positions added to the token embedding, Conv1D projections, `transformer.h[i]` blocks."""
-    input_groups = {"c_attn": "attn_in", "c_fc": "mlp_in"}  # c_proj exists in attn and mlp: name them apart first
+    name = "gpt2"
+    input_groups = INPUT_GROUPS["gpt2"]
     layers_pattern = "h"
     fan_in_fan_out = True
 
@@ -137,7 +141,7 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return tuple(module.weight.shape)
 
 
-FAMILIES = {"llama": LlamaFamily, "mistral": LlamaFamily, "qwen2": LlamaFamily, "gpt2": GPT2Family}
+FAMILIES = {kind: {"llama": LlamaFamily, "gpt2": GPT2Family}[fam] for kind, fam in FAMILY_OF.items()}
 
 
 def family_of(model) -> Family:

@@ -39,6 +39,17 @@ def payload_bytes(shape, dtype: int) -> int:
     return n * _ELEM_BYTES[dtype] + extra
 
 
+def tensor_payload(msg) -> int:
+    """Raw tensor bytes (data + int8 scales) inside any message, found by walking its fields."""
+    if isinstance(msg, pb.Tensor):
+        return len(msg.data) + len(msg.scale)
+    total = 0
+    for fd, value in msg.ListFields():
+        if fd.message_type is not None:
+            total += sum(tensor_payload(v) for v in (value if fd.is_repeated else [value]))
+    return total
+
+
 def encode(t: torch.Tensor, dtype: int = pb.FLOAT32) -> pb.Tensor:
     t = t.detach()
     if t.device.type != "cpu":

@@ -14,8 +14,8 @@ here and models we cannot (LLaMA-7B/70B), validated against measured runs on a r
 from sim.costmodel import PATHS, StepCost, Workload, predict, predict_all
 from sim.profiles import DeviceProfile, LinkProfile, device_profile, link_profile
 from sim.shape import ModelShape, load_shape
-from sim.wire import StepTraffic, WireSetup, dlora_setup, step_traffic
+from sim.wire import WireSetup, dlora_setup, step_traffic
 
 __all__ = ["PATHS", "StepCost", "Workload", "predict", "predict_all", "DeviceProfile", "LinkProfile",
-           "device_profile", "link_profile", "ModelShape", "load_shape", "StepTraffic", "WireSetup", "dlora_setup",
+           "device_profile", "link_profile", "ModelShape", "load_shape", "WireSetup", "dlora_setup",
            "step_traffic"]

@@ -47,7 +47,8 @@ from dataclasses import dataclass, replace
 
 from sim.profiles import DeviceProfile, LinkProfile
 from sim.shape import INPUT_GROUPS, ModelShape
-from sim.wire import StepTraffic, WireSetup, cloud_blocks, dlora_setup, step_traffic
+from protocol.step import Traffic
+from sim.wire import WireSetup, cloud_blocks, dlora_setup, step_traffic
 
 PATHS = ("local-full", "local-peft", "split", "dlora", "offsite", "federated")
 ADAM_BYTES_PER_PARAM = 28  # fp32 AdamW step: read w, g, m, v (16 B), write w, m, v (12 B)
@@ -208,7 +209,7 @@ class StepCost:
     latency_s: float
     phases: tuple[Phase, ...] = ()
     one_time_bytes: float = 0.0  # offsite: the emulator download; bytes that are not per step
-    traffic: StepTraffic | None = None
+    traffic: Traffic | None = None
     notes: tuple[str, ...] = ()
     edge_fits: bool = True
     cloud_fits: bool = True

@@ -10,15 +10,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.sites import input_groups
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "llama2-7b": "llama-7b",
            "llama2-70b": "llama-70b"}
 
-# LoRA target -> input group (targets of one group read the same input and travel together in DLoRA).
-# Mirrors model.segments.LlamaFamily (kept here so the simulator imports neither torch nor transformers).
-INPUT_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
-                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out"}
-GROUP_ORDER = ["attn_in", "attn_out", "mlp_in", "mlp_out"]
+# LoRA target -> input group (targets of one group read the same input and travel together in DLoRA): the Llama
+# family's table in model/sites.py, the one the edge and the cloud use.
+INPUT_GROUPS = input_groups("llama")
 
 
 @dataclass(frozen=True)

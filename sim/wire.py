@@ -1,15 +1,7 @@
 """Exact wire bytes of one training step, counted by building the very protobuf messages the edge and cloud send.
 
-The sequence follows protocol/tandem.proto (one `Step` stream per training step):
-
-    up    Begin{session_id, step, train, hidden [B,T,H] (up dtype), attention_mask [B,T] BOOL, active_blocks}
-    down  LoraRequest{block, group, x [B,T,in]}            DLoRA: per active block and input group, layer order
-    up    LoraReply{block, group, outputs [B,T,out] per target of the group}
-    down  Hidden{hidden [B,T,H], cloud_seconds}
-    up    OutputGrad{grad [B,T,H]}
-    down  LoraGradRequest{block, group, grads [B,T,out] per target}   DLoRA: reverse layer order
-    up    LoraGradReply{block, group, grad [B,T,in]}
-    down  InputGrad{grad [B,T,H], cloud_seconds}
+The order of the messages is not written here: `step_traffic` walks `protocol.step.StepPlan.messages()`, the
+same description the edge's link and the cloud's stream follow, and builds each message it names.
 
 "Wire bytes" are what `protocol.wire_size` counts (protobuf size of the EdgeMessage/CloudMessage + the 5-byte gRPC
 prefix): the same number the edge and the cloud report. Tensors are built with zero bytes of the right length, so
@@ -21,9 +13,11 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from model.sites import site_groups
 from protocol import pb, wire_size
-from protocol.tensors import WIRE_DTYPES, payload_bytes
-from sim.shape import GROUP_ORDER, INPUT_GROUPS, ModelShape
+from protocol.step import StepPlan, Traffic
+from protocol.tensors import WIRE_DTYPES, payload_bytes, tensor_payload
+from sim.shape import ModelShape
 
 SESSION_ID_CHARS = 32  # uuid4().hex
 CLOUD_SECONDS = 0.125  # any nonzero double: a set proto3 double always takes 9 bytes
@@ -113,18 +107,6 @@ def input_grad(hidden: tuple[int, ...], down: int) -> pb.CloudMessage:
 BUILDERS = {"begin": begin, "lora_request": lora_request, "lora_reply": lora_reply, "hidden": hidden_msg,
             "output_grad": output_grad, "lora_grad_request": lora_grad_request, "lora_grad_reply": lora_grad_reply,
             "input_grad": input_grad}
-UP = {"begin", "lora_reply", "output_grad", "lora_grad_reply"}
-
-
-def tensor_payload(msg) -> int:
-    """Raw tensor bytes (data + int8 scales) inside a message, as the edge counts `payload_up/down`."""
-    if isinstance(msg, pb.Tensor):
-        return len(msg.data) + len(msg.scale)
-    total = 0
-    for fd, value in msg.ListFields():
-        if fd.message_type is not None:
-            total += sum(tensor_payload(v) for v in (value if fd.is_repeated else [value]))
-    return total
 
 
 def _varint_class(v: int) -> int:
@@ -143,54 +125,6 @@ def _sized(kind: str, args: tuple) -> tuple[int, int]:
 
 # ---- one step -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class WireMessage:
-    kind: str
-    direction: str  # "up" = edge -> cloud, "down" = cloud -> edge
-    wire_bytes: int
-    payload_bytes: int
-    block: int | None = None
-    group: str | None = None
-
-
-@dataclass(frozen=True)
-class StepTraffic:
-    """Every message of one step, in the order they cross."""
-    messages: tuple[WireMessage, ...]
-
-    def _sum(self, direction: str, attr: str) -> int:
-        return sum(getattr(m, attr) for m in self.messages if m.direction == direction)
-
-    @property
-    def bytes_up(self) -> int:
-        return self._sum("up", "wire_bytes")
-
-    @property
-    def bytes_down(self) -> int:
-        return self._sum("down", "wire_bytes")
-
-    @property
-    def payload_up(self) -> int:
-        return self._sum("up", "payload_bytes")
-
-    @property
-    def payload_down(self) -> int:
-        return self._sum("down", "payload_bytes")
-
-    @property
-    def messages_up(self) -> int:
-        return sum(m.direction == "up" for m in self.messages)
-
-    @property
-    def messages_down(self) -> int:
-        return sum(m.direction == "down" for m in self.messages)
-
-    @property
-    def round_trips(self) -> int:
-        """Sequential request/answer exchanges: each one waits for the other side before the step goes on."""
-        return len(self.messages) // 2
-
-
-@dataclass(frozen=True)
 class WireSetup:
     """What fixes the traffic of a remote step: the cut, the wire dtypes and the DLoRA sites.
 
@@ -208,12 +142,9 @@ class WireSetup:
     def active(self) -> tuple[int, ...]:
         return tuple(sorted(self.lora_blocks if self.active_blocks is None else self.active_blocks))
 
-    def groups(self) -> list[tuple[str, tuple[str, ...]]]:
+    def groups(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """Input groups of the targets, in execution order, each with its targets in `lora_targets` order."""
-        by_group: dict[str, list[str]] = {}
-        for t in self.lora_targets:
-            by_group.setdefault(INPUT_GROUPS[t], []).append(t)
-        return [(g, tuple(by_group[g])) for g in GROUP_ORDER if g in by_group]
+        return site_groups("llama", self.lora_targets)
 
 
 def cloud_blocks(shape: ModelShape, k: int, m: int) -> tuple[int, ...]:
@@ -232,36 +163,32 @@ def dlora_setup(shape: ModelShape, k: int = 1, m: int = 1, wire_up: str = "fp32"
 
 
 def step_traffic(shape: ModelShape, setup: WireSetup, batch: int, seq: int, step: int = 1,
-                 train: bool = True) -> StepTraffic:
+                 train: bool = True) -> Traffic:
     """All messages of one step of `batch` sequences of `seq` tokens (the padded length the edge sends)."""
     up, down = WIRE_DTYPES[setup.wire_up], WIRE_DTYPES[setup.wire_down]
     H = (batch, seq, shape.hidden)
     active = setup.active()
-    groups = setup.groups() if active else []
     if any(b not in setup.lora_blocks for b in active):
         raise ValueError(f"active blocks {active} are not all LoRA blocks {setup.lora_blocks}")
-    out: list[WireMessage] = []
-
-    def add(kind: str, *args, block=None):
-        wire, payload = _sized(kind, args)
-        group = args[1] if block is not None else None
-        out.append(WireMessage(kind, "up" if kind in UP else "down", wire, payload, block, group))
-
-    def shapes(group_targets, side):  # side 0: input, 1: output
-        return [(batch, seq, shape.linear(t)[side]) for t in group_targets]
-
+    plan = StepPlan(train, active, setup.groups() if active else ())
     v = _varint_class  # exact sizes, cached per varint length (see _varint_class)
-    add("begin", v(step), train, H, up, tuple(v(b) for b in active) if setup.lora_blocks else ())
-    for b in active:
-        for g, ts in groups:
-            add("lora_request", v(b), g, shapes(ts, 0)[0], down, block=b)
-            add("lora_reply", v(b), g, tuple(shapes(ts, 1)), up, block=b)
-    add("hidden", H, down)
-    if train:
-        add("output_grad", H, up)
-        for b in reversed(active):
-            for g, ts in reversed(groups):
-                add("lora_grad_request", v(b), g, tuple(shapes(ts, 1)), down, block=b)
-                add("lora_grad_reply", v(b), g, shapes(ts, 0)[0], up, block=b)
-        add("input_grad", H, down)
-    return StepTraffic(tuple(out))
+
+    def shapes(group: str, side: int):  # side 0: input, 1: output of each target of the group
+        return tuple((batch, seq, shape.linear(t)[side]) for t in plan.targets(group))
+
+    def args(m) -> tuple:
+        if m.kind == "begin":
+            return v(step), train, H, up, tuple(v(b) for b in active) if setup.lora_blocks else ()
+        if m.kind in ("hidden", "input_grad"):
+            return H, down
+        if m.kind == "output_grad":
+            return H, up
+        side, dtype = {"lora_request": (0, down), "lora_reply": (1, up), "lora_grad_request": (1, down),
+                       "lora_grad_reply": (0, up)}[m.kind]
+        sizes = shapes(m.group, side)
+        return v(m.block), m.group, sizes[0] if side == 0 else sizes, dtype
+
+    traffic = Traffic()
+    for m in plan.messages():
+        traffic.record(m, *_sized(m.kind, args(m)))
+    return traffic

@@ -2,16 +2,15 @@
 runs (edge and cloud over gRPC) count for split, DLoRA, DLoRA + Kill & Revive and int8 wires."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from protocol import pb, wire_size
-from protocol.tensors import encode
+from protocol.step import StepPlan
+from protocol.tensors import WIRE_DTYPES, encode
 from sim.shape import load_shape, shape_from_dict
 from sim.wire import WireSetup, cloud_blocks, dlora_setup, step_traffic
-from tests.conftest import TOKENS
+from tests.conftest import make_edge, sst2_batches
 
 TINY = shape_from_dict("tiny-llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
@@ -20,31 +19,41 @@ SID = "0123456789abcdef0123456789abcdef"  # a uuid4 hex is 32 characters
 
 
 def real_step(shape, setup: WireSetup, B: int, T: int, step: int) -> list[tuple[str, int]]:
-    """Every message of one step, built with protocol.tensors.encode from random tensors, as the edge and cloud do."""
-    up, down = (getattr(pb, {"fp32": "FLOAT32", "bf16": "BFLOAT16", "fp16": "FLOAT16", "int8": "INT8"}[d])
-                for d in (setup.wire_up, setup.wire_down))
-    H = shape.hidden
+    """Every message of one step, built with protocol.tensors.encode from random tensors as the edge and cloud do,
+    in the order of the one step description (protocol.step.StepPlan)."""
+    up, down = (WIRE_DTYPES[d] for d in (setup.wire_up, setup.wire_down))
     r = lambda *s: torch.randn(*s)  # noqa: E731
-    q, kv = shape.q_dim, shape.kv_dim
     active = list(setup.active())
-    out = [("up", pb.EdgeMessage(begin=pb.Begin(
-        session_id=SID, step=step, train=True, hidden=encode(r(B, T, H), up),
-        attention_mask=encode(torch.ones(B, T, dtype=torch.bool), pb.BOOL),
-        active_blocks=active if setup.lora_blocks else [])))]
-    for b in active:
-        out.append(("down", pb.CloudMessage(lora_request=pb.LoraRequest(block=b, group="attn_in",
-                                                                        x=encode(r(B, T, H), down)))))
-        out.append(("up", pb.EdgeMessage(lora_reply=pb.LoraReply(
-            block=b, group="attn_in", outputs=[encode(r(B, T, q), up), encode(r(B, T, kv), up)]))))
-    out.append(("down", pb.CloudMessage(hidden=pb.Hidden(hidden=encode(r(B, T, H), down), cloud_seconds=0.0123))))
-    out.append(("up", pb.EdgeMessage(output_grad=pb.OutputGrad(grad=encode(r(B, T, H), up)))))
-    for b in reversed(active):
-        out.append(("down", pb.CloudMessage(lora_grad_request=pb.LoraGradRequest(
-            block=b, group="attn_in", grads=[encode(r(B, T, q), down), encode(r(B, T, kv), down)]))))
-        out.append(("up", pb.EdgeMessage(lora_grad_reply=pb.LoraGradReply(block=b, group="attn_in",
-                                                                          grad=encode(r(B, T, H), up)))))
-    out.append(("down", pb.CloudMessage(input_grad=pb.InputGrad(grad=encode(r(B, T, H), down), cloud_seconds=1.5))))
-    return [(d, wire_size(m)) for d, m in out]
+    plan = StepPlan(True, tuple(active), setup.groups() if active else ())
+    width = lambda t, side: shape.linear(t)[side]  # noqa: E731
+    out = []
+    for m in plan.messages():
+        ts = plan.targets(m.group) if m.group else ()
+        if m.kind == "begin":
+            msg = pb.EdgeMessage(begin=pb.Begin(
+                session_id=SID, step=step, train=True, hidden=encode(r(B, T, shape.hidden), up),
+                attention_mask=encode(torch.ones(B, T, dtype=torch.bool), pb.BOOL),
+                active_blocks=active if setup.lora_blocks else []))
+        elif m.kind == "lora_request":
+            msg = pb.CloudMessage(lora_request=pb.LoraRequest(block=m.block, group=m.group,
+                                                              x=encode(r(B, T, width(ts[0], 0)), down)))
+        elif m.kind == "lora_reply":
+            msg = pb.EdgeMessage(lora_reply=pb.LoraReply(block=m.block, group=m.group,
+                                                         outputs=[encode(r(B, T, width(t, 1)), up) for t in ts]))
+        elif m.kind == "hidden":
+            msg = pb.CloudMessage(hidden=pb.Hidden(hidden=encode(r(B, T, shape.hidden), down), cloud_seconds=0.0123))
+        elif m.kind == "output_grad":
+            msg = pb.EdgeMessage(output_grad=pb.OutputGrad(grad=encode(r(B, T, shape.hidden), up)))
+        elif m.kind == "lora_grad_request":
+            msg = pb.CloudMessage(lora_grad_request=pb.LoraGradRequest(
+                block=m.block, group=m.group, grads=[encode(r(B, T, width(t, 1)), down) for t in ts]))
+        elif m.kind == "lora_grad_reply":
+            msg = pb.EdgeMessage(lora_grad_reply=pb.LoraGradReply(block=m.block, group=m.group,
+                                                                  grad=encode(r(B, T, width(ts[0], 0)), up)))
+        else:
+            msg = pb.CloudMessage(input_grad=pb.InputGrad(grad=encode(r(B, T, shape.hidden), down), cloud_seconds=1.5))
+        out.append((m.direction, wire_size(msg)))
+    return out
 
 
 SETUPS = {
@@ -54,6 +63,8 @@ SETUPS = {
     "dlora": dlora_setup(TINY),
     "dlora-kr": dlora_setup(TINY, active_fraction=0.5),
     "dlora-int8": dlora_setup(TINY, wire_up="int8", wire_down="int8"),
+    "dlora-all-targets": dlora_setup(TINY, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj")),
 }
 
 
@@ -95,31 +106,6 @@ def test_payload_and_message_counts_follow_the_shapes():
 
 
 # ---- against real training runs (tiny Llama, real edge and cloud over gRPC on loopback) ----------------------------
-def run_and_predict(cloud, tiny, steps=3, step_hook=None, **kw):
-    from edge.trainer import EdgeConfig, train
-    shapes: list[tuple[int, ...]] = []
-
-    def hook(em, step):
-        if step == 0:  # record the (B, T) each step really sends
-            em.cloud.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
-        if step_hook:
-            step_hook(em, step)
-
-    cfg = EdgeConfig(cloud=cloud.address, token=TOKENS["alice"], model="tiny-llama", task="sst2", steps=steps,
-                     batch_size=4, eval_before=False, eval_after=False, progress=False, **kw)
-    metrics = train(cfg, loaded=copy.deepcopy(tiny), step_hook=hook)
-    rows = []
-    for rec, (B, T, _) in zip(metrics["steps"], shapes):
-        if kw.get("cloud_lora") == "edge":
-            setup = dlora_setup(TINY, 1, 1, kw.get("wire_up", "fp32"), kw.get("wire_down", "fp32"))
-            setup = WireSetup(**{**setup.__dict__, "active_blocks": tuple(rec["active_blocks"])})
-        else:
-            setup = WireSetup(1, 1, kw.get("wire_up", "fp32"), kw.get("wire_down", "fp32"))
-        rows.append((rec, step_traffic(TINY, setup, B, T, step=rec["step"])))
-    assert len(rows) == steps
-    return rows
-
-
 def kill_every_other(em, step):
     em.cloud.killed = set(em.cloud.lora_blocks[step % 2::2])
 
@@ -127,12 +113,30 @@ def kill_every_other(em, step):
 @pytest.mark.parametrize("kw", [
     dict(cloud_lora="none"),
     dict(cloud_lora="edge"),
-    dict(cloud_lora="edge", step_hook=kill_every_other),
+    dict(cloud_lora="edge", kr=kill_every_other),
     dict(cloud_lora="none", wire_up="int8", wire_down="int8"),
     dict(cloud_lora="edge", wire_up="int8", wire_down="int8"),
-], ids=["split", "dlora", "dlora+kr", "split-int8", "dlora-int8"])
-def test_predicted_bytes_equal_measured_bytes_of_real_runs(cloud, tiny, kw):
-    for rec, sim in run_and_predict(cloud, tiny, **kw):
-        for key in ("bytes_up", "bytes_down", "payload_up", "payload_down", "messages_up", "messages_down"):
-            assert getattr(sim, key) == pytest.approx(rec[key], rel=0.01), key
-            assert getattr(sim, key) == rec[key], key  # in fact exact
+    dict(cloud_lora="edge", lora_targets=("q_proj", "o_proj", "up_proj", "gate_proj", "down_proj")),
+], ids=["split", "dlora", "dlora+kr", "split-int8", "dlora-int8", "dlora-mixed-groups"])
+def test_a_real_step_crosses_exactly_the_simulated_messages(cloud, tiny, kw):
+    """The edge's link and the simulator walk the same step description: every message of a real step (kind,
+    direction, block, group, wire bytes, payload bytes) is the one the simulator predicts, in the same order."""
+    kill = kw.pop("kr", None)
+    em, _, link = make_edge(cloud, tiny, **kw)
+    shape = TINY
+    for step, b in enumerate(sst2_batches(3)):
+        if kill:
+            kill(em, step)
+        em.cloud.step = step
+        loss, _ = em.loss(b)
+        loss.backward()
+        B, T = b.input_ids.shape
+        targets = tuple(kw.get("lora_targets", ("q_proj", "v_proj")))
+        if kw["cloud_lora"] == "edge":
+            setup = dlora_setup(shape, 1, 1, kw.get("wire_up", "fp32"), kw.get("wire_down", "fp32"), targets)
+            setup = WireSetup(**{**setup.__dict__, "active_blocks": tuple(em.cloud.active_blocks())})
+        else:
+            setup = WireSetup(1, 1, kw.get("wire_up", "fp32"), kw.get("wire_down", "fp32"))
+        assert em.cloud.last_traffic.messages == step_traffic(shape, setup, B, T, step=step).messages
+    stats = link.close()
+    assert stats.steps == 3

@@ -6,7 +6,8 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from cloud.service import BackboneService, CloudConfig, make_server
+from cloud.rpc import BackboneService, make_server
+from cloud.sessions import CloudConfig
 from model.load import DTYPES, load_model
 
 log = logging.getLogger("tandem.cloud")

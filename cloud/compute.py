@@ -1,0 +1,128 @@
+"""The cloud's compute for one step: the frozen cloud blocks forward and backward, with no RPC in sight.
+
+DLoRA puts a LoRA branch on cloud blocks whose weights live on the edge. Here each such site is an explicit module,
+`EdgeBranchLinear(base, block, target, branches)`, that wraps the base linear the way PEFT's `LoraLayer` wraps its
+base layer: y = base(x) + branch(x). The step's context (which blocks are active, how to reach the edge) is handed
+to it as a constructor argument: for each step the cloud runs a shallow copy of each active block in which the
+adapted linears are replaced by such wrappers (`with_submodules`; parameters are shared, nothing is copied). No hook
+and no thread-local state is involved, so concurrent steps of different sessions never see each other's sites.
+
+How a branch is computed is the `exchange`'s business (`LoRAExchange`): over gRPC it is the cloud's half of the Step
+stream (cloud/stream.py); in a test it can be a local LoRA. The cloud never holds LoRA weights.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from model.segments import family_of, linear_dims
+
+
+class LoRAExchange(Protocol):
+    def outputs(self, block: int, group: str, x: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+        """scaling * B A x for each target of the group (the edge computes it)."""
+
+    def input_grad(self, block: int, group: str, grads: list[torch.Tensor], x_shape) -> torch.Tensor:
+        """dL/dx (of shape `x_shape`) of the group's shared input, from dL/d(output) of each target."""
+
+
+class _EdgeBranch(torch.autograd.Function):
+    """Forward: the group's branch outputs from the exchange. Backward: the input gradient from the exchange."""
+
+    @staticmethod
+    def forward(ctx, x, exchange: LoRAExchange, block: int, group: str, widths: list[int]):
+        ctx.exchange, ctx.block, ctx.group, ctx.x_shape = exchange, block, group, tuple(x.shape)
+        return tuple(exchange.outputs(block, group, x, widths))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return ctx.exchange.input_grad(ctx.block, ctx.group, list(grads), ctx.x_shape), None, None, None, None
+
+
+class StepBranches:
+    """The DLoRA branches of one step: the active blocks, the session's input groups, and the group outputs that
+    have been fetched but not yet added (q and v share one input, so one exchange serves both)."""
+
+    def __init__(self, exchange: LoRAExchange, active_blocks, groups: tuple[tuple[str, tuple[str, ...]], ...]):
+        self.exchange = exchange
+        self.active = set(active_blocks)
+        self.groups = groups
+        self.group_of = {t: g for g, ts in groups for t in ts}
+        self._pending: dict[tuple[int, str], torch.Tensor] = {}
+
+    def delta(self, block: int, target: str, x: torch.Tensor, widths: dict[str, int]) -> torch.Tensor:
+        if (block, target) not in self._pending:
+            group = self.group_of[target]
+            group_targets = dict(self.groups)[group]
+            outs = _EdgeBranch.apply(x, self.exchange, block, group, [widths[t] for t in group_targets])
+            self._pending.update({(block, t): o for t, o in zip(group_targets, outs)})
+        return self._pending.pop((block, target))
+
+
+class EdgeBranchLinear(nn.Module):
+    """A frozen cloud linear plus a branch computed on the edge: base(x) + branches.delta(block, target, x)."""
+
+    def __init__(self, base: nn.Module, block: int, target: str, branches: StepBranches, widths: dict[str, int]):
+        super().__init__()
+        self.base, self.block, self.target, self.branches, self.widths = base, block, target, branches, widths
+
+    def forward(self, x):
+        out = self.base(x)
+        return out + self.branches.delta(self.block, self.target, x, self.widths).to(out.dtype)
+
+
+def with_submodules(module: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """A shallow copy of `module` in which the submodules at the dotted paths are replaced. Everything else (other
+    submodules, parameters, buffers) is shared with the original, which stays untouched."""
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    heads: dict[str, dict[str, nn.Module]] = {}
+    for path, new in replacements.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            heads.setdefault(head, {})[rest] = new
+        else:
+            clone._modules[head] = new
+    for head, sub in heads.items():
+        clone._modules[head] = with_submodules(module._modules[head], sub)
+    return clone
+
+
+class CloudSegment:
+    """Blocks [first, stop) of a frozen model, run for one step with or without DLoRA branches."""
+
+    def __init__(self, model):
+        self.model = model
+        self.family = family_of(model)
+        self.blocks = self.family.blocks(model)
+        self._paths: dict[tuple[int, str], str] = {}
+        self._widths: dict[int, dict[str, int]] = {}
+        for b, block in enumerate(self.blocks):
+            self._widths[b] = {}
+            for t in self.family.input_groups:
+                try:
+                    self._paths[b, t] = self.family.target_path(block, t)
+                except KeyError:
+                    continue
+                self._widths[b][t] = linear_dims(self.family.target_module(block, t))[1]
+
+    def _block_for_step(self, b: int, branches: StepBranches | None) -> nn.Module:
+        block = self.blocks[b]
+        if branches is None or b not in branches.active:
+            return block
+        subs = {}
+        for t in branches.group_of:
+            path = self._paths[b, t]
+            base = self.family.target_module(block, t)
+            subs[path] = EdgeBranchLinear(base, b, t, branches, self._widths[b])
+        return with_submodules(block, subs)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, blocks: range,
+                branches: StepBranches | None = None) -> torch.Tensor:
+        ctx = self.family.context(self.model, hidden, mask)
+        for b in blocks:
+            hidden = self.family.run_block(self._block_for_step(b, branches), hidden, ctx)
+        return hidden

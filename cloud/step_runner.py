@@ -1,0 +1,60 @@
+"""One step on the cloud, start to end: decode the edge's `begin`, run the cloud segment, answer, and run the
+backward when the edge's gradient arrives. The autograd graph lives only inside this call.
+
+The stream (cloud/stream.py) carries and checks the messages; the segment (cloud/compute.py) computes.
+"""
+from __future__ import annotations
+
+import time
+
+import grpc
+import torch
+
+from cloud.compute import CloudSegment, StepBranches
+from cloud.sessions import CloudError, Session
+from cloud.stream import CloudStream
+from protocol import pb
+from protocol.tensors import encode
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def check_begin(begin, sess: Session, H: int, max_tokens: int, stream: CloudStream, dtype, device):
+    """The hidden state and mask of `begin`, decoded and checked; the active DLoRA blocks."""
+    like = torch.empty(0, dtype=dtype, device=device)
+    hidden = stream.decode(begin.hidden, [None, None, H], like, "hidden", max_elements=max_tokens * H)
+    B, T, _ = hidden.shape
+    if B == 0 or T == 0:
+        raise CloudError(INVALID, f"hidden: empty batch or sequence (shape {[B, T, H]})")
+    mask = stream.decode(begin.attention_mask, [B, T], None, "attention_mask", dtypes=[pb.BOOL, pb.INT64])
+    active = set(begin.active_blocks)  # empty: no LoRA site runs this step (Kill & Revive may kill all)
+    if not active <= set(sess.lora_blocks):
+        raise CloudError(INVALID, f"active blocks {sorted(active - set(sess.lora_blocks))[:8]} have no LoRA sites")
+    return hidden, mask.long().to(device), sorted(active)
+
+
+def run_step(segment: CloudSegment, sess: Session, begin, stream: CloudStream, max_tokens: int) -> tuple:
+    """Run the step; returns (last message, cloud compute seconds). The last message (hidden for a forward-only
+    step, input_grad for a train step) is counted but not yet sent: the caller frees the session first."""
+    p = next(segment.model.parameters())
+    hidden, mask, active = check_begin(begin, sess, segment.model.config.hidden_size, max_tokens, stream,
+                                       p.dtype, p.device)
+    branches = StepBranches(stream, active, sess.groups) if active else None
+    t0, w0 = time.perf_counter(), stream.wait_seconds
+    with torch.set_grad_enabled(begin.train):
+        x = hidden.requires_grad_(begin.train)
+        out = segment.forward(x, mask, sess.cut.cloud, branches)
+    fwd = time.perf_counter() - t0 - (stream.wait_seconds - w0)
+    hidden_msg = pb.CloudMessage(hidden=pb.Hidden(hidden=encode(out, sess.wire_down), cloud_seconds=fwd))
+    if not begin.train:
+        stream.protocol.observe(hidden_msg)
+        return hidden_msg, fwd
+    stream.send(hidden_msg)
+    _, grad_msg = stream.recv()
+    grad = stream.decode(grad_msg.grad, list(out.shape), out, "output grad")
+    t0, w0 = time.perf_counter(), stream.wait_seconds
+    torch.autograd.backward(out, grad)
+    bwd = time.perf_counter() - t0 - (stream.wait_seconds - w0)
+    last = pb.CloudMessage(input_grad=pb.InputGrad(grad=encode(x.grad, sess.wire_down), cloud_seconds=bwd))
+    stream.protocol.observe(last)
+    return last, fwd + bwd
