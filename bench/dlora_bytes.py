@@ -1,3 +1,4 @@
+# main() is longer than 60 lines on purpose: a benchmark reads as one experiment, top to bottom.
 """Bytes and accuracy of each training path on SST-2, in one run, against DLoRA all-active fp32.
 
     python bench/dlora_bytes.py [--steps 150] [--eval-examples 500] [--model smollm2]
@@ -21,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tasks as T  # noqa: E402
-from cloud.service import BackboneService, make_server  # noqa: E402
+from cloud.rpc import BackboneService, make_server  # noqa: E402
 from edge.trainer import EdgeConfig, train  # noqa: E402
 from model.load import load_model  # noqa: E402
 
@@ -43,10 +44,10 @@ def local_peft_accuracy(loaded, args) -> tuple[float, float]:
     lora = LoRASet(model, LoRAConfig(blocks=list(range(model.config.num_hidden_layers))))
     pm = ref.peft_model(model, lora)
     tok, task = loaded.tokenizer or T.tiny_tokenizer(), T.TASKS["sst2"]
-    cfg = EdgeConfig(steps=args.steps, batch_size=args.batch_size)
+    cfg = EdgeConfig.of(steps=args.steps, batch_size=args.batch_size).optim
     items = T.encode(task, T.load_split("sst2", "train"), tok)
-    from edge.trainer import _infinite_batches
-    gen = _infinite_batches(task, items, cfg.batch_size, tok.pad_token_id or 0, cfg.seed)
+    from model.training import endless_batches
+    gen = endless_batches(task, items, cfg.batch_size, tok.pad_token_id or 0, cfg.seed)
     ref.train_steps(pm, task, [next(gen) for _ in range(args.steps)], cfg.lr)
     dev = T.encode(task, T.load_split("sst2", "dev"), tok)[:args.eval_examples]
     acc = ref.evaluate(pm, task, dev, tok.pad_token_id or 0, T.label_token_ids(task, tok))
@@ -94,10 +95,10 @@ def main():
     wanted = set(range(len(ROWS))) if args.rows == "all" else {int(r) for r in args.rows.split(",")} | {1}
     for name, opts in [r for i, r in enumerate(ROWS) if i in wanted]:
         t0 = time.perf_counter()
-        cfg = EdgeConfig(cloud=f"127.0.0.1:{port}", token=TOKEN, model=args.model, steps=args.steps,
-                         batch_size=args.batch_size, eval_examples=args.eval_examples, eval_before=zero_shot is None,
-                         name=name, **opts)
-        m = train(cfg, loaded=copy.deepcopy(loaded))
+        cfg = EdgeConfig.of(cloud=f"127.0.0.1:{port}", token=TOKEN, model=args.model, steps=args.steps,
+                            batch_size=args.batch_size, eval_examples=args.eval_examples, eval_before=zero_shot is None,
+                            name=name, **opts)
+        m = train(cfg, loaded=copy.deepcopy(loaded)).metrics
         zero_shot = zero_shot if zero_shot is not None else m["eval_before"]["accuracy"]
         s = m["summary"]
         results[name] = {"bytes_up_per_step": s["bytes_up_per_step"], "bytes_down_per_step": s["bytes_down_per_step"],

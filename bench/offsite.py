@@ -35,9 +35,10 @@ import tasks as T  # noqa: E402
 from cli.report import table  # noqa: E402
 from emulator.build import BuildConfig, build  # noqa: E402
 from emulator.bundle import (ADAPTER_FORMAT, BUNDLE_FORMAT, Layout, compact_config, load_bundle,  # noqa: E402
-                             open_sealed_dir, seal_dir, verify_dir)
+                             verify_dir)
 from emulator.onnx_export import export_onnx, max_abs_diff, session  # noqa: E402
 from emulator.plug import format_table, load_adapter, offsite_table  # noqa: E402
+from emulator.transport import open_sealed_dir, seal_dir  # noqa: E402
 from emulator.tune import TuneConfig, make_adapter, median, task_data, train_adapter, tune  # noqa: E402
 from model.load import load_model  # noqa: E402
 from privacy.security.seal import generate_identity, load_identity, load_public  # noqa: E402
@@ -131,7 +132,7 @@ def onnx_check(model, out_dir: Path, tokenizer, data) -> float:
     return max_abs_diff(model, session(path), batch.input_ids, batch.attention_mask)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--task", default="sst2")
@@ -155,20 +156,18 @@ def main() -> None:
     p.add_argument("--out", default="runs/offsite")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.child:
-        return child(args)
+    return p.parse_args()
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out} is not empty: choose a new --out")
-    t_start = time.perf_counter()
-    keys = out / "keys"
+
+def make_identities(keys: Path):
+    """Fresh identities (signing + encryption keys) for the cloud and the data owner, under `keys`."""
     for name in ("cloud", "owner"):
         generate_identity(keys, name)
-    cloud, owner = load_identity(keys, "cloud"), load_identity(keys, "owner")
+    return load_identity(keys, "cloud"), load_identity(keys, "owner")
 
+
+def cloud_build(args, out: Path, keys: Path, cloud):
+    """Step 1: build the bundle and seal it to the owner; build the full-model bundle for the cost measurement."""
     print(f"[1/5] cloud: building the bundle (drop {args.drop}, distillation {args.distill_steps} steps)", flush=True)
     loaded = load_model(args.model)
     tok = loaded.tokenizer or T.tiny_tokenizer()  # tiny test models have none
@@ -179,40 +178,87 @@ def main() -> None:
     # the full-model variant of the cost measurement: same loader, nothing dropped, nothing distilled
     build(BuildConfig(model=args.model, bottom=args.bottom, top=args.top, drop=0.0), out / "cloud" / "full_bundle",
           loaded=loaded)
+    return loaded, tok, manifest
+
+
+def owner_tune(args, out: Path, keys: Path, owner) -> dict:
+    """Step 2: the data owner opens and verifies the bundle, tunes the adapter, seals it back to the cloud."""
+    print("[2/5] data owner: verify the bundle, tune the adapter through the emulator", flush=True)
+    open_sealed_dir(out / "cloud" / "bundle.sealed", out / "owner" / "bundle", BUNDLE_FORMAT,
+                    load_public(keys, "cloud"), owner)
+    tcfg = TuneConfig(task=args.task, mode=args.mode, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
+                      eval_examples=args.eval_examples, eval_before=False, eval_after=False)
+    tuned = tune(tcfg, out / "owner" / "bundle", out / "owner" / "adapter")
+    seal_dir(out / "owner" / "adapter", out / "owner" / "adapter.sealed", ADAPTER_FORMAT, owner,
+             load_public(keys, "cloud"))
+    return tuned
+
+
+def cloud_plug(args, out: Path, keys: Path, cloud, loaded, tok) -> dict:
+    """Step 3: the cloud opens and verifies the adapter, plugs it in, evaluates the paper's table."""
+    print("[3/5] cloud: verify the adapter, plug it in, evaluate the table", flush=True)
+    open_sealed_dir(out / "owner" / "adapter.sealed", out / "cloud" / "adapter", ADAPTER_FORMAT,
+                    load_public(keys, "owner"), cloud)
+    return offsite_table(loaded.model, tok, load_bundle(out / "cloud" / "bundle"),
+                         load_adapter(out / "cloud" / "adapter"), args.task, args.eval_examples)
+
+
+def onnx_step(args, out: Path, loaded, tok, tuned: dict, plugged) -> dict:
+    """Step 4: export the owner's model and the plugged model as ONNX; the largest logit difference of each."""
+    print("[4/5] ONNX: export both models, compare onnxruntime with PyTorch", flush=True)
+    data = task_data(args.task, tok, args.eval_examples)
+    owner_model = tuned["_adapter"]
+    owner_model.merge()
+    diffs = {
+        "owner (adapter + emulator)": onnx_check(owner_model.model, out / "owner" / "onnx", loaded.tokenizer, data),
+        "plugged full model": onnx_check(plugged, out / "cloud" / "onnx", loaded.tokenizer, data)}
+    print(table(["ONNX model", "max |ort - torch| logits"], [[k, f"{v:.2e}"] for k, v in diffs.items()]), flush=True)
+    return diffs
+
+
+def tune_and_plug(args, out: Path, keys: Path, cloud, owner, loaded, tok, results: dict) -> None:
+    """Steps 2-4 (the table and the ONNX check), recorded into `results`."""
+    tuned = owner_tune(args, out, keys, owner)
+    res = cloud_plug(args, out, keys, cloud, loaded, tok)
+    plugged = res.pop("_plugged")
+    results["table"] = res
+    print(format_table(res), flush=True)
+    if not args.skip_onnx:
+        results["onnx_max_abs_diff"] = onnx_step(args, out, loaded, tok, tuned, plugged)
+    del plugged, tuned
+
+
+def headline(args, manifest: dict, results: dict, cost: dict) -> dict:
+    """The headline figures, printed as the run's last line."""
+    rows = results.get("table", {}).get("rows", {})
+    return {"model": args.model, "task": args.task, "dev_examples": results.get("table", {}).get("dev_examples"),
+            "mode": args.mode, "drop_ratio": manifest["drop_ratio"], "distill_steps": args.distill_steps,
+            "tune_steps": args.steps, "gradient_alignment": manifest["gradient_alignment"]["bundle"],
+            "bundle_parameters_ratio": round(manifest["parameters"]["bundle"] / manifest["parameters"]["full"], 3),
+            **{k.replace(" ", "_").replace("-", "_"): round(v, 4) for k, v in rows.items()},
+            "step_time_ratio": round(cost["step_time_ratio"], 3),
+            "peak_memory_ratio": round(cost["peak_memory_ratio"], 3),
+            "onnx_max_abs_diff": max(results["onnx_max_abs_diff"].values()) if "onnx_max_abs_diff" in results
+            else None, "seconds": results["seconds"]}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return child(args)
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: choose a new --out")
+    t_start = time.perf_counter()
+    keys = out / "keys"
+    cloud, owner = make_identities(keys)
+    loaded, tok, manifest = cloud_build(args, out, keys, cloud)
     results: dict = {"config": vars(args), "bundle": {k: manifest[k] for k in ("layout", "drop_ratio", "distillation",
                                                                                 "parameters")}}
-
     if not args.skip_table:
-        print("[2/5] data owner: verify the bundle, tune the adapter through the emulator", flush=True)
-        open_sealed_dir(out / "cloud" / "bundle.sealed", out / "owner" / "bundle", BUNDLE_FORMAT,
-                        load_public(keys, "cloud"), owner)
-        tcfg = TuneConfig(task=args.task, mode=args.mode, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
-                          eval_examples=args.eval_examples, eval_before=False, eval_after=False)
-        tuned = tune(tcfg, out / "owner" / "bundle", out / "owner" / "adapter")
-        seal_dir(out / "owner" / "adapter", out / "owner" / "adapter.sealed", ADAPTER_FORMAT, owner,
-                 load_public(keys, "cloud"))
-
-        print("[3/5] cloud: verify the adapter, plug it in, evaluate the table", flush=True)
-        open_sealed_dir(out / "owner" / "adapter.sealed", out / "cloud" / "adapter", ADAPTER_FORMAT,
-                        load_public(keys, "owner"), cloud)
-        res = offsite_table(loaded.model, tok, load_bundle(out / "cloud" / "bundle"),
-                            load_adapter(out / "cloud" / "adapter"), args.task, args.eval_examples)
-        plugged = res.pop("_plugged")
-        results["table"] = res
-        print(format_table(res), flush=True)
-
-        if not args.skip_onnx:
-            print("[4/5] ONNX: export both models, compare onnxruntime with PyTorch", flush=True)
-            data = task_data(args.task, tok, args.eval_examples)
-            owner_model = tuned["_adapter"]
-            owner_model.merge()
-            results["onnx_max_abs_diff"] = {
-                "owner (adapter + emulator)": onnx_check(owner_model.model, out / "owner" / "onnx", loaded.tokenizer,
-                                                         data),
-                "plugged full model": onnx_check(plugged, out / "cloud" / "onnx", loaded.tokenizer, data)}
-            print(table(["ONNX model", "max |ort - torch| logits"],
-                        [[k, f"{v:.2e}"] for k, v in results["onnx_max_abs_diff"].items()]), flush=True)
-        del plugged, tuned
+        tune_and_plug(args, out, keys, cloud, owner, loaded, tok, results)
     del loaded
     gc.collect()
 
@@ -222,19 +268,7 @@ def main() -> None:
     print(cost_table(cost), flush=True)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "offsite.json").write_text(json.dumps(results, indent=1))
-
-    rows = results.get("table", {}).get("rows", {})
-    headline = {"model": args.model, "task": args.task, "dev_examples": results.get("table", {}).get("dev_examples"),
-                "mode": args.mode, "drop_ratio": manifest["drop_ratio"], "distill_steps": args.distill_steps,
-                "tune_steps": args.steps, "gradient_alignment": manifest["gradient_alignment"]["bundle"],
-                "bundle_parameters_ratio": round(manifest["parameters"]["bundle"] / manifest["parameters"]["full"], 3),
-                **{k.replace(" ", "_").replace("-", "_"): round(v, 4) for k, v in rows.items()},
-                "step_time_ratio": round(cost["step_time_ratio"], 3),
-                "peak_memory_ratio": round(cost["peak_memory_ratio"], 3),
-                "onnx_max_abs_diff": max(results["onnx_max_abs_diff"].values()) if "onnx_max_abs_diff" in results
-                else None, "seconds": results["seconds"]}
-    print(json.dumps(headline))
-
+    print(json.dumps(headline(args, manifest, results, cost)))
 
 if __name__ == "__main__":
     main()

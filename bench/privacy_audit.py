@@ -62,22 +62,22 @@ def table(results: list[A.Result], ks: list[int], sigmas: list[float], attacks: 
 
 def train_with_noise(loaded, sigma: float, args) -> float:
     """Dev accuracy after DLoRA training whose edge noises what it sends (the audit's sigma, relative to the RMS)."""
-    from cloud.service import BackboneService, make_server
+    from cloud.rpc import BackboneService, make_server
     from edge.trainer import EdgeConfig, train
     token = "audit-token-0123456789abcdef"
     server, port = make_server(BackboneService(copy.deepcopy(loaded.model), {token: "audit"}), "127.0.0.1:0")
     server.start()
     try:
-        cfg = EdgeConfig(cloud=f"127.0.0.1:{port}", token=token, model=args.model, cloud_lora="edge",
-                         k=args.utility_k,
-                         steps=args.utility_steps, eval_examples=args.utility_eval, eval_before=False,
-                         noise_sigma=sigma, seed=args.seed, name=f"sigma={sigma:g}")
-        return train(cfg, loaded=copy.deepcopy(loaded))["eval_after"]["accuracy"]
+        cfg = EdgeConfig.of(cloud=f"127.0.0.1:{port}", token=token, model=args.model, cloud_lora="edge",
+                            k=args.utility_k,
+                            steps=args.utility_steps, eval_examples=args.utility_eval, eval_before=False,
+                            noise_sigma=sigma, seed=args.seed, name=f"sigma={sigma:g}")
+        return train(cfg, loaded=copy.deepcopy(loaded)).metrics["eval_after"]["accuracy"]
     finally:
         server.stop(0)
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--sentences", type=int, default=64)
@@ -97,17 +97,13 @@ def main():
     ap.add_argument("--utility-k", type=int, default=1, help="edge blocks below the cut in the utility runs")
     ap.add_argument("--utility-eval", type=int, default=500)
     ap.add_argument("--out", default="runs/bench/privacy_audit.json")
-    args = ap.parse_args()
-    torch.manual_seed(args.seed)
-    load_before = os.getloadavg()
-    t0 = time.time()
+    return ap.parse_args()
 
-    loaded = load_model(args.model)
-    model, tok = loaded.model, loaded.tokenizer
-    task = T.TASKS["sst2"]
-    probe = A.make_probe(task.template, victims(args.sentences, args.min_words, args.seed), tok)
+
+def attacker_vocab(tok, model, probe, args):
+    """The attacker's candidate tokens (None: the whole vocabulary), their description, count and coverage of the
+    victims' private tokens."""
     truth = probe.input_ids[probe.private]
-    prefix = tok(task.template.split("{")[0].rstrip(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if args.full_vocab:
         vocab, vocab_name = None, "full vocabulary"
     else:
@@ -116,10 +112,11 @@ def main():
         vocab_name = f"prior: tokens of {len(public)} SST-2 train sentences"
     n_vocab = model.get_input_embeddings().weight.shape[0] if vocab is None else len(vocab)
     coverage = 1.0 if vocab is None else torch.isin(truth, vocab).float().mean().item()
-    print(f"{probe.input_ids.shape[0]} SST-2 dev sentences, {probe.n_private} private tokens; "
-          f"attacker dictionary: {vocab_name} ({n_vocab} tokens, covers {coverage:.1%} of the private tokens); "
-          f"prefix {tok.convert_ids_to_tokens(prefix.tolist())}", flush=True)
+    return vocab, vocab_name, n_vocab, coverage
 
+
+def run_attacks(model, probe, prefix, vocab, n_vocab: int, args) -> tuple[list[A.Result], list[str]]:
+    """Build the dictionary on the cloud's copy of the model, then run every attack at every k and sigma."""
     t_load = time.time()
     observed = A.observed_hidden(model, probe, args.ks)
     attacker = copy.deepcopy(model).to(torch.bfloat16)  # the cloud's copy; bfloat16 is ~4x faster on AMX CPUs
@@ -134,6 +131,40 @@ def main():
         results += A.run_audit(model, probe, args.ks, args.in_context_sigmas, ["in-context"], dictionary, attacker,
                                candidates=args.candidates, observed=observed, seed=args.seed,
                                log=lambda m: print(m, flush=True))
+    return results, attacks
+
+
+def utility_runs(loaded, results: list[A.Result], args) -> dict[str, float]:
+    """Dev accuracy at each --utility-sigmas, printed beside the dictionary recovery rate at --utility-k."""
+    utility = {f"{sigma:g}": train_with_noise(loaded, sigma, args) for sigma in args.utility_sigmas}
+    if utility:
+        k1 = {r.sigma_rel: r.rate for r in results if r.k == args.utility_k and r.attack == "dictionary"}
+        print(f"\nPrice of the defence: DLoRA on SST-2 (k={args.utility_k}, {args.utility_steps} steps of batch 8, dev "
+              f"{args.utility_eval}) with the edge's --noise-sigma")
+        print(f"{'σ/RMS':>6}  {f'dictionary recovery (k={args.utility_k})':>26}  {'dev accuracy':>12}")
+        for sigma in args.utility_sigmas:
+            rec = f"{k1[sigma]:.1%}" if sigma in k1 else "–"
+            print(f"{sigma:>6g}  {rec:>26}  {utility[f'{sigma:g}']:>12.1%}")
+    return utility
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    load_before = os.getloadavg()
+    t0 = time.time()
+
+    loaded = load_model(args.model)
+    model, tok = loaded.model, loaded.tokenizer
+    task = T.TASKS["sst2"]
+    probe = A.make_probe(task.template, victims(args.sentences, args.min_words, args.seed), tok)
+    prefix = tok(task.template.split("{")[0].rstrip(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    vocab, vocab_name, n_vocab, coverage = attacker_vocab(tok, model, probe, args)
+    print(f"{probe.input_ids.shape[0]} SST-2 dev sentences, {probe.n_private} private tokens; "
+          f"attacker dictionary: {vocab_name} ({n_vocab} tokens, covers {coverage:.1%} of the private tokens); "
+          f"prefix {tok.convert_ids_to_tokens(prefix.tolist())}", flush=True)
+
+    results, attacks = run_attacks(model, probe, prefix, vocab, n_vocab, args)
     wall = time.time() - t0
 
     print(f"\nToken recovery rate, {args.model}, {probe.n_private} private tokens of {probe.input_ids.shape[0]} "
@@ -145,15 +176,8 @@ def main():
         if args.in_context else "") + f" Wall {wall:.0f} s (load average {load_before[0]:.1f} at start, "
         f"{os.cpu_count()} CPUs).")
 
-    utility = {f"{sigma:g}": train_with_noise(loaded, sigma, args) for sigma in args.utility_sigmas}
+    utility = utility_runs(loaded, results, args)
     if utility:
-        k1 = {r.sigma_rel: r.rate for r in results if r.k == args.utility_k and r.attack == "dictionary"}
-        print(f"\nPrice of the defence: DLoRA on SST-2 (k={args.utility_k}, {args.utility_steps} steps of batch 8, dev "
-              f"{args.utility_eval}) with the edge's --noise-sigma")
-        print(f"{'σ/RMS':>6}  {f'dictionary recovery (k={args.utility_k})':>26}  {'dev accuracy':>12}")
-        for sigma in args.utility_sigmas:
-            rec = f"{k1[sigma]:.1%}" if sigma in k1 else "–"
-            print(f"{sigma:>6g}  {rec:>26}  {utility[f'{sigma:g}']:>12.1%}")
         wall = time.time() - t0
 
     recovery = {f"k={k}": {a: {f"{r.sigma_rel:g}": round(r.rate, 4) for r in results if r.k == k and r.attack == a}

@@ -46,7 +46,7 @@ def edge_batch_shapes(model: str, batch: int, steps: int, seed: int = 0) -> list
     from edge.trainer import EdgeConfig, load_items
     from model.load import load_model
     tok = load_model(model, with_tokenizer=True).tokenizer
-    cfg = EdgeConfig(task="sst2", batch_size=batch, seed=seed)
+    cfg = EdgeConfig.of(task="sst2", batch_size=batch, seed=seed)
     items = load_items(cfg, tok, "train")
     out = []
     for b in T.batches(T.TASKS["sst2"], items, batch, tok.pad_token_id, seed=seed, drop_last=True):
@@ -72,7 +72,7 @@ def mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="10,50,200", help="link rates in Mbit/s")
     ap.add_argument("--paths", default="split,dlora")
@@ -86,31 +86,62 @@ def main(argv=None) -> dict:
                          "OpenMP barriers")
     ap.add_argument("--calibration", default=None, help="use this calibration JSON instead of measuring now")
     ap.add_argument("--prefix", default="tandem")
-    args = ap.parse_args(argv)
-    rates = [float(r) for r in args.rates.split(",")]
-    paths = args.paths.split(",")
+    return ap.parse_args(argv)
 
-    ok, why = permitted()
-    if not ok:
-        print(f"skipped: the network testbed is not permitted here: {why}")
-        print(json.dumps({"skipped": why}))
-        return {"skipped": why}
+
+def process_env(threads: int) -> dict:
+    """The environment of the cloud and edge processes; with `threads`, this process and both use that many."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    if args.threads:
+    if threads:
         import torch
-        torch.set_num_threads(args.threads)
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        torch.set_num_threads(threads)
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
 
-    shape = load_shape(args.model)
-    if args.calibration:
-        cal: Calibration = load_calibration(args.calibration)
-    else:
-        cal = calibrate(shape.name)
-    print("calibration:", cal.summary())
-    dev = here("block", cal)
-    seqs = edge_batch_shapes(args.model, args.batch, args.steps)
-    print(f"padded lengths of the {args.steps} SST-2 batches (batch {args.batch}): {seqs}")
 
+def compare_steps(recs: list[dict], preds: list, warmup: int) -> dict:
+    """Means of predicted and measured bytes and times per step, leaving out the first `warmup` steps."""
+    timed = list(zip(recs, preds))[warmup:]
+    return {
+        "steps": len(timed),
+        "bytes_pred": mean(p.bytes_total for _, p in timed),
+        "bytes_meas": mean(r["bytes_up"] + r["bytes_down"] for r, _ in timed),
+        "step_pred": mean(p.step_s for _, p in timed),
+        "step_meas": mean(r["step_seconds"] for r, _ in timed),
+        "edge_pred": mean(p.edge.seconds for _, p in timed),
+        "edge_meas": mean(r["edge_seconds"] for r, _ in timed),
+        "rest_pred": mean(p.step_s - p.edge.seconds for _, p in timed),
+        "rest_meas": mean(r["step_seconds"] - r["edge_seconds"] for r, _ in timed),
+        "network_pred": mean(p.transfer_s + p.codec_s + p.latency_s for _, p in timed),
+        "cloud_pred": mean(p.cloud.seconds for _, p in timed),
+        "cloud_meas": mean(r["cloud_seconds"] for r, _ in timed),
+    }
+
+
+def measure(tb: Testbed, path: str, rate: float, link, shape, dev, seqs: list[int], args, tmp: Path,
+            env: dict) -> dict:
+    """One real run of `path` at `rate`, each step predicted from its real shape: one row of the table."""
+    t0 = time.time()
+    load = os.getloadavg()[0]
+    metrics = run_edge(tb, path, args.steps, args.batch, args.model, tmp / f"{path}-{rate:g}.json", env)
+    recs = metrics["steps"]
+    preds = [predict(shape, path, Workload(batch=args.batch, seq=seq, step_index=r["step"]), dev, dev,
+                     link) for r, seq in zip(recs, seqs)]
+    for r, p in zip(recs, preds):  # the rebuilt batches are the ones the edge sent
+        assert (p.payload_up, p.payload_down) == (r["payload_up"], r["payload_down"]), (r, p.path)
+    row = {"rate_mbit": rate, "path": path, **compare_steps(recs, preds, args.warmup),
+           "load_avg": load, "wall_s": time.time() - t0}
+    row["bytes_err"] = row["bytes_pred"] / row["bytes_meas"] - 1
+    row["step_err"] = row["step_pred"] / row["step_meas"] - 1
+    print(f"  {path:<6} {rate:>5g} Mbit/s: step predicted {row['step_pred']:.3f} s, measured "
+          f"{row['step_meas']:.3f} s ({row['step_err']:+.1%}); bytes {row['bytes_err']:+.4%}; "
+          f"load {load:.1f}", flush=True)
+    return row
+
+
+def run_all(args, rates: list[float], paths: list[str], shape, dev, cal: Calibration, seqs: list[int],
+            env: dict) -> list[dict]:
+    """Start the testbed and the cloud once, then measure every path at every rate."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -125,42 +156,11 @@ def main(argv=None) -> dict:
                 tb.set_rate(rate)
                 link = testbed_link(rate, cal)
                 for path in paths:
-                    t0 = time.time()
-                    load = os.getloadavg()[0]
-                    metrics = run_edge(tb, path, args.steps, args.batch, args.model, tmp / f"{path}-{rate:g}.json",
-                                       env)
-                    recs = metrics["steps"]
-                    preds = [predict(shape, path, Workload(batch=args.batch, seq=seq, step_index=r["step"]), dev, dev,
-                                     link) for r, seq in zip(recs, seqs)]
-                    for r, p in zip(recs, preds):  # the rebuilt batches are the ones the edge sent
-                        assert (p.payload_up, p.payload_down) == (r["payload_up"], r["payload_down"]), (r, p.path)
-                    timed = list(zip(recs, preds))[args.warmup:]
-                    row = {
-                        "rate_mbit": rate, "path": path, "steps": len(timed),
-                        "bytes_pred": mean(p.bytes_total for _, p in timed),
-                        "bytes_meas": mean(r["bytes_up"] + r["bytes_down"] for r, _ in timed),
-                        "step_pred": mean(p.step_s for _, p in timed),
-                        "step_meas": mean(r["step_seconds"] for r, _ in timed),
-                        "edge_pred": mean(p.edge.seconds for _, p in timed),
-                        "edge_meas": mean(r["edge_seconds"] for r, _ in timed),
-                        "rest_pred": mean(p.step_s - p.edge.seconds for _, p in timed),
-                        "rest_meas": mean(r["step_seconds"] - r["edge_seconds"] for r, _ in timed),
-                        "network_pred": mean(p.transfer_s + p.codec_s + p.latency_s for _, p in timed),
-                        "cloud_pred": mean(p.cloud.seconds for _, p in timed),
-                        "cloud_meas": mean(r["cloud_seconds"] for r, _ in timed),
-                        "load_avg": load, "wall_s": time.time() - t0,
-                    }
-                    row["bytes_err"] = row["bytes_pred"] / row["bytes_meas"] - 1
-                    row["step_err"] = row["step_pred"] / row["step_meas"] - 1
-                    rows.append(row)
-                    print(f"  {path:<6} {rate:>5g} Mbit/s: step predicted {row['step_pred']:.3f} s, measured "
-                          f"{row['step_meas']:.3f} s ({row['step_err']:+.1%}); bytes {row['bytes_err']:+.4%}; "
-                          f"load {load:.1f}", flush=True)
+                    rows.append(measure(tb, path, rate, link, shape, dev, seqs, args, tmp, env))
+    return rows
 
-    after = None
-    if not args.calibration:  # the same microbenchmarks again: how much this shared machine drifted meanwhile
-        after = calibrate(shape.name)
-        print("calibration after the runs (not used for predictions):", after.summary())
+
+def print_table(rows: list[dict], dev, cal: Calibration, warmup: int) -> None:
     print()
     print(f"{'path':<7}{'Mbit/s':>7}{'MB/step pred':>14}{'meas':>10}{'err':>9}{'step s pred':>13}{'meas':>9}"
           f"{'err':>8}{'edge s p/m':>14}{'cloud+net s p/m':>18}{'(net p)':>9}{'load':>6}")
@@ -171,8 +171,39 @@ def main(argv=None) -> dict:
               f"{r['network_pred']:>9.3f}{r['load_avg']:>6.1f}")
     print(f"\ncompute: {dev.flops / 1e9:.0f} GFLOP/s (decoder-block microbenchmark; the bare GEMM rate is "
           f"{cal.matmul_flops / 1e9:.0f}); rtt {cal.grpc_rtt_s * 1e6:.0f} us; codec {cal.codec_bytes_per_s / 1e9:.2f}"
-          f" GB/s; time means leave out the first {args.warmup} step(s). 'load' = 1-minute load average of this "
+          f" GB/s; time means leave out the first {warmup} step(s). 'load' = 1-minute load average of this "
           "shared machine when the run started.")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")]
+    paths = args.paths.split(",")
+
+    ok, why = permitted()
+    if not ok:
+        print(f"skipped: the network testbed is not permitted here: {why}")
+        print(json.dumps({"skipped": why}))
+        return {"skipped": why}
+    env = process_env(args.threads)
+
+    shape = load_shape(args.model)
+    if args.calibration:
+        cal: Calibration = load_calibration(args.calibration)
+    else:
+        cal = calibrate(shape.name)
+    print("calibration:", cal.summary())
+    dev = here("block", cal)
+    seqs = edge_batch_shapes(args.model, args.batch, args.steps)
+    print(f"padded lengths of the {args.steps} SST-2 batches (batch {args.batch}): {seqs}")
+
+    rows = run_all(args, rates, paths, shape, dev, cal, seqs, env)
+
+    after = None
+    if not args.calibration:  # the same microbenchmarks again: how much this shared machine drifted meanwhile
+        after = calibrate(shape.name)
+        print("calibration after the runs (not used for predictions):", after.summary())
+    print_table(rows, dev, cal, args.warmup)
     headline = {"max_abs_bytes_error": max(abs(r["bytes_err"]) for r in rows),
                 "max_abs_step_time_error": max(abs(r["step_err"]) for r in rows),
                 "within_15pct": all(abs(r["step_err"]) <= 0.15 for r in rows),

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import tasks as T  # noqa: E402
-from cloud.service import BackboneService, make_server  # noqa: E402
+from cloud.rpc import BackboneService, make_server  # noqa: E402
 from edge.trainer import EdgeConfig, build_edge  # noqa: E402
 from tests.reference import peft_local as ref  # noqa: E402
 from model.load import load_model  # noqa: E402
@@ -47,8 +47,8 @@ def main():
 
     rows = {}
     for mode in ("none", "edge"):
-        em, _, link = build_edge(EdgeConfig(cloud=f"127.0.0.1:{port}", token=TOKEN, model=args.model,
-                                            cloud_lora=mode), loaded=copy.deepcopy(loaded))
+        em, _, link = build_edge(EdgeConfig.of(cloud=f"127.0.0.1:{port}", token=TOKEN, model=args.model,
+                                               cloud_lora=mode), loaded=copy.deepcopy(loaded))
         pm = ref.peft_model(copy.deepcopy(loaded.model), em.lora)
         head = pm.base_model.model.get_output_embeddings()
         opt_s = torch.optim.AdamW(em.lora.parameters(), lr=1e-3)

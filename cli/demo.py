@@ -11,35 +11,37 @@ import copy
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from edge.config import Wire
 
 
 @dataclass
 class DemoConfig:
-    model: str = "smollm2"
-    task: str = "sst2"
-    clients: int = 2
-    steps: int = 80  # per client
-    batch_size: int = 8
-    cloud_lora: str = "edge"  # DLoRA; "none" = frozen-cloud split training
-    k: int = 1
-    m: int = 1
-    lr: float = 1e-3
-    wire_up: str = "fp32"
-    wire_down: str = "fp32"
-    eval_examples: int = 500
-    tls: bool = False
-    out: str = "runs/demo"
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
+    model: str = "smollm2"  # backbone spec: smollm2, tiny-llama, tiny-gpt2 or a Hugging Face model folder
+    task: str = "sst2"  # the task (tasks.TASKS); each edge trains on its shard of its training set
+    clients: int = 2  # edge clients, each in its own thread
+    steps: int = 80  # training steps per client
+    batch_size: int = 8  # training examples per step
+    cloud_lora: Literal["none", "edge"] = "edge"  # edge: DLoRA; none: frozen-cloud split training
+    k: int = 1  # blocks at the bottom of the model that run on the edge
+    m: int = 1  # blocks at the top of the model that run on the edge
+    lr: float = 1e-3  # AdamW learning rate
+    wire_up: Wire = "fp32"  # dtype of what the edges send
+    wire_down: Wire = "fp32"  # dtype of what the cloud sends back
+    eval_examples: int = 500  # dev examples evaluated before (once) and after training (each client)
+    tls: bool = False  # TLS on the loopback link, with certificates made in --out
+    out: str = "runs/demo"  # metrics.json, loss.png, tokens and each client's adapter go here
+    seed: int = 0  # client i uses seed + i
+    device: str = "cpu"  # torch device of the cloud and the edges
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})  # edges' weights
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from cloud.server import Cloud, ServeConfig
-    from cli.report import plot_losses, print_client_table
-    from edge.trainer import EdgeConfig, train
+    from cloud.serve import Cloud, ServeConfig
+    from edge.trainer import train
     from model.load import load_model
     from privacy.security.tokens import make_tokens
 
@@ -60,21 +62,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     host = "localhost" if cfg.tls else "127.0.0.1"
     print(f"[2/4] cloud backbone serving on {host}:{cloud.port} ({'TLS' if cfg.tls else 'plaintext'} loopback); "
           f"{cfg.clients} edges, {'DLoRA' if cfg.cloud_lora == 'edge' else 'split'} mode", flush=True)
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = {n: {} for n in names}  # in client order
     errors: list[BaseException] = []
 
     def client(i: int):
-        ecfg = EdgeConfig(cloud=f"{host}:{cloud.port}", token=tokens[names[i]], tls_dir=tls_dir,
-                          client_name=names[i], model=cfg.model, task=cfg.task, shard=i, num_shards=cfg.clients,
-                          k=cfg.k, m=cfg.m, cloud_lora=cfg.cloud_lora, lr=cfg.lr, steps=cfg.steps,
-                          batch_size=cfg.batch_size, seed=cfg.seed + i, wire_up=cfg.wire_up, wire_down=cfg.wire_down,
-                          eval_examples=cfg.eval_examples, out_dir=str(out / names[i]), device=cfg.device,
-                          eval_before=i == 0,  # zero-shot is the base model's (LoRA B starts at 0): measured once
-                          dtype=cfg.dtype, name=names[i], checkpoint_every=0, progress_row=i)
+        ecfg = edge_config(cfg, i, f"{host}:{cloud.port}", tokens[names[i]], tls_dir)
         try:
-            m = train(ecfg, loaded=copy.deepcopy(loaded))
-            m.pop("_edge_model")
-            results[names[i]] = m
+            results[names[i]] = train(ecfg, loaded=copy.deepcopy(loaded)).metrics
         except BaseException as e:  # surfaced after join
             errors.append(e)
 
@@ -90,8 +84,27 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise errors[0]
     for n in names[1:]:
         results[n]["eval_before"] = dict(results[names[0]]["eval_before"], shared_with=names[0])
+    return report(cfg, results, time.perf_counter() - t_start)
+
+
+def edge_config(cfg: DemoConfig, i: int, address: str, token: str, tls_dir: str | None):
+    """Client i's config: its own shard, seed, token and output folder."""
+    from edge.config import EdgeConfig
+    name = f"edge-{i}"
+    return EdgeConfig.of(cloud=address, token=token, tls_dir=tls_dir, client_name=name, model=cfg.model,
+                         task=cfg.task, shard=i, num_shards=cfg.clients, k=cfg.k, m=cfg.m, cloud_lora=cfg.cloud_lora,
+                         lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed + i,
+                         wire_up=cfg.wire_up, wire_down=cfg.wire_down, eval_examples=cfg.eval_examples,
+                         out_dir=str(Path(cfg.out) / name), device=cfg.device,
+                         eval_before=i == 0,  # zero-shot is the base model's (LoRA B starts at 0): measured once
+                         dtype=cfg.dtype, name=name, checkpoint_every=0, progress_row=i)
+
+
+def report(cfg: DemoConfig, results: dict[str, dict], wall: float) -> dict:
+    """The table, metrics.json, loss.png, and the headline as the last line (JSON)."""
+    from cli.report import plot_losses, print_client_table
+    out, names = Path(cfg.out), list(results)
     runs = [(n, results[n]) for n in names]
-    wall = time.perf_counter() - t_start
     print(f"\n[4/4] done in {wall / 60:.1f} min", flush=True)
     print_client_table(runs)
     summary = {"config": asdict(cfg), "wall_seconds": wall, "clients": results}

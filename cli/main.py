@@ -12,33 +12,19 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
-import typing
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One --flag per dataclass field (underscores become dashes), typed from the annotation, default shown."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        hint = hints[f.name]
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif typing.get_origin(hint) is tuple:
-            parser.add_argument(flag, type=lambda s: tuple(x for x in s.split(",") if x), default=default,
-                                help=f"comma-separated (default: {','.join(default)})")
-        else:
-            base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-            parser.add_argument(flag, type=base[0], default=default, help=f"(default: {default})")
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=(), helps=None) -> None:
+    """One --flag per dataclass field (underscores become dashes; nested groups too), help from its comment."""
+    from edge.flags import add_flags
+    add_flags(parser, cls, skip=skip, helps=helps)
 
 
 def dataclass_from_args(cls, args):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    from edge.flags import build
+    return build(cls, vars(args))
 
 
 def cmd_models(args):
@@ -72,7 +58,7 @@ def cmd_tokens(args):
 
 
 def cmd_cloud_serve(args):
-    from cloud.server import ServeConfig, serve
+    from cloud.serve import ServeConfig, serve
     serve(dataclass_from_args(ServeConfig, args))
 
 
@@ -108,10 +94,9 @@ def cmd_edge_train(args):
     from edge.trainer import EdgeConfig, train
     from cli.report import print_client_table
     cfg = dataclass_from_args(EdgeConfig, args)
-    if cfg.token is None and args.token_file:
-        cfg.token = read_token(args.token_file, cfg.name)
-    metrics = train(cfg)
-    metrics.pop("_edge_model", None)
+    if cfg.link.token is None and args.token_file:
+        cfg.link.token = read_token(args.token_file, cfg.name)
+    metrics = train(cfg).metrics  # its config has no token: nothing written here holds it
     print_client_table([(cfg.name, metrics)])
     if args.metrics_out:
         with open(args.metrics_out, "w") as f:
@@ -123,9 +108,10 @@ def cmd_demo(args):
     run_demo(dataclass_from_args(DemoConfig, args))
 
 
+# ServeConfig's fields without a comment of their own (cloud/serve.py)
 def build_parser() -> argparse.ArgumentParser:
     from cli.demo import DemoConfig
-    from cloud.server import ServeConfig
+    from cloud.serve import ServeConfig
     from edge.trainer import EdgeConfig
     p = argparse.ArgumentParser(prog="tandem", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -161,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(tr, EdgeConfig)
     tr.add_argument("--token-file", default=None, help="a file with the bearer token, or the JSON table from "
                     "`tandem tokens` (the entry for --name is used)")
-    tr.add_argument("--metrics-out", default=None, help="write the metrics JSON here")
+    tr.add_argument("--metrics-out", default=None, help="write the metrics JSON here (it holds no token)")
     tr.set_defaults(func=cmd_edge_train)
 
     d = sub.add_parser("demo", help="embedded cloud + N edges on loopback, real model and data")

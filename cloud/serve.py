@@ -15,20 +15,20 @@ log = logging.getLogger("tandem.cloud")
 
 @dataclass
 class ServeConfig:
-    model: str = "smollm2"
-    host: str = "127.0.0.1"
-    port: int = 50051
-    tokens: str | None = None  # JSON {"client": "token"}; None with --tls-dir and client certs: identity by cert
-    tls_dir: str | None = None
-    require_client_cert: bool = False
-    dtype: str = "float32"
-    device: str = "cpu"
-    ttl: float = 600.0
-    max_sessions: int = 64
-    max_tokens_per_step: int = 16384
-    step_timeout: float = 120.0
-    max_message_mb: int = 256
-    workers: int = 32
+    model: str = "smollm2"  # backbone spec: smollm2, tiny-llama, tiny-gpt2 or a Hugging Face model folder
+    host: str = "127.0.0.1"  # address to listen on
+    port: int = 50051  # port to listen on (0: any free port)
+    tokens: str | None = None  # JSON {"client": "token"} from `tandem tokens`; omit with --tls-dir and client certs
+    tls_dir: str | None = None  # folder with the CA and server certificate from `tandem certs` (TLS)
+    require_client_cert: bool = False  # mutual TLS: edges must present a client certificate
+    dtype: str = "float32"  # dtype of the backbone's weights
+    device: str = "cpu"  # torch device of the backbone
+    ttl: float = 600.0  # seconds an idle session lives
+    max_sessions: int = 64  # sessions open at once
+    max_tokens_per_step: int = 16384  # batch x sequence tokens one step may send
+    step_timeout: float = 120.0  # seconds the cloud waits for any one edge message inside a step
+    max_message_mb: int = 256  # largest gRPC message
+    workers: int = 32  # gRPC worker threads
 
 
 class Cloud:

@@ -20,18 +20,20 @@ Hand-written because no library implements DLoRA's policy; it is ~60 lines of bo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 
 @dataclass
 class KRConfig:
-    signal: str = "update"  # "update" or "grad": what a block's score measures (see above)
-    warmup: int = 10
-    threshold: float = 1.0
+    enabled: bool = field(default=False, metadata={"flag": "kr"})  # DLoRA Kill & Revive of cloud-block LoRA modules
+    signal: Literal["update", "grad"] = "update"  # what a block's score measures: relative update or gradient norm
+    warmup: int = 10  # steps before any module is killed
+    threshold: float = 1.0  # kill active modules scoring below this x the mean score of the active ones
     min_active: float = 0.3  # fraction of cloud blocks that always stays active
-    revive_every: int = 25
-    probe_steps: int = 2
+    revive_every: int = 25  # steps between revivals of every killed module (to measure them afresh)
+    probe_steps: int = 2  # steps a revived module stays active before it may be killed again
     loss_rise: float = 0.20  # relative rise of the loss EMA over its best that revives everything
     ema: float = 0.7  # smoothing of the per-block update scores
     loss_ema: float = 0.95  # smoothing of the loss: a batch-8 loss is noisy, the signal must not fire on noise

@@ -39,15 +39,15 @@ class StepFailed(RuntimeError):
 
 @dataclass
 class LinkConfig:
-    address: str
-    token: str | None = None
+    address: str  # the cloud backbone service, host:port
+    token: str | None = None  # bearer token for the cloud (or --token-file)
     tls_dir: str | None = None  # folder with ca.pem (and client cert/key for mTLS), from `tandem certs`
     client_name: str | None = None  # which client certificate to present
     timeout: float = 300.0  # seconds one RPC may take
-    max_message_mb: int = 256
+    max_message_mb: int = 256  # largest gRPC message either way, in MiB
     retries: int = 6  # a step that fails for a transient reason is run again this many times, with backoff
     backoff: float = 1.0  # seconds before the first retry; doubles each time, up to max_backoff
-    max_backoff: float = 30.0
+    max_backoff: float = 30.0  # longest wait between two retries, in seconds
 
 
 class CloudLink:

@@ -9,34 +9,26 @@ Both are a folder with a `manifest.json` that records the sha256 of every other 
                                                  peft/adapter_config.json        keyed to the full model)
 
 Tensors are named as in the full model (`model.layers.29.mlp.up_proj.weight`), so a bundle shows which blocks it
-holds: the adapter blocks and the kept emulator blocks, never the dropped ones. `load_emulator` turns a bundle into
+holds: the adapter blocks and the kept emulator blocks, never the dropped ones. `load_bundle` turns a bundle into
 an ordinary Hugging Face model with fewer layers (the data owner's model), `compact_model` does the same from the full
 model on the cloud.
 
-To travel, a folder is zipped (stored, fixed timestamps) and sealed with `privacy.security.seal`: signed by the sender
-(Ed25519) and, given a recipient, encrypted to them (X25519 + AES-256-GCM). `open_sealed_dir` refuses anything that is
-unsigned, tampered, signed by someone else, addressed to someone else, of the wrong kind, or whose files do not match
-their manifest hashes, with a `BundleError` that says which.
+To travel, a folder is zipped and sealed: see `emulator/transport.py`.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 
-from privacy.security.seal import Identity, PublicIdentity, SealError, open_sealed, seal
-
 BUNDLE_FORMAT = "tandem-offsite-bundle/1"
 ADAPTER_FORMAT = "tandem-offsite-adapter/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
-_ZIP_TIME = (2020, 1, 1, 0, 0, 0)
 
 
 class BundleError(RuntimeError):
@@ -155,7 +147,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _safe_relpath(name: str) -> str:
+def safe_relpath(name: str) -> str:
     p = PurePosixPath(name)
     if p.is_absolute() or ".." in p.parts or "\\" in name or not p.parts or name != str(p) or name == MANIFEST:
         raise BundleError(f"unsafe or reserved file name in manifest: {name!r}")
@@ -186,7 +178,7 @@ def verify_dir(folder: str | Path, fmt: str) -> dict:
     if manifest.get("format") != fmt:
         raise BundleError(f"{folder} is a {manifest.get('format')!r}, expected a {fmt!r}")
     for name, digest in manifest.get("files", {}).items():
-        path = folder / _safe_relpath(name)
+        path = folder / safe_relpath(name)
         if not path.is_file():
             raise BundleError(f"{folder}: file {name} listed in the manifest is missing")
         if sha256_bytes(path.read_bytes()) != digest:
@@ -197,69 +189,6 @@ def verify_dir(folder: str | Path, fmt: str) -> dict:
 def manifest_digest(manifest: dict) -> str:
     """Identifies a bundle: the sha256 of its canonical manifest (which holds every file's hash)."""
     return sha256_bytes(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
-
-
-# ------------------------------------------------------------------------------------------------ transport
-
-def pack(folder: str | Path, fmt: str) -> bytes:
-    """Zip a verified folder: the manifest and exactly the files it lists."""
-    folder = Path(folder)
-    manifest = verify_dir(folder, fmt)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-        for name in [MANIFEST, *sorted(manifest["files"])]:
-            z.writestr(zipfile.ZipInfo(name, _ZIP_TIME), (folder / name).read_bytes())
-    return buf.getvalue()
-
-
-def unpack(blob: bytes, folder: str | Path, fmt: str) -> dict:
-    """Unzip what `pack` made into `folder`, writing only files the manifest lists, then verify them."""
-    folder = Path(folder)
-    try:
-        z = zipfile.ZipFile(io.BytesIO(blob))
-        manifest = json.loads(z.read(MANIFEST))
-    except (zipfile.BadZipFile, KeyError, ValueError) as e:
-        raise BundleError(f"not a packed Tandem folder: {e}") from None
-    if manifest.get("format") != fmt:
-        raise BundleError(f"this is a {manifest.get('format')!r}, expected a {fmt!r}")
-    listed = {_safe_relpath(n) for n in manifest.get("files", {})}
-    if set(z.namelist()) != listed | {MANIFEST}:
-        raise BundleError("packed files do not match the manifest's list")
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in sorted(listed):
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(z.read(name))
-    (folder / MANIFEST).write_bytes(z.read(MANIFEST))
-    return verify_dir(folder, fmt)
-
-
-def seal_dir(folder: str | Path, out: str | Path, fmt: str, signer: Identity,
-             recipient: PublicIdentity | None = None) -> Path:
-    """Pack `folder`, sign it as `signer` and (given `recipient`) encrypt it to them; write the blob to `out`."""
-    out = Path(out)
-    meta = {"format": fmt, "from": signer.name, "to": recipient.name if recipient else None}
-    blob = seal(pack(folder, fmt), signer.sign_key, recipient.box_pub if recipient else None, meta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    tmp.write_bytes(blob)
-    tmp.replace(out)
-    return out
-
-
-def open_sealed_dir(sealed: str | Path, into: str | Path, fmt: str, sender: PublicIdentity,
-                    me: Identity | None = None) -> dict:
-    """Verify `sealed` came from `sender` (and is for `me`, if encrypted), unpack it into `into`, check every hash."""
-    path = Path(sealed)
-    if not path.is_file():
-        raise BundleError(f"no sealed file at {path}")
-    try:
-        payload, meta = open_sealed(path.read_bytes(), sender.verify_key, me.box_key if me else None)
-    except SealError as e:
-        raise BundleError(f"refusing {path.name}: {e} (expected from {sender.name!r}"
-                          f"{f' to {me.name!r}' if me else ''})") from None
-    if meta.get("format") != fmt:
-        raise BundleError(f"refusing {path.name}: it is a {meta.get('format')!r}, expected a {fmt!r}")
-    return unpack(payload, into, fmt)
 
 
 # ------------------------------------------------------------------------------------------------- loading

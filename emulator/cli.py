@@ -36,6 +36,19 @@ def _keys(args, *, need_peer: bool = True):
     return me, peer
 
 
+def _received(args, folder: Path, fmt: str, unsealed: str | None, sender: str, flag: str):
+    """(folder, my identity, the sender's) for what the other party sent: --sealed FILE, verified and opened into
+    `folder`, or (local tests only) a plain folder given with `flag` and --insecure-unsigned."""
+    from emulator.transport import open_sealed_dir
+    if args.sealed:
+        me, peer = _keys(args)
+        open_sealed_dir(args.sealed, folder, fmt, peer, me)
+        return folder, me, peer
+    if unsealed and args.insecure_unsigned:
+        return Path(unsealed), None, None
+    raise SystemExit(f"give --sealed FILE from {sender} (or {flag} DIR --insecure-unsigned for local tests)")
+
+
 def _torch_threads(n: int | None) -> None:
     if n:
         import torch
@@ -53,7 +66,8 @@ def cmd_build(args) -> None:
     from cli.main import dataclass_from_args
     from cli.report import table
     from emulator.build import build
-    from emulator.bundle import BUNDLE_FORMAT, seal_dir
+    from emulator.bundle import BUNDLE_FORMAT
+    from emulator.transport import seal_dir
     _torch_threads(args.threads)
     me, peer = _keys(args, need_peer=False) if args.keys or args.me else (None, None)
     cfg = dataclass_from_args(BuildConfig, args)
@@ -83,19 +97,13 @@ def cmd_build(args) -> None:
 
 def cmd_tune(args) -> None:
     from cli.main import dataclass_from_args
-    from emulator.bundle import ADAPTER_FORMAT, BUNDLE_FORMAT, BundleError, open_sealed_dir, seal_dir
+    from emulator.bundle import ADAPTER_FORMAT, BUNDLE_FORMAT, BundleError
+    from emulator.transport import seal_dir
     from emulator.tune import tune
     _torch_threads(args.threads)
     out = Path(args.out)
     try:
-        if args.sealed:
-            me, cloud = _keys(args)
-            open_sealed_dir(args.sealed, out / "bundle", BUNDLE_FORMAT, cloud, me)
-            bundle = out / "bundle"
-        elif args.bundle and args.insecure_unsigned:
-            me, cloud, bundle = None, None, Path(args.bundle)
-        else:
-            raise SystemExit("give --sealed FILE from the cloud (or --bundle DIR --insecure-unsigned for local tests)")
+        bundle, me, cloud = _received(args, out / "bundle", BUNDLE_FORMAT, args.bundle, "the cloud", "--bundle")
         cfg = dataclass_from_args(TuneConfig, args)
         metrics = tune(cfg, bundle, out / "adapter")
     except BundleError as e:
@@ -127,21 +135,15 @@ def _export(adapter, onnx_dir, task, bundle) -> None:
 
 def cmd_plug(args) -> None:
     import tasks as T
-    from emulator.bundle import ADAPTER_FORMAT, BundleError, load_bundle, open_sealed_dir
+    from emulator.bundle import ADAPTER_FORMAT, BundleError, load_bundle
     from emulator.onnx_export import export_onnx
     from emulator.plug import format_table, load_adapter, offsite_table
     from model.load import load_model
     _torch_threads(args.threads)
     out = Path(args.out)
     try:
-        if args.sealed:
-            me, owner = _keys(args)
-            open_sealed_dir(args.sealed, out / "adapter", ADAPTER_FORMAT, owner, me)
-            adapter_dir = out / "adapter"
-        elif args.adapter and args.insecure_unsigned:
-            adapter_dir = Path(args.adapter)
-        else:
-            raise SystemExit("give --sealed FILE from the data owner (or --adapter DIR --insecure-unsigned)")
+        adapter_dir, _, _ = _received(args, out / "adapter", ADAPTER_FORMAT, args.adapter, "the data owner",
+                                      "--adapter")
         adapter = load_adapter(adapter_dir)
         emulated = load_bundle(args.bundle)
         loaded = load_model(emulated.manifest["source"]["model"] if args.model is None else args.model)
@@ -188,10 +190,19 @@ def cmd_infer(args) -> None:
 def _add_subcommands(sub) -> None:
     from cli.main import add_dataclass_args
 
-    def keys(p, peer_flag: str, peer_dest: str, peer_help: str) -> None:
+    def party(p, peer_flag: str, peer_dest: str, peer_help: str, func) -> None:
+        """What every party's command takes: its keys, the other party, torch threads."""
         p.add_argument("--keys", help="folder with the identities (`offsite keygen`)")
         p.add_argument("--me", help="your identity's name in --keys (signs what you send)")
         p.add_argument(peer_flag, dest=peer_dest, help=peer_help)
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.set_defaults(func=func)
+
+    def received(p, what: str, flag: str, sender: str) -> None:
+        """What a party receives: a sealed file, or (testing) a plain folder."""
+        p.add_argument("--sealed", help=f"the sealed {what} from {sender}")
+        p.add_argument(flag, help=f"an unsealed {what} folder (only with --insecure-unsigned)")
+        p.add_argument("--insecure-unsigned", action="store_true", help=f"accept an unsigned {what} folder (testing)")
 
     k = sub.add_parser("keygen", help="make a signing + encryption identity (Ed25519, X25519)")
     k.add_argument("--keys", required=True, help="folder to write the keys to")
@@ -201,26 +212,18 @@ def _add_subcommands(sub) -> None:
     b = sub.add_parser("build", help="cloud: cut the backbone into adapter + emulator, distill, write a sealed bundle")
     add_dataclass_args(b, BuildConfig)
     b.add_argument("--out", required=True, help="folder for bundle/ and bundle.sealed")
-    keys(b, "--to", "to", "the data owner to encrypt the bundle to (omit: signed only)")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    b.set_defaults(func=cmd_build)
+    party(b, "--to", "to", "the data owner to encrypt the bundle to (omit: signed only)", cmd_build)
 
     t = sub.add_parser("tune", help="data owner: verify the bundle and tune the adapter on local data")
     add_dataclass_args(t, TuneConfig)
-    t.add_argument("--sealed", help="the sealed bundle from the cloud")
-    t.add_argument("--bundle", help="an unsealed bundle folder (only with --insecure-unsigned)")
-    t.add_argument("--insecure-unsigned", action="store_true", help="accept an unsigned bundle folder (testing)")
+    received(t, "bundle", "--bundle", "the cloud")
     t.add_argument("--out", required=True, help="folder for bundle/, adapter/, adapter.sealed, metrics.json")
     t.add_argument("--onnx", help="also export adapter + emulator to this folder as ONNX")
-    keys(t, "--from", "sender", "the cloud that signed the bundle (the adapter is sealed back to it)")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    t.set_defaults(func=cmd_tune)
+    party(t, "--from", "sender", "the cloud that signed the bundle (the adapter is sealed back to it)", cmd_tune)
 
     p = sub.add_parser("plug", help="cloud: plug the returned adapter into the full model and print the table")
     p.add_argument("--bundle", required=True, help="the cloud's own copy of the bundle folder")
-    p.add_argument("--sealed", help="the sealed adapter from the data owner")
-    p.add_argument("--adapter", help="an unsealed adapter folder (only with --insecure-unsigned)")
-    p.add_argument("--insecure-unsigned", action="store_true")
+    received(p, "adapter", "--adapter", "the data owner")
     p.add_argument("--model", default=None, help="the full model (default: the one named in the bundle)")
     p.add_argument("--task", default="sst2")
     p.add_argument("--eval-examples", type=int, default=500)
@@ -231,9 +234,7 @@ def _add_subcommands(sub) -> None:
     p.add_argument("--onnx", help="also export the plugged full model to this folder as ONNX")
     p.add_argument("--save-model", action="store_true", help="save the plugged model (Hugging Face format)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    keys(p, "--from", "sender", "the data owner who signed the adapter")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.set_defaults(func=cmd_plug)
+    party(p, "--from", "sender", "the data owner who signed the adapter", cmd_plug)
 
     i = sub.add_parser("infer", help="answer prompts with an exported ONNX model (onnxruntime)")
     i.add_argument("--onnx", required=True, help="model.onnx from `tune --onnx` or `plug --onnx`")

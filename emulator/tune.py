@@ -11,7 +11,7 @@ weights in PEFT format, named as in the full model so the cloud plugs them in di
 from __future__ import annotations
 
 import statistics
-import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import tasks as T
 from emulator.bundle import ADAPTER_FORMAT, Emulated, block_of, load_bundle, manifest_digest, renumber, write_manifest
 from model.lora import LoRAConfig, LoRASet
 from model.segments import family_of
+from model.training import FitOptions, endless_batches, evaluate, fit
 
 DEFAULT_LR = {"full": 1e-4, "lora": 2e-3}
 
@@ -103,20 +104,32 @@ def make_adapter(model, positions: list[int], mode: str, cfg: TuneConfig) -> Ada
 
 
 def merge_lora(model, peft_state: dict[str, torch.Tensor], scaling: float, to_model: dict[int, int]) -> None:
-    """Add PEFT-format LoRA (`...{module}.lora_A.weight`, `...lora_B.weight`) into `model`'s linear weights."""
-    params = dict(model.named_parameters())
-    transpose = family_of(model).fan_in_fan_out  # GPT-2's Conv1D keeps its weight as [in, out]
-    for key, a in peft_state.items():
-        if ".lora_A." not in key:
-            continue
-        b = peft_state[key.replace(".lora_A.", ".lora_B.")]
-        name = renumber(key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-                        .replace(".lora_A.default.weight", ".weight"), to_model)
-        if name not in params:
-            raise KeyError(f"LoRA for {name}, which this model does not have")
-        delta = scaling * b.float() @ a.float()
-        with torch.no_grad():
-            params[name] += (delta.T if transpose else delta).to(params[name].dtype)
+    """Add PEFT-format LoRA (`...{module}.lora_A.weight`, `...lora_B.weight`) into `model`'s weights, in place.
+
+    PEFT does the merge (`merge_and_unload`: W += scaling B A, transposed for GPT-2's Conv1D); the keys are first
+    renumbered to `model`'s blocks (`to_model`), so a compact emulator model is merged like the full one."""
+    import peft
+    state = {renumber(k.removeprefix("base_model.model.").replace(".default.weight", ".weight"), to_model): v
+             for k, v in peft_state.items()}
+    sites = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_A." in k})
+    modules = dict(model.named_modules())
+    for site in sites:
+        if site not in modules:
+            raise KeyError(f"LoRA for {site}.weight, which this model does not have")
+    if not sites:
+        return
+    r = state[sites[0] + ".lora_A.weight"].shape[0]
+    cfg = peft.LoraConfig(r=r, lora_alpha=scaling * r, lora_dropout=0.0, target_modules=sites,
+                          fan_in_fan_out=family_of(model).fan_in_fan_out)
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # the LoRA layers' init draws from the RNG
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes on PEFT's probing
+        wrapped = peft.PeftModel(model, cfg)
+    peft.set_peft_model_state_dict(wrapped, {"base_model.model." + k: v for k, v in state.items()})
+    with torch.no_grad():
+        wrapped.merge_and_unload()  # puts the original (now merged) modules back into `model`
+    for p, flag in trainable:  # PEFT froze everything but LoRA
+        p.requires_grad_(flag)
 
 
 # ------------------------------------------------------------------------------------------- train and evaluate
@@ -126,35 +139,16 @@ def hidden(model, batch: T.Batch) -> torch.Tensor:
                             use_cache=False).last_hidden_state
 
 
-def batch_stream(task: T.Task, items: list[dict], batch_size: int, pad_id: int, seed: int):
-    """Shuffled batches, epoch after epoch (the split trainer's order)."""
-    epoch = 0
-    while True:
-        yield from T.batches(task, items, batch_size, pad_id, seed=seed + epoch, drop_last=len(items) >= batch_size)
-        epoch += 1
-
-
 def train_adapter(adapter: Adapter, task: T.Task, items: list[dict], cfg: TuneConfig, pad_id: int,
                   desc: str = "tune") -> dict:
-    """AdamW on the adapter for cfg.steps batches. Returns losses and per-step seconds."""
-    from tqdm import tqdm
+    """AdamW on the adapter for cfg.steps batches (`model.training.fit`). Returns losses and per-step seconds."""
     model = adapter.model
     head = model.get_output_embeddings()
-    opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-    stream = batch_stream(task, items, cfg.batch_size, pad_id, cfg.seed)
-    losses, seconds = [], []
     model.train()
-    bar = tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, dynamic_ncols=True)
-    for _ in bar:
-        batch = next(stream)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, _ = T.loss_from_hidden(task, hidden(model, batch), batch, head)
-        loss.backward()
-        opt.step()
-        seconds.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    run = fit(lambda batch: T.loss_from_hidden(task, hidden(model, batch), batch, head)[0], adapter.parameters(),
+              endless_batches(task, items, cfg.batch_size, pad_id, cfg.seed),
+              FitOptions(steps=cfg.steps, lr=cfg.learning_rate, progress=desc if cfg.progress else None))
+    losses, seconds = run.losses, run.seconds
     model.eval()
     for p in adapter.parameters():
         p.requires_grad_(False)
@@ -169,17 +163,12 @@ def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-@torch.no_grad()
 def accuracy(model, task: T.Task, items: list[dict], pad_id: int, label_ids: list[int],
              batch_size: int = 32) -> float:
-    """Share of examples whose label word has the highest logit among the label words (as `edge.trainer`)."""
+    """Share of examples whose label word has the highest logit among the label words (`model.training.evaluate`)."""
     model.eval()
-    head = model.get_output_embeddings()
-    correct = 0
-    for batch in T.batches(task, items, batch_size, pad_id):
-        _, logits = T.loss_from_hidden(task, hidden(model, batch), batch, head)
-        correct += (logits[:, label_ids].argmax(-1) == batch.label).sum().item()
-    return correct / len(items)
+    return evaluate(lambda batch: hidden(model, batch), model.get_output_embeddings(), task, items, pad_id, label_ids,
+                    batch_size)["accuracy"]
 
 
 @dataclass

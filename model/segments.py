@@ -47,9 +47,14 @@ class Family(ABC):
     def block_prefix(self, i: int) -> str:
         """Module path of block i in the full model (PEFT keys are built on it)."""
 
-    @abstractmethod
     def context(self, model, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-        """Per-forward inputs every block needs (mask, positions), rebuilt locally on each side from the mask."""
+        """Per-forward inputs every block needs (mask, positions), rebuilt locally on each side from the mask:
+        right padding and positions 0..T-1, exactly as the unsplit model computes them."""
+        from transformers.masking_utils import create_causal_mask
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None, position_ids=position_ids)
+        return {"attention_mask": mask, "position_ids": position_ids}
 
     @abstractmethod
     def run_block(self, block, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
@@ -86,13 +91,9 @@ class LlamaFamily(Family):
         return f"model.layers.{i}"
 
     def context(self, model, hidden, attention_mask):
-        from transformers.masking_utils import create_causal_mask
-        # Right padding and positions 0..T-1, exactly as the unsplit model computes them.
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  cache=None, position_ids=position_ids)
-        return {"attention_mask": mask, "position_ids": position_ids,
-                "position_embeddings": model.model.rotary_emb(hidden, position_ids=position_ids)}
+        ctx = super().context(model, hidden, attention_mask)
+        ctx["position_embeddings"] = model.model.rotary_emb(hidden, position_ids=ctx["position_ids"])
+        return ctx
 
     def run_block(self, block, hidden, ctx):
         out = block(hidden, **ctx)
@@ -121,13 +122,6 @@ class GPT2Family(Family):
 
     def block_prefix(self, i):
         return f"transformer.h.{i}"
-
-    def context(self, model, hidden, attention_mask):
-        from transformers.masking_utils import create_causal_mask
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  cache=None, position_ids=position_ids)
-        return {"attention_mask": mask, "position_ids": position_ids}
 
     def run_block(self, block, hidden, ctx):
         out = block(hidden, None, ctx["attention_mask"], position_ids=ctx["position_ids"])

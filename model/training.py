@@ -30,6 +30,7 @@ class FitOptions:
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end, when a Checkpoint is given)
     progress: str | None = None  # progress-bar label; None: no bar
     progress_row: int = 0  # terminal row of the bar (several trainers in one terminal)
+    postfix: Callable[[dict], dict] | None = None  # more figures for the bar, from a step's record
 
 
 @dataclass
@@ -79,15 +80,17 @@ def endless_batches(task: T.Task, items: list[dict], batch_size: int, pad_id: in
 def fit(loss_of: Callable[[object], torch.Tensor], params: list[torch.nn.Parameter], batches: Iterable,
         opts: FitOptions, *, state: Callable[[], dict] | None = None, load_state: Callable[[dict], None] | None = None,
         checkpoint: Checkpoint | None = None, before_step: Callable[[int], None] | None = None,
-        after_step: Callable[[int, float, float], dict | None] | None = None) -> FitResult:
+        after_step: Callable[[int, float, float], dict | None] | None = None,
+        result: FitResult | None = None) -> FitResult:
     """AdamW on `params` for `opts.steps` steps, one batch each: loss_of(batch).backward(), then the update.
 
     `state()` / `load_state(d)` give and take the trainable weights for the checkpoint; with a `checkpoint` that
     exists, training resumes from it at the same batch. `before_step(step)` runs before each step (Kill & Revive),
-    `after_step(step, loss, seconds)` after it, and may return a record kept in the result and the checkpoint."""
+    `after_step(step, loss, seconds)` after it, and may return a record kept in the result and the checkpoint.
+    A `result` given is filled as training goes (the hooks can read the losses so far, resumed ones included)."""
     from tqdm import tqdm
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    result = FitResult()
+    result = FitResult() if result is None else result
     if checkpoint is not None and checkpoint.exists():
         saved = checkpoint.load()
         if load_state is not None:
@@ -116,7 +119,7 @@ def fit(loss_of: Callable[[object], torch.Tensor], params: list[torch.nn.Paramet
         if rec is not None:
             result.records.append(rec)
         bar.update(1)
-        bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{result.losses[-1]:.3f}", **(opts.postfix(rec) if opts.postfix and rec else {}))
         if checkpoint is not None and opts.checkpoint_every and (step + 1) % opts.checkpoint_every == 0:
             checkpoint.save(step + 1, state() if state else {}, opt, result.records)
     bar.close()

@@ -1,4 +1,5 @@
-"""The wire between edge and cloud: the gRPC service (tandem.proto, generated/) and tensor encoding (tensors.py)."""
+"""The wire between edge and cloud: the gRPC service (tandem.proto, generated/), tensor encoding (tensors.py) and
+the one description of a step's message order and byte accounting (step.py)."""
 from protocol.generated import tandem_pb2 as pb, tandem_pb2_grpc as pb_grpc
 
 PROTOCOL_VERSION = 2  # 2: an empty Begin.active_blocks means no LoRA site (1: all of them)

@@ -6,6 +6,7 @@ match the shape, NaN/Inf, too many elements, wrong shape) and raises `WireError`
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import grpc
 import numpy as np
@@ -14,6 +15,8 @@ import torch
 from protocol import pb
 
 WIRE_DTYPES = {"fp32": pb.FLOAT32, "bf16": pb.BFLOAT16, "fp16": pb.FLOAT16, "int8": pb.INT8}
+Wire = Literal["fp32", "bf16", "fp16", "int8"]  # the names of WIRE_DTYPES, as a type for configs and flags
+assert set(get_args(Wire)) == set(WIRE_DTYPES)
 _ELEM_BYTES = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2, pb.INT8: 1, pb.INT64: 8, pb.BOOL: 1}
 _TORCH = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: torch.float16, pb.INT64: torch.int64,
           pb.BOOL: torch.bool}

@@ -3,7 +3,9 @@ here and models we cannot (LLaMA-7B/70B), validated against measured runs on a r
 
     shape.py      a decoder's shapes from a Hugging Face config.json (no weights)
     wire.py       exact wire bytes of a step, by building the protobuf messages the edge and cloud exchange
-    costmodel.py  FLOPs, peak memory, bytes, round trips and time per step, per path
+    compute.py    FLOPs, optimizer traffic and kept activations of a block, a LoRA site and the LM head
+    stepcost.py   what a prediction reports: phases, each side's cost, the step's cost
+    costmodel.py  peak memory, bytes, round trips and time per step, per path
     profiles.py   device and link profiles, measured (`here`) or documented with their sources
     calibrate.py  `tandem sim calibrate`: the microbenchmarks behind the `here` profile
     events.py     N edges sharing one cloud: event-driven queueing/batching simulation

@@ -108,6 +108,23 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _finish(plt, fig, ax, out: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label a one-axes plot, grid and legend, then save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _save(plt, fig, out)
+
+
 def plot_step_time_vs_bandwidth(shape, w, edge, cloud, rtt: float, out: Path, paths=PATHS) -> Path:
     import numpy as np
     plt = _plt()
@@ -118,15 +135,8 @@ def plot_step_time_vs_bandwidth(shape, w, edge, cloud, rtt: float, out: Path, pa
         fits = costs[0].edge_fits and costs[0].cloud_fits
         ax.loglog(rates / 1e6, [c.step_s for c in costs], "-" if fits else ":",
                   label=path if fits else f"{path} (does not fit in memory)")
-    ax.set_xlabel("link bandwidth (Mbit/s, both directions)")
-    ax.set_ylabel("time per step (s)")
-    ax.set_title(f"{shape.name}: step time vs bandwidth (edge {edge.name}, cloud {cloud.name})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax, out, "link bandwidth (Mbit/s, both directions)", "time per step (s)",
+                   f"{shape.name}: step time vs bandwidth (edge {edge.name}, cloud {cloud.name})")
 
 
 def plot_bytes_vs_cut(shape, w, edge, cloud, link, out: Path) -> Path:
@@ -137,15 +147,9 @@ def plot_bytes_vs_cut(shape, w, edge, cloud, link, out: Path) -> Path:
         ys = [predict(shape, path, replace(w, k=k, wire_up=dtype, wire_down=dtype), edge, cloud, link).bytes_total
               for k in ks]
         ax.semilogy(ks, [y / 1e6 for y in ys], label=f"{path} ({dtype})")
-    ax.set_xlabel(f"cut position k (edge-bottom blocks; m = {w.m})")
-    ax.set_ylabel("bytes per step, both directions (MB)")
-    ax.set_title(f"{shape.name}: bytes per step vs cut (batch {w.batch} x {w.seq})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax, out, f"cut position k (edge-bottom blocks; m = {w.m})",
+                   "bytes per step, both directions (MB)",
+                   f"{shape.name}: bytes per step vs cut (batch {w.batch} x {w.seq})")
 
 
 def plot_utilisation_vs_edges(shape, w, edge, cloud, link, out: Path, ns=(1, 2, 4, 8, 16, 32, 64, 128),
@@ -166,10 +170,7 @@ def plot_utilisation_vs_edges(shape, w, edge, cloud, link, out: Path, ns=(1, 2, 
         a.grid(True, which="both", alpha=0.3)
         a.legend()
     fig.suptitle(f"{shape.name} on one {cloud.name}, {link.name} links (event simulation)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def compare(shape: ModelShape, w: Workload, edge: DeviceProfile, cloud: DeviceProfile, links: list[LinkProfile],

@@ -1,5 +1,6 @@
 """Cost of one training step for each way Tandem can fine-tune: compute and peak memory on each side, exact bytes
-per direction, round trips, and time from device and link profiles.
+per direction, round trips, and time from device and link profiles. The FLOPs, optimizer traffic and kept
+activations of the pieces (blocks, LoRA, LM head) are in sim.compute.
 
 Paths
   local-full   all weights trained on the edge (embedding, blocks, head), AdamW
@@ -12,17 +13,6 @@ Paths
                that keeps `emulator_fraction` of the middle blocks (layer drop); nothing crosses per step
   federated    every client runs `local_steps` local-PEFT steps, then uploads its LoRA and downloads the average
 
-FLOPs (per step, B sequences of T tokens, t = B*T):
-  linear layer in->out       forward 2*t*in*out; backward 2*t*in*out for dX, the same again for dW when trained
-  attention (per block)      forward 4*B*T^2*heads*head_dim (QK^T and PV, full T^2: the cloud passes an explicit
-                             padding mask, so no causal skipping); backward twice that
-  LoRA rank r on in->out     forward 2*t*r*(in+out); backward twice that
-  LM head                    forward 2*H*V per position that needs logits (classify: B, lm: B*T); backward dX the
-                             same, dW again only in full fine-tuning
-  the lowest adapted block   receives no input gradient: its q/k/v input-gradient matmuls are skipped
-  norms, softmax, rotary, SiLU: no FLOPs counted; their time is inside the measured block throughput (calibrate)
-Optimizer: AdamW in fp32 moves 28 bytes per trained weight (read weight, grad, 2 moments; write 3) -> memory time.
-
 Compute time = FLOPs / the device's throughput at the step's tokens (measured at several sizes for `here`).
 Time of one step = edge compute + cloud compute + for each message: transfer (wire bytes with HTTP/2 framing over
 the link's payload rate) + codec (encode/serialize/parse/decode at the devices' measured or assumed rate) + half a
@@ -30,201 +20,23 @@ round trip of latency. Every part is sequential in Tandem's protocol, so they ad
 max(FLOPs / sustained FLOP/s, weights read / memory bandwidth) + a fixed per-job overhead.
 
 Peak memory: weights in the device dtype + 12 bytes per trained weight (fp32 gradient and two Adam moments; +4 for
-an fp32 master copy when the device trains in 16-bit) + the activations autograd keeps for backward, per token:
-  frozen block        2H + 4*q_dim + 3I: the two norm inputs; q, k, v (k and v expanded to every query head, as
-                      transformers' SDPA path keeps them) and the attention output; gate, up and SiLU(gate). Inputs
-                      of frozen linears are not kept (autograd saves them only for weight gradients).
-  trained block       + 2H + q_dim + I: the inputs of q/k/v, o, gate/up and down
-  LoRA                + the input of each input group + r per target
-  LM head             fp32 logits and their gradient at the positions that need them
-The frozen-block figure is checked against what autograd actually saves (tests/test_sim_costmodel.py); the rest of
-the memory model is an estimate.
+an fp32 master copy when the device trains in 16-bit) + the activations autograd keeps for backward (sim.compute).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
+from sim.compute import (ADAM_BYTES_PER_PARAM, SST2_TRAIN, Compute, Workload, activation_elements_per_token,
+                         attention_flops, block_compute, head_compute, lora_compute, peft_blocks)
 from sim.profiles import DeviceProfile, LinkProfile
-from sim.shape import INPUT_GROUPS, ModelShape
+from sim.shape import ModelShape
 from protocol.step import Traffic
+from sim.stepcost import Phase, SideCost, StepCost
 from sim.wire import WireSetup, cloud_blocks, dlora_setup, step_traffic
 
 PATHS = ("local-full", "local-peft", "split", "dlora", "offsite", "federated")
-ADAM_BYTES_PER_PARAM = 28  # fp32 AdamW step: read w, g, m, v (16 B), write w, m, v (12 B)
 OPTIMIZER_STATE_BYTES = 12  # fp32 gradient + two fp32 moments per trained weight
 NPY_HEADER = 128  # numpy .npy header Flower puts before each array it ships (format 1.0, padded)
-SST2_TRAIN = 67349  # examples in the SST-2 training split (the default epoch)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What one training step processes and how the model is cut."""
-    batch: int = 8
-    seq: int = 128  # padded tokens per sequence
-    task: str = "classify"  # classify: logits at one position per sequence; lm: at every position
-    k: int = 1  # edge-bottom blocks
-    m: int = 1  # edge-top blocks
-    rank: int = 8
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    wire_up: str = "fp32"
-    wire_down: str = "fp32"
-    active_fraction: float = 1.0  # DLoRA + Kill & Revive: share of cloud blocks whose LoRA runs
-    emulator_fraction: float = 0.5  # offsite-tuning: share of middle blocks the emulator keeps
-    local_steps: int = 10  # federated: local steps per round
-    epoch_examples: int = SST2_TRAIN
-    step_index: int = 1  # Begin.step (its varint length changes the byte count by a byte or two)
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
-
-    @property
-    def head_positions(self) -> int:
-        return self.batch if self.task == "classify" else self.tokens
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.epoch_examples / self.batch)
-
-
-# ---- FLOPs and bytes of the pieces --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Compute:
-    """One side's work for one piece of the model in one step."""
-    forward: float = 0.0
-    backward: float = 0.0
-    optimizer_bytes: float = 0.0  # memory traffic of the optimizer step
-    trained: int = 0  # trained weights
-    activations: float = 0.0  # elements kept for backward
-
-    @property
-    def flops(self) -> float:
-        return self.forward + self.backward
-
-    def __add__(self, o: "Compute") -> "Compute":
-        return Compute(self.forward + o.forward, self.backward + o.backward, self.optimizer_bytes + o.optimizer_bytes,
-                       self.trained + o.trained, self.activations + o.activations)
-
-    def times(self, n: float) -> "Compute":
-        return Compute(self.forward * n, self.backward * n, self.optimizer_bytes * n, int(self.trained * n),
-                       self.activations * n)
-
-
-def attention_flops(shape: ModelShape, batch: int, seq: int) -> float:
-    return 4.0 * batch * seq * seq * shape.q_dim
-
-
-def activation_elements_per_token(shape: ModelShape, trained: bool = False) -> int:
-    """Elements one block keeps for backward per token (see the module docstring)."""
-    frozen = 2 * shape.hidden + 4 * shape.q_dim + 3 * shape.intermediate
-    return frozen + (2 * shape.hidden + shape.q_dim + shape.intermediate if trained else 0)
-
-
-def lora_compute(shape: ModelShape, tokens: int, rank: int, targets, train: bool = True) -> Compute:
-    """LoRA of `targets` at one block: forward, backward (dA, dB, dX), its optimizer step, and what it keeps for
-    backward (one input per input group, shared by its targets, and each target's rank-r intermediate)."""
-    fwd = sum(2.0 * tokens * rank * (i + o) for i, o in (shape.linear(t) for t in targets))
-    if not train:
-        return Compute(fwd)
-    n = shape.lora_params(rank, targets)
-    inputs = {INPUT_GROUPS[t]: shape.linear(t)[0] for t in targets}
-    return Compute(fwd, 2 * fwd, ADAM_BYTES_PER_PARAM * n, n, tokens * (sum(inputs.values()) + rank * len(targets)))
-
-
-def block_compute(shape: ModelShape, batch: int, seq: int, *, backward: bool = True, train_weights: bool = False,
-                  input_grad: bool = True, lora: tuple[str, ...] = (), rank: int = 8) -> Compute:
-    """One decoder block. `input_grad`: its input needs a gradient (false only for the lowest trained block)."""
-    t = batch * seq
-    lin = 2.0 * t * sum(i * o for i, o in shape.linears().values())
-    att = attention_flops(shape, batch, seq)
-    c = Compute(forward=lin + att)
-    if backward:
-        skipped = 0.0 if input_grad else 2.0 * t * sum(i * o for n, (i, o) in shape.linears().items()
-                                                        if INPUT_GROUPS[n] == "attn_in")
-        bwd = (lin - skipped) + (lin if train_weights else 0.0) + 2 * att
-        trained = shape.block_params if train_weights else 0
-        c = Compute(lin + att, bwd, ADAM_BYTES_PER_PARAM * trained, trained,
-                    float(t * activation_elements_per_token(shape, train_weights)))
-    if lora:
-        c = c + lora_compute(shape, t, rank, lora, train=backward)
-    return c
-
-
-def head_compute(shape: ModelShape, w: Workload, *, train_head: bool = False, backward: bool = True) -> Compute:
-    """Final norm + LM head at the positions that need logits; the logits (fp32) and their gradient are kept."""
-    p = w.head_positions
-    fwd = 2.0 * shape.hidden * shape.vocab * p
-    trained = shape.vocab * shape.hidden if train_head else 0
-    if not backward:
-        return Compute(fwd)
-    return Compute(fwd, fwd * (2 if train_head else 1), ADAM_BYTES_PER_PARAM * trained, trained, 2.0 * p * shape.vocab)
-
-
-# ---- a step as phases ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Phase:
-    """One sequential piece of a step. Cloud phases carry their work so a shared cloud can re-time them."""
-    where: str  # "edge", "cloud", "up", "down"
-    seconds: float  # duration when this edge is alone
-    what: str = ""
-    flops: float = 0.0  # cloud: FLOPs of this job
-    weight_bytes: float = 0.0  # cloud: weights this job reads
-    key: str = ""  # cloud: jobs with the same key use the same weights and may run as one batch
-    wire_bytes: int = 0
-    tokens: int = 0  # cloud: tokens this job processes (a batch of jobs runs at the throughput of their sum)
-
-
-@dataclass(frozen=True)
-class SideCost:
-    """FLOPs, time and peak memory of one side for one step."""
-    flops: float = 0.0
-    seconds: float = 0.0
-    weight_bytes: float = 0.0
-    state_bytes: float = 0.0  # gradients + optimizer moments
-    activation_bytes: float = 0.0
-    trained_params: int = 0
-
-    @property
-    def peak_bytes(self) -> float:
-        return self.weight_bytes + self.state_bytes + self.activation_bytes
-
-
-@dataclass(frozen=True)
-class StepCost:
-    """Everything predicted for one training step of one path (per step; a federated round is amortized)."""
-    path: str
-    model: str
-    workload: Workload
-    edge: SideCost
-    cloud: SideCost
-    bytes_up: float
-    bytes_down: float
-    payload_up: float
-    payload_down: float
-    messages: int
-    round_trips: float
-    transfer_s: float
-    codec_s: float
-    latency_s: float
-    phases: tuple[Phase, ...] = ()
-    one_time_bytes: float = 0.0  # offsite: the emulator download; bytes that are not per step
-    traffic: Traffic | None = None
-    notes: tuple[str, ...] = ()
-    edge_fits: bool = True
-    cloud_fits: bool = True
-
-    @property
-    def step_s(self) -> float:
-        return self.edge.seconds + self.cloud.seconds + self.transfer_s + self.codec_s + self.latency_s
-
-    @property
-    def epoch_s(self) -> float:
-        return self.step_s * self.workload.steps_per_epoch
-
-    @property
-    def bytes_total(self) -> float:
-        return self.bytes_up + self.bytes_down
 
 
 def _side(device: DeviceProfile, c: Compute, weights: int, tokens: int,
@@ -267,59 +79,56 @@ def local_full(shape, w, edge, cloud, link) -> StepCost:
 
 
 def local_peft(shape, w, edge, cloud, link) -> StepCost:
-    c = _peft_blocks(shape, w, range(shape.layers)) + head_compute(shape, w)
+    c = peft_blocks(shape, w, range(shape.layers)) + head_compute(shape, w)
     return _local(shape, "local-peft", w, edge, cloud, c, shape.total_params,
                   [f"LoRA r={w.rank} on {','.join(w.targets)} of all {shape.layers} blocks, all on the edge"])
 
 
-def _peft_blocks(shape: ModelShape, w: Workload, blocks) -> Compute:
-    c = Compute()
-    for i in blocks:
-        c = c + block_compute(shape, w.batch, w.seq, input_grad=i != 0, lora=w.targets, rank=w.rank)
-    return c
+@dataclass(frozen=True)
+class _EdgeWork:
+    """The edge's share of a split/DLoRA step."""
+    bottom: Compute  # edge-bottom blocks
+    top: Compute  # edge-top blocks + head
+    site: dict  # LoRA group -> its work at one cloud block
+    total: Compute  # all of it, with every cloud LoRA the edge trains
 
 
-def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud: DeviceProfile,
-           link: LinkProfile) -> StepCost:
-    """split and dlora: the message sequence of the step, with the compute of each side between messages."""
-    cb = cloud_blocks(shape, w.k, w.m)
+def _remote_setup(shape: ModelShape, path: str, w: Workload) -> WireSetup:
     if path == "split":
-        setup = WireSetup(w.k, w.m, w.wire_up, w.wire_down)
-    else:
-        setup = dlora_setup(shape, w.k, w.m, w.wire_up, w.wire_down, w.targets, w.active_fraction)
-    traffic = step_traffic(shape, setup, w.batch, w.seq, step=w.step_index)
-    groups = setup.groups() if setup.lora_blocks else []
-    active = setup.active()
+        return WireSetup(w.k, w.m, w.wire_up, w.wire_down)
+    return dlora_setup(shape, w.k, w.m, w.wire_up, w.wire_down, w.targets, w.active_fraction)
 
-    bottom = _peft_blocks(shape, w, range(w.k))
-    top = _peft_blocks(shape, w, range(shape.layers - w.m, shape.layers)) + head_compute(shape, w)
+
+def _edge_work(shape: ModelShape, w: Workload, setup: WireSetup, groups, active) -> _EdgeWork:
+    bottom = peft_blocks(shape, w, range(w.k))
+    top = peft_blocks(shape, w, range(shape.layers - w.m, shape.layers)) + head_compute(shape, w)
     site = {g: lora_compute(shape, w.tokens, w.rank, ts) for g, ts in groups}  # one group at one block
-    edge_c = bottom + top + sum((site[g].times(len(active)) for g, _ in groups), Compute())
+    total = bottom + top + sum((site[g].times(len(active)) for g, _ in groups), Compute())
     # Every cloud LoRA is a trained weight held on the edge (Kill & Revive only pauses some of them).
     idle = len(setup.lora_blocks) - len(active)
-    edge_c = edge_c + Compute(trained=idle * shape.lora_params(w.rank, w.targets))
-    edge_weights = shape.embedding_params + shape.head_params + (w.k + w.m) * shape.block_params
-    cloud_block = block_compute(shape, w.batch, w.seq)  # frozen, input gradient needed
-    cloud_c = cloud_block.times(len(cb))
-    cloud_weight_bytes = len(cb) * shape.block_params * cloud.dtype_bytes
+    total = total + Compute(trained=idle * shape.lora_params(w.rank, w.targets))
+    return _EdgeWork(bottom, top, site, total)
 
-    # Cloud work is cut into slices at each LoRA exchange; the same weights are read by forward and backward.
-    n_slices = 1 + len(active) * len(groups)
+
+def _remote_phases(traffic: Traffic, work: _EdgeWork, cloud_c: Compute, cloud_weight_bytes: float, n_slices: int,
+                   w: Workload, edge: DeviceProfile, cloud: DeviceProfile, link: LinkProfile) -> list[Phase]:
+    """The step in order: each message, and the cloud slice or edge compute that follows it.
+    Cloud work is cut into slices at each LoRA exchange; the same weights are read by forward and backward."""
     fwd_slice, bwd_slice = cloud_c.forward / n_slices, cloud_c.backward / n_slices
     wb_slice = cloud_weight_bytes / n_slices
-
     phases: list[Phase] = []
     fwd_i = bwd_i = 0
 
-    def edge_time(flops: float, optimizer_bytes: float = 0.0) -> float:
-        return flops / edge.throughput(w.tokens) + optimizer_bytes / edge.memory_bandwidth
+    def edge_phase(what: str, flops: float, optimizer_bytes: float = 0.0):
+        seconds = flops / edge.throughput(w.tokens) + optimizer_bytes / edge.memory_bandwidth
+        phases.append(Phase("edge", seconds, what))
 
     def cloud_phase(kind: str, i: int):
         flops = fwd_slice if kind == "fwd" else bwd_slice
         phases.append(Phase("cloud", cloud_job_seconds(cloud, flops, wb_slice, w.tokens), f"cloud {kind} slice {i}",
                             flops, wb_slice, f"{kind}:{i}", tokens=w.tokens))
 
-    phases.append(Phase("edge", edge_time(bottom.forward), "edge bottom forward"))
+    edge_phase("edge bottom forward", work.bottom.forward)
     for msg in traffic.messages:
         phases.append(_message_phase(msg, link, edge, cloud))
         if msg.kind in ("begin", "lora_reply"):
@@ -329,16 +138,41 @@ def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud
             cloud_phase("bwd", bwd_i)
             bwd_i += 1
         elif msg.kind == "lora_request":
-            phases.append(Phase("edge", edge_time(site[msg.group].forward), "edge LoRA forward"))
+            edge_phase("edge LoRA forward", work.site[msg.group].forward)
         elif msg.kind == "lora_grad_request":
-            phases.append(Phase("edge", edge_time(site[msg.group].backward), "edge LoRA backward"))
+            edge_phase("edge LoRA backward", work.site[msg.group].backward)
         elif msg.kind == "hidden":
-            phases.append(Phase("edge", edge_time(top.flops), "edge top forward + backward"))
-    phases.append(Phase("edge", edge_time(bottom.backward, edge_c.optimizer_bytes), "edge bottom backward + opt"))
+            edge_phase("edge top forward + backward", work.top.flops)
+    edge_phase("edge bottom backward + opt", work.bottom.backward, work.total.optimizer_bytes)
+    return phases
+
+
+def _remote_notes(path: str, w: Workload, n_cloud: int, setup: WireSetup, active) -> tuple[str, ...]:
+    notes = [f"cut k={w.k}, m={w.m}: {n_cloud} frozen cloud blocks; wire up {w.wire_up}, down {w.wire_down}"]
+    if path == "dlora":
+        notes.append(f"DLoRA r={w.rank} on {','.join(w.targets)} of {len(setup.lora_blocks)} cloud blocks, "
+                     f"{len(active)} active (fraction {w.active_fraction:g})")
+    return tuple(notes)
+
+
+def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud: DeviceProfile,
+           link: LinkProfile) -> StepCost:
+    """split and dlora: the message sequence of the step, with the compute of each side between messages."""
+    cb = cloud_blocks(shape, w.k, w.m)
+    setup = _remote_setup(shape, path, w)
+    traffic = step_traffic(shape, setup, w.batch, w.seq, step=w.step_index)
+    groups = setup.groups() if setup.lora_blocks else []
+    active = setup.active()
+    work = _edge_work(shape, w, setup, groups, active)
+    edge_weights = shape.embedding_params + shape.head_params + (w.k + w.m) * shape.block_params
+    cloud_c = block_compute(shape, w.batch, w.seq).times(len(cb))  # frozen, input gradient needed
+    cloud_weight_bytes = len(cb) * shape.block_params * cloud.dtype_bytes
+    phases = _remote_phases(traffic, work, cloud_c, cloud_weight_bytes, 1 + len(active) * len(groups), w, edge,
+                            cloud, link)
 
     edge_s = sum(p.seconds for p in phases if p.where == "edge")
     cloud_s = sum(p.seconds for p in phases if p.where == "cloud")
-    edge_side = _side(edge, edge_c, edge_weights, w.tokens, edge_s)
+    edge_side = _side(edge, work.total, edge_weights, w.tokens, edge_s)
     # DLoRA: the edge also keeps the LoRA outputs it computed for the cloud until their gradients come.
     kept = w.tokens * sum(shape.linear(t)[1] for _, ts in groups for t in ts) * len(active) * edge.dtype_bytes
     edge_side = replace(edge_side, activation_bytes=edge_side.activation_bytes + kept)
@@ -346,13 +180,10 @@ def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud
                           cloud_c.activations * cloud.dtype_bytes, 0)
     codec = sum(m.payload_bytes for m in traffic.messages) * (0.5 / edge.codec + 0.5 / cloud.codec)
     transfer = sum(link.transfer_seconds(m.wire_bytes, m.direction) for m in traffic.messages)
-    notes = [f"cut k={w.k}, m={w.m}: {len(cb)} frozen cloud blocks; wire up {w.wire_up}, down {w.wire_down}"]
-    if path == "dlora":
-        notes.append(f"DLoRA r={w.rank} on {','.join(w.targets)} of {len(setup.lora_blocks)} cloud blocks, "
-                     f"{len(active)} active (fraction {w.active_fraction:g})")
     return StepCost(path, shape.name, w, edge_side, cloud_side, traffic.bytes_up, traffic.bytes_down,
                     traffic.payload_up, traffic.payload_down, len(traffic.messages), traffic.round_trips, transfer,
-                    codec, len(traffic.messages) * link.rtt / 2, tuple(phases), traffic=traffic, notes=tuple(notes),
+                    codec, len(traffic.messages) * link.rtt / 2, tuple(phases), traffic=traffic,
+                    notes=_remote_notes(path, w, len(cb), setup, active),
                     edge_fits=edge_side.peak_bytes <= edge.memory, cloud_fits=cloud_side.peak_bytes <= cloud.memory)
 
 
@@ -418,4 +249,5 @@ def predict_all(shape, w, edge, cloud, link, paths=PATHS) -> list[StepCost]:
 
 __all__ = ["PATHS", "Workload", "Compute", "Phase", "SideCost", "StepCost", "predict", "predict_all",
            "block_compute", "head_compute", "lora_compute", "attention_flops", "cloud_job_seconds",
-           "activation_elements_per_token"]
+           "activation_elements_per_token", "peft_blocks", "ADAM_BYTES_PER_PARAM", "OPTIMIZER_STATE_BYTES",
+           "NPY_HEADER", "SST2_TRAIN"]

@@ -59,98 +59,127 @@ class _Job:
     order: int  # arrival order (oldest first)
 
 
-def simulate(cost: StepCost, n_edges: int, cloud: DeviceProfile, *, steps: int = 12, warmup: int = 2,
-             max_batch: int = 16, batching: bool = True, seed: int = 0) -> SharedResult:
-    """Run `n_edges` edges for `steps` steps each; see the module docstring for the model."""
-    phases = cost.phases
-    cloud_idx = [i for i, p in enumerate(phases) if p.where == "cloud"]
+def _cloud_span(cost: StepCost, cloud: DeviceProfile) -> tuple[int, int, int]:
+    """The step's first and last cloud phase and its memory slots; raises when the step cannot share a cloud."""
+    cloud_idx = [i for i, p in enumerate(cost.phases) if p.where == "cloud"]
     if not cloud_idx:
         raise ValueError(f"path {cost.path} does not use the cloud per step")
-    first_c, last_c = cloud_idx[0], cloud_idx[-1]
     slots = memory_slots(cost, cloud)
     if slots < 1:
         raise ValueError(f"one step's cloud activations ({cost.cloud.activation_bytes / 1e9:.1f} GB) do not fit "
                          f"next to the weights on {cloud.name}")
-    alone = sum(p.seconds for p in phases)
-    rng = random.Random(seed)
+    return cloud_idx[0], cloud_idx[-1], slots
 
-    events: list[tuple[float, int, int]] = []  # (time, tie-break, edge): the edge's current phase ends
-    counter = 0
-    pos = [-1] * n_edges  # phase each edge is in (-1: not started yet)
-    step_no = [0] * n_edges
-    step_start = [0.0] * n_edges
-    finished_steps: list[tuple[float, float]] = []  # (end time, duration) of steps past warm-up
-    warm_at = [math.inf] * n_edges
-    done_at = [math.inf] * n_edges
-    waiting: dict[str, deque[_Job]] = {}  # per key, oldest first (a key's jobs are all first jobs or none are)
-    in_flight = max_in_flight = 0
-    cloud_free_at = 0.0
-    busy: list[tuple[float, float]] = []
-    batches: list[int] = []
 
-    def push(t: float, edge: int):
-        nonlocal counter
-        heapq.heappush(events, (t, counter, edge))
-        counter += 1
+class _Simulation:
+    """One run: a heap of phase ends, each edge's place in its steps, and the cloud's queues of waiting jobs."""
 
-    def run_cloud(t: float):
+    def __init__(self, cost: StepCost, n_edges: int, cloud: DeviceProfile, *, steps: int, warmup: int,
+                 max_batch: int):
+        self.phases = cost.phases
+        self.first_c, self.last_c, self.slots = _cloud_span(cost, cloud)
+        self.cloud, self.steps, self.warmup, self.max_batch = cloud, steps, warmup, max_batch
+        self.events: list[tuple[float, int, int]] = []  # (time, tie-break, edge): the edge's current phase ends
+        self.counter = 0
+        self.pos = [-1] * n_edges  # phase each edge is in (-1: not started yet)
+        self.step_no = [0] * n_edges
+        self.step_start = [0.0] * n_edges
+        self.finished_steps: list[tuple[float, float]] = []  # (end time, duration) of steps past warm-up
+        self.warm_at = [math.inf] * n_edges
+        self.done_at = [math.inf] * n_edges
+        self.waiting: dict[str, deque[_Job]] = {}  # per key, oldest first (a key's jobs are all first jobs or none are)
+        self.in_flight = self.max_in_flight = 0
+        self.cloud_free_at = 0.0
+        self.busy: list[tuple[float, float]] = []
+        self.batches: list[int] = []
+
+    def push(self, t: float, edge: int):
+        heapq.heappush(self.events, (t, self.counter, edge))
+        self.counter += 1
+
+    def start(self, edge: int, t: float):
+        self.step_start[edge] = t
+        self.push(t, edge)
+
+    def run_cloud(self, t: float):
         """If the cloud is free, start the next batch: the oldest job that may start, plus same-key jobs."""
-        nonlocal cloud_free_at, in_flight, max_in_flight
-        if t < cloud_free_at:
+        if t < self.cloud_free_at:
             return
-        ready = [q[0] for q in waiting.values() if q and (not q[0].first or in_flight < slots)]
+        ready = [q[0] for q in self.waiting.values() if q and (not q[0].first or self.in_flight < self.slots)]
         if not ready:
             return
         head = min(ready, key=lambda j: j.order)
-        q = waiting[head.phase.key]
-        n = min(len(q), max_batch if batching else 1, slots - in_flight if head.first else len(q))
+        q = self.waiting[head.phase.key]
+        n = min(len(q), self.max_batch, self.slots - self.in_flight if head.first else len(q))
         batch = [q.popleft() for _ in range(n)]
-        in_flight += sum(j.first for j in batch)
-        max_in_flight = max(max_in_flight, in_flight)
-        cloud_free_at = t + cloud_job_seconds(cloud, sum(j.phase.flops for j in batch), head.phase.weight_bytes,
-                                              sum(j.phase.tokens for j in batch))
-        busy.append((t, cloud_free_at))
-        batches.append(n)
+        self.in_flight += sum(j.first for j in batch)
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.cloud_free_at = t + cloud_job_seconds(self.cloud, sum(j.phase.flops for j in batch),
+                                                   head.phase.weight_bytes, sum(j.phase.tokens for j in batch))
+        self.busy.append((t, self.cloud_free_at))
+        self.batches.append(n)
         for j in batch:
-            push(cloud_free_at, j.edge)
-            in_flight -= j.last  # freed when this batch ends; nothing else runs before then
+            self.push(self.cloud_free_at, j.edge)
+            self.in_flight -= j.last  # freed when this batch ends; nothing else runs before then
 
-    for e in range(n_edges):  # stagger the starts over one step, as independent users would
-        step_start[e] = rng.uniform(0, alone) if n_edges > 1 else 0.0
-        push(step_start[e], e)
+    def _end_step(self, t: float, e: int) -> bool:
+        """Edge `e` finished a step at `t`: count it, and start the next one unless that was its last (False)."""
+        self.step_no[e] += 1
+        if self.step_no[e] == self.warmup:
+            self.warm_at[e] = t
+        elif self.step_no[e] > self.warmup:
+            self.finished_steps.append((t, t - self.step_start[e]))
+        if self.step_no[e] == self.steps:
+            self.done_at[e] = t
+            return False
+        self.pos[e], self.step_start[e] = 0, t
+        return True
 
-    while events:
-        t, _, e = heapq.heappop(events)
-        pos[e] += 1
-        if pos[e] == len(phases):  # the step is done
-            step_no[e] += 1
-            if step_no[e] == warmup:
-                warm_at[e] = t
-            elif step_no[e] > warmup:
-                finished_steps.append((t, t - step_start[e]))
-            if step_no[e] == steps:
-                done_at[e] = t
-                run_cloud(t)
-                continue
-            pos[e], step_start[e] = 0, t
-        p = phases[pos[e]]
+    def _enter_phase(self, t: float, e: int):
+        """Edge `e` enters its next phase at `t`: a cloud job joins its queue, anything else just takes its time."""
+        p = self.phases[self.pos[e]]
         if p.where == "cloud":
-            waiting.setdefault(p.key, deque()).append(_Job(e, p, pos[e] == first_c, pos[e] == last_c, counter))
-            counter += 1
+            job = _Job(e, p, self.pos[e] == self.first_c, self.pos[e] == self.last_c, self.counter)
+            self.waiting.setdefault(p.key, deque()).append(job)
+            self.counter += 1
         else:
-            push(t + p.seconds, e)
-        run_cloud(t)
-        if not events and any(waiting.values()):
-            raise RuntimeError("simulation deadlocked: cloud jobs wait but nothing else runs")
+            self.push(t + p.seconds, e)
 
-    lo, hi = max(warm_at), min(done_at)
-    if not hi > lo:
-        lo, hi = 0.0, max(done_at)
-    window = [d for end, d in finished_steps if lo <= end <= hi] or [d for _, d in finished_steps]
-    busy_s = sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in busy)
-    n_steps = sum(1 for end, _ in finished_steps if lo <= end <= hi)
-    return SharedResult(n_edges, sum(window) / len(window), alone, busy_s / (hi - lo), n_steps / (hi - lo),
-                        sum(batches) / len(batches), max_in_flight, slots)
+    def run(self):
+        while self.events:
+            t, _, e = heapq.heappop(self.events)
+            self.pos[e] += 1
+            if self.pos[e] == len(self.phases) and not self._end_step(t, e):
+                self.run_cloud(t)
+                continue
+            self._enter_phase(t, e)
+            self.run_cloud(t)
+            if not self.events and any(self.waiting.values()):
+                raise RuntimeError("simulation deadlocked: cloud jobs wait but nothing else runs")
+
+    def result(self, alone: float) -> SharedResult:
+        """Means over the window in which every edge is past its warm-up and none has finished."""
+        lo, hi = max(self.warm_at), min(self.done_at)
+        if not hi > lo:
+            lo, hi = 0.0, max(self.done_at)
+        finished = self.finished_steps
+        window = [d for end, d in finished if lo <= end <= hi] or [d for _, d in finished]
+        busy_s = sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in self.busy)
+        n_steps = sum(1 for end, _ in finished if lo <= end <= hi)
+        return SharedResult(len(self.pos), sum(window) / len(window), alone, busy_s / (hi - lo), n_steps / (hi - lo),
+                            sum(self.batches) / len(self.batches), self.max_in_flight, self.slots)
+
+
+def simulate(cost: StepCost, n_edges: int, cloud: DeviceProfile, *, steps: int = 12, warmup: int = 2,
+             max_batch: int = 16, batching: bool = True, seed: int = 0) -> SharedResult:
+    """Run `n_edges` edges for `steps` steps each; see the module docstring for the model."""
+    run = _Simulation(cost, n_edges, cloud, steps=steps, warmup=warmup, max_batch=max_batch if batching else 1)
+    alone = sum(p.seconds for p in cost.phases)
+    rng = random.Random(seed)
+    for e in range(n_edges):  # stagger the starts over one step, as independent users would
+        run.start(e, rng.uniform(0, alone) if n_edges > 1 else 0.0)
+    run.run()
+    return run.result(alone)
 
 
 def sweep(cost: StepCost, cloud: DeviceProfile, ns, **kw) -> list[SharedResult]:

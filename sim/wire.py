@@ -15,7 +15,7 @@ from functools import lru_cache
 
 from model.sites import site_groups
 from protocol import pb, wire_size
-from protocol.step import StepPlan, Traffic
+from protocol.step import UP_KINDS, StepPlan, Traffic
 from protocol.tensors import WIRE_DTYPES, payload_bytes, tensor_payload
 from sim.shape import ModelShape
 
@@ -38,75 +38,30 @@ def _fill(t: pb.Tensor, shape, dtype: int) -> None:
         t.data = bytes(payload_bytes(shape, dtype))
 
 
-# ---- the messages, one builder each (also used by tests to compare with real encodings) --------------------------
-def begin(step: int, train: bool, hidden: tuple[int, ...], up: int, active_blocks=(),
-          session_id: str = "0" * SESSION_ID_CHARS, mask_dtype: int = pb.BOOL) -> pb.EdgeMessage:
-    m = pb.EdgeMessage()
-    b = m.begin
-    b.session_id, b.step, b.train = session_id, step, train
-    _fill(b.hidden, hidden, up)
-    _fill(b.attention_mask, hidden[:2], mask_dtype)
-    b.active_blocks.extend(active_blocks)
+# ---- the messages ---------------------------------------------------------------------------------------------------
+# The tensor field of each message kind; a repeated field (one tensor per target of a LoRA group) takes a list.
+TENSOR_FIELD = {"begin": "hidden", "lora_request": "x", "lora_reply": "outputs", "hidden": "hidden",
+                "output_grad": "grad", "lora_grad_request": "grads", "lora_grad_reply": "grad", "input_grad": "grad"}
+
+
+def build(kind: str, fields: tuple, shapes, dtype: int):
+    """A message of `kind` with the scalar `fields` ((name, value) pairs) set and its tensor field filled with
+    zero bytes of `shapes` in wire `dtype` (Begin also gets its [B, T] bool mask; Hidden/InputGrad a cloud time)."""
+    m = (pb.EdgeMessage if kind in UP_KINDS else pb.CloudMessage)()
+    inner = getattr(m, kind)
+    for name, value in fields:
+        if isinstance(value, tuple):
+            getattr(inner, name).extend(value)
+        else:
+            setattr(inner, name, value)
+    field = getattr(inner, TENSOR_FIELD[kind])
+    for shape in (shapes if isinstance(shapes, list) else [shapes]):
+        _fill(field.add() if isinstance(shapes, list) else field, shape, dtype)
+    if kind == "begin":
+        _fill(inner.attention_mask, shapes[:2], pb.BOOL)
+    if kind in ("hidden", "input_grad"):
+        inner.cloud_seconds = CLOUD_SECONDS
     return m
-
-
-def lora_request(block: int, group: str, x: tuple[int, ...], down: int) -> pb.CloudMessage:
-    m = pb.CloudMessage()
-    r = m.lora_request
-    r.block, r.group = block, group
-    _fill(r.x, x, down)
-    return m
-
-
-def lora_reply(block: int, group: str, outputs: list[tuple[int, ...]], up: int) -> pb.EdgeMessage:
-    m = pb.EdgeMessage()
-    r = m.lora_reply
-    r.block, r.group = block, group
-    for shape in outputs:
-        _fill(r.outputs.add(), shape, up)
-    return m
-
-
-def hidden_msg(hidden: tuple[int, ...], down: int) -> pb.CloudMessage:
-    m = pb.CloudMessage()
-    _fill(m.hidden.hidden, hidden, down)
-    m.hidden.cloud_seconds = CLOUD_SECONDS
-    return m
-
-
-def output_grad(hidden: tuple[int, ...], up: int) -> pb.EdgeMessage:
-    m = pb.EdgeMessage()
-    _fill(m.output_grad.grad, hidden, up)
-    return m
-
-
-def lora_grad_request(block: int, group: str, grads: list[tuple[int, ...]], down: int) -> pb.CloudMessage:
-    m = pb.CloudMessage()
-    r = m.lora_grad_request
-    r.block, r.group = block, group
-    for shape in grads:
-        _fill(r.grads.add(), shape, down)
-    return m
-
-
-def lora_grad_reply(block: int, group: str, x: tuple[int, ...], up: int) -> pb.EdgeMessage:
-    m = pb.EdgeMessage()
-    r = m.lora_grad_reply
-    r.block, r.group = block, group
-    _fill(r.grad, x, up)
-    return m
-
-
-def input_grad(hidden: tuple[int, ...], down: int) -> pb.CloudMessage:
-    m = pb.CloudMessage()
-    _fill(m.input_grad.grad, hidden, down)
-    m.input_grad.cloud_seconds = CLOUD_SECONDS
-    return m
-
-
-BUILDERS = {"begin": begin, "lora_request": lora_request, "lora_reply": lora_reply, "hidden": hidden_msg,
-            "output_grad": output_grad, "lora_grad_request": lora_grad_request, "lora_grad_reply": lora_grad_reply,
-            "input_grad": input_grad}
 
 
 def _varint_class(v: int) -> int:
@@ -118,8 +73,9 @@ def _varint_class(v: int) -> int:
 
 
 @lru_cache(maxsize=512)
-def _sized(kind: str, args: tuple) -> tuple[int, int]:
-    msg = BUILDERS[kind](*args)
+def _sized(kind: str, fields: tuple, shapes, dtype: int) -> tuple[int, int]:
+    msg = build(kind, fields, list(shapes) if isinstance(shapes, tuple) and shapes and
+                isinstance(shapes[0], tuple) else shapes, dtype)
     return wire_size(msg), tensor_payload(msg)
 
 
@@ -176,19 +132,19 @@ def step_traffic(shape: ModelShape, setup: WireSetup, batch: int, seq: int, step
     def shapes(group: str, side: int):  # side 0: input, 1: output of each target of the group
         return tuple((batch, seq, shape.linear(t)[side]) for t in plan.targets(group))
 
-    def args(m) -> tuple:
+    def args(m) -> tuple:  # (scalar fields, tensor shape(s), wire dtype) of message m
         if m.kind == "begin":
-            return v(step), train, H, up, tuple(v(b) for b in active) if setup.lora_blocks else ()
-        if m.kind in ("hidden", "input_grad"):
-            return H, down
-        if m.kind == "output_grad":
-            return H, up
-        side, dtype = {"lora_request": (0, down), "lora_reply": (1, up), "lora_grad_request": (1, down),
-                       "lora_grad_reply": (0, up)}[m.kind]
+            blocks = tuple(v(b) for b in active) if setup.lora_blocks else ()
+            return (("session_id", "0" * SESSION_ID_CHARS), ("step", v(step)), ("train", train),
+                    ("active_blocks", blocks)), H, up
+        if m.kind in ("hidden", "input_grad", "output_grad"):
+            return (), H, up if m.direction == "up" else down
+        side = 0 if m.kind in ("lora_request", "lora_grad_reply") else 1  # the branch's input or its outputs
         sizes = shapes(m.group, side)
-        return v(m.block), m.group, sizes[0] if side == 0 else sizes, dtype
+        return (("block", v(m.block)), ("group", m.group)), sizes[0] if side == 0 else sizes, \
+            up if m.direction == "up" else down
 
     traffic = Traffic()
     for m in plan.messages():
-        traffic.record(m, *_sized(m.kind, args(m)))
+        traffic.record(m, *_sized(m.kind, *args(m)))
     return traffic

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import tasks as T
-from cloud.service import BackboneService, CloudConfig, make_server
+from cloud.rpc import BackboneService, make_server
+from cloud.sessions import CloudConfig
 from edge.trainer import EdgeConfig, build_edge
 from model.load import load_model
 
@@ -61,7 +62,7 @@ def cloud(tiny):
 
 
 def make_edge(cloud, tiny, client="alice", **kw):
-    cfg = EdgeConfig(cloud=cloud.address, token=TOKENS[client], model="tiny-llama", progress=False, **kw)
+    cfg = EdgeConfig.of(cloud=cloud.address, token=TOKENS[client], model="tiny-llama", progress=False, **kw)
     return build_edge(cfg, loaded=copy.deepcopy(tiny))
 
 
@@ -77,3 +78,16 @@ def randomize_lora_b(lora, seed: int = 1, std: float = 0.02):
     with torch.no_grad():
         for site in lora.sites.values():
             site.lora_B.weight.normal_(0, std, generator=g)
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory):
+    """`identities(*names)`: a fresh key folder with a sealing identity (privacy.security.seal) for each name."""
+    from privacy.security.seal import generate_identity
+
+    def make(*names: str):
+        d = tmp_path_factory.mktemp("keys")
+        for name in names:
+            generate_identity(d, name)
+        return d
+    return make

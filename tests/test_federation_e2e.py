@@ -2,6 +2,7 @@
 own local SuperLink), both running the apps of cloud/federation and edge/federation through one shared cloud."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import peft
 import pytest
 from safetensors.numpy import load_file
 
@@ -19,6 +21,7 @@ import tasks as T
 
 from cloud.federation.server_app import FederationConfig, initial_adapter
 from sim.federation.cli import main as federate_main
+from tests.reference import peft_local as ref
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER = 2 * (8 * (64 + 64) + 8 * (64 + 32)) * 4  # tiny-llama, split (blocks 0 and 5), q and v, r 8, float32
@@ -42,7 +45,22 @@ def check_round_traffic(rep: dict, devices: int, steps: int) -> None:
         assert r["split_bytes_down"] == sum(sum(c["split_step_bytes_down"]) for c in r["clients"])
         assert r["split_steps"] == devices * steps
         assert r["split_bytes_per_step"] == pytest.approx((r["split_bytes_up"] + r["split_bytes_down"]) / r["split_steps"])
-        assert r["dev_examples"] == 12 and 0 <= r["dev_accuracy"] <= 1
+        # a round's accuracy is the share of the 12 dev examples its evaluating devices got right; which share
+        # follows only from the round's adapter, which is not kept (the last one is: see dev_accuracy_of)
+        correct = r["dev_accuracy"] * 12
+        assert r["dev_examples"] == 12 and correct == pytest.approx(round(correct))
+
+
+def dev_accuracy_of(tiny, adapter: Path, examples: int = 12) -> tuple[float, float]:
+    """(accuracy with the saved global adapter, accuracy of the base model) on the first dev examples, by PEFT
+    locally: the known answers of the last round's and round 0's federated evaluation through the cloud."""
+    task, tok = T.TASKS["sst2"], T.tiny_tokenizer()
+    dev = T.encode(task, T.load_split("sst2", "dev"), tok)[:examples]
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(adapter))
+    label_ids = T.label_token_ids(task, tok)
+    trained = ref.evaluate(pm, task, dev, tok.pad_token_id or 0, label_ids)
+    with pm.disable_adapter():
+        return trained, ref.evaluate(pm, task, dev, tok.pad_token_id or 0, label_ids)
 
 
 def test_tandem_federate_runs_fedavg_and_ffa_on_the_same_partitions(tmp_path, capsys, tiny):
@@ -61,6 +79,10 @@ def test_tandem_federate_runs_fedavg_and_ffa_on_the_same_partitions(tmp_path, ca
         check_round_traffic(rep, devices=3, steps=2)
     assert fedavg["rounds"][0]["dev_accuracy"] is not None
     assert ffa["rounds"][0]["dev_accuracy"] == fedavg["rounds"][0]["dev_accuracy"]  # one zero-shot evaluation
+    for name, rep in (("fedavg", fedavg), ("ffa", ffa)):
+        trained, zero_shot = dev_accuracy_of(tiny, out / name / "adapter")
+        assert rep["rounds"][-1]["dev_accuracy"] == pytest.approx(trained)
+        assert rep["rounds"][0]["dev_accuracy"] == pytest.approx(zero_shot)
     # exactness: FFA-LoRA merges the updates exactly, FedAvg of A and B does not
     assert all(r["deviation"] < 1e-6 for r in ffa["rounds"][1:])
     assert all(r["deviation"] > 1e-4 for r in fedavg["rounds"][1:])
@@ -93,7 +115,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return [p for p in pids if p != os.getpid()]
 
 
-def test_flwr_run_dot_runs_the_app_with_secaggplus_and_central_dp(tmp_path):
+def test_flwr_run_dot_runs_the_app_with_secaggplus_and_central_dp(tmp_path, tiny):
     """`flwr run .` builds the app from pyproject.toml, starts a local SuperLink and runs one round with both privacy
     options on; the ServerApp hosts the backbone itself. Our own ports and FLWR_HOME, and no runtime dependency
     install (Flower would otherwise `uv sync` the project's dependencies into a fresh env; the venv has them all)."""
@@ -132,5 +154,6 @@ def test_flwr_run_dot_runs_the_app_with_secaggplus_and_central_dp(tmp_path):
     assert r["devices"] == 2 and r["split_steps"] == 4
     assert r["adapter_bytes_down"] == 2 * ADAPTER and r["adapter_bytes_up"] == 0  # masked vectors only
     assert r["deviation"] is None  # under SecAgg+ the server never sees one device's adapter
-    assert 0 <= r["dev_accuracy"] <= 1 and r["dev_examples"] == 12
-    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    trained, zero_shot = dev_accuracy_of(tiny, out / "adapter")  # the noised, securely summed global adapter
+    assert r["dev_accuracy"] == pytest.approx(trained) and r["dev_examples"] == 12
+    assert rep["rounds"][0]["dev_accuracy"] == pytest.approx(zero_shot)

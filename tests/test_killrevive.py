@@ -117,10 +117,10 @@ def test_training_with_kr_and_int8_wire(cloud, tiny, tmp_path):
     from edge.trainer import EdgeConfig, train
     from tests.conftest import TOKENS
     import copy
-    cfg = EdgeConfig(cloud=cloud.address, token=TOKENS["alice"], model="tiny-llama", cloud_lora="edge", kr=True,
-                     kr_warmup=2, kr_revive_every=5, steps=12, batch_size=4, eval_examples=8, lr=1e-2,
-                     wire_up="int8", wire_down="int8", progress=False, out_dir=str(tmp_path))
-    m = train(cfg, loaded=copy.deepcopy(tiny))
+    cfg = EdgeConfig.of(cloud=cloud.address, token=TOKENS["alice"], model="tiny-llama", cloud_lora="edge", kr=True,
+                        kr_warmup=2, kr_revive_every=5, steps=12, batch_size=4, eval_examples=8, lr=1e-2,
+                        wire_up="int8", wire_down="int8", progress=False, out_dir=str(tmp_path))
+    m = train(cfg, loaded=copy.deepcopy(tiny)).metrics
     actives = [len(r["active_blocks"]) for r in m["steps"]]
     assert actives[0] == 4 and min(actives) < 4  # some modules were killed after warmup
     assert m["summary"]["active_fraction"] < 1

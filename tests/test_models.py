@@ -60,7 +60,7 @@ def test_smollm2_dlora_matches_local_peft(tmp_path):
     """The headline equivalence on the real model: DLoRA through gRPC vs PEFT on the full model, 3 steps."""
     import peft
     import tasks as T
-    from cloud.service import BackboneService, make_server
+    from cloud.rpc import BackboneService, make_server
     from edge.trainer import EdgeConfig, build_edge
     from tests.reference import peft_local as ref
     loaded = L.load_model("smollm2")
@@ -68,8 +68,8 @@ def test_smollm2_dlora_matches_local_peft(tmp_path):
     server, port = make_server(svc, "127.0.0.1:0")
     server.start()
     try:
-        em, tok, link = build_edge(EdgeConfig(cloud=f"127.0.0.1:{port}", token="real-model-token-0123456789",
-                                              cloud_lora="edge"), loaded=copy.deepcopy(loaded))
+        em, tok, link = build_edge(EdgeConfig.of(cloud=f"127.0.0.1:{port}", token="real-model-token-0123456789",
+                                                 cloud_lora="edge"), loaded=copy.deepcopy(loaded))
         pm = ref.peft_model(copy.deepcopy(loaded.model), em.lora)
         task = T.TASKS["sst2"]
         items = T.encode(task, T.load_split("sst2", "train")[:24], tok)

@@ -7,22 +7,19 @@ import random
 import pytest
 
 from emulator.build import BuildConfig, build
-from emulator.bundle import (ADAPTER_FORMAT, BUNDLE_FORMAT, BundleError, load_bundle, open_sealed_dir, pack,
-                             seal_dir, verify_dir)
+from emulator.bundle import ADAPTER_FORMAT, BUNDLE_FORMAT, BundleError, load_bundle, verify_dir
+from emulator.transport import open_sealed_dir, pack, seal_dir
 from emulator.tune import TuneConfig, tune
 from model.load import load_model
-from privacy.security.seal import generate_identity, load_identity, load_public, seal
+from privacy.security.seal import load_identity, load_public, seal
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    for name in ("cloud", "owner", "mallory"):
-        generate_identity(d, name)
-    return d
+def keys(identities):  # tests/conftest.py
+    return identities("cloud", "owner", "mallory")
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 import tasks as T
 from emulator.build import BuildConfig, build
-from emulator.bundle import BundleError, block_of, load_bundle
+from emulator.bundle import BundleError, block_of, load_bundle, renumber
 from emulator.plug import check_binding, format_table, load_adapter, offsite_table, plug
-from emulator.tune import TuneConfig, tune
+from emulator.tune import TuneConfig, merge_lora, tune
 from model.load import load_model
 
 
@@ -57,7 +57,7 @@ def config(data, mode, steps=4, **kw) -> TuneConfig:
                       lora_targets=("q_proj", "v_proj"), **kw)
 
 
-def test_full_mode_trains_only_the_adapter_blocks(dropped, data, tmp_path):
+def test_full_mode_trains_only_the_adapter_blocks(tiny, dropped, data, tmp_path):
     before = load_bundle(dropped).model.state_dict()
     m = tune(config(data, "full"), dropped, tmp_path / "adapter")
     after = m["_adapter"].model.state_dict()
@@ -69,7 +69,12 @@ def test_full_mode_trains_only_the_adapter_blocks(dropped, data, tmp_path):
     manifest = json.loads((tmp_path / "adapter" / "manifest.json").read_text())
     assert manifest["mode"] == "full" and manifest["blocks"] == [0, 5] and manifest["training"]["steps"] == 4
     assert "losses" not in manifest["training"]  # the record that travels is a summary
-    assert 0 <= m["emulator_zero_shot"] <= 1 and 0 <= m["emulator_fine_tuned"] <= 1
+    # the adapter that travels gives the cloud the owner's figures: same dev examples, same emulator, same weights
+    res = offsite_table(tiny.model, T.tiny_tokenizer(), load_bundle(dropped), load_adapter(tmp_path / "adapter"),
+                        eval_examples=16, reference_steps=0, progress=False, train_file=str(data / "train.tsv"),
+                        dev_file=str(data / "dev.tsv"))
+    assert res["rows"]["emulator zero-shot"] == m["emulator_zero_shot"]
+    assert res["rows"]["emulator fine-tuned"] == m["emulator_fine_tuned"]
 
 
 def test_training_lowers_the_loss(dropped, data, tmp_path):
@@ -126,9 +131,11 @@ def test_adapters_are_bound_to_their_bundle_and_backbone(tiny, dropped, undroppe
         load_adapter(tmp_path / "adapter")
 
 
-def test_offsite_table(tiny, undropped, data, tmp_path):
-    """Every row is measured; the reference run tunes the full model's adapter blocks and nothing else."""
-    tune(config(data, "full"), undropped, tmp_path / "adapter")
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_offsite_table(tiny, undropped, data, tmp_path, mode):
+    """Every row is measured; with nothing dropped the emulator is the full model, so the emulator rows equal the
+    full-model rows; the reference run tunes the full model's adapter blocks and nothing else."""
+    tune(config(data, mode), undropped, tmp_path / "adapter")
     full = copy.deepcopy(tiny.model)
     res = offsite_table(full, T.tiny_tokenizer(), load_bundle(undropped), load_adapter(tmp_path / "adapter"),
                         eval_examples=16, reference_steps=3, progress=False, train_file=str(data / "train.tsv"),
@@ -136,10 +143,12 @@ def test_offsite_table(tiny, undropped, data, tmp_path):
     rows = res["rows"]
     assert list(rows) == ["full model zero-shot", "emulator zero-shot", "emulator fine-tuned", "plug-in",
                           "full fine-tuning"]
-    assert all(0 <= a <= 1 for a in rows.values())
+    assert rows["emulator zero-shot"] == rows["full model zero-shot"]
+    assert rows["plug-in"] == rows["emulator fine-tuned"]
     assert res["reference_training"]["steps"] == 3 and res["dev_examples"] == 16
     before, after = tiny.model.state_dict(), full.state_dict()
-    assert {block_of(k) for k in before if not torch.equal(before[k], after[k])} == {0, 5}
+    changed = {block_of(k) for k in before if not torch.equal(before[k], after[k])}
+    assert changed == ({0, 5} if mode == "full" else set())  # LoRA reference: hooks, the weights stay
     text = format_table(res)
     assert "plug-in" in text and "ratio" in text
 
@@ -162,3 +171,34 @@ def test_gpt2_family_lora_round_trip(data, tmp_path):
     before = logits(tuned.model, ids)
     tuned.merge()  # folding LoRA into the Conv1D weights gives the same function
     assert torch.allclose(logits(tuned.model, ids), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, targets, scaling", [("tiny-llama", ("q_proj", "down_proj"), 2.0),
+                                                    ("tiny-gpt2", ("c_attn", "c_fc"), 16 / 6)])
+def test_merge_lora_is_w_plus_scaling_b_a(name, targets, scaling):
+    """`merge_lora` (PEFT's merge_and_unload) adds scaling B A to each LoRA site's weight, transposed for GPT-2's
+    Conv1D ([in, out]), at the blocks `to_model` renumbers the adapter to, and changes nothing else in the model."""
+    model = load_model(name).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = [type(m).__name__ for m in model.modules()]
+    frozen = dict(model.named_parameters())[next(k for k, _ in model.named_parameters() if "norm" in k or "ln_" in k)]
+    frozen.requires_grad_(False)
+    to_model, g, state, expected = {1: 0, 5: 2}, torch.Generator().manual_seed(0), {}, {}
+    for key, w in model.named_parameters():
+        site = key.removesuffix(".weight")
+        if block_of(key) not in to_model.values() or not site.endswith(targets):
+            continue
+        n_in, n_out = w.shape[::-1] if name == "tiny-llama" else w.shape
+        a, b = torch.randn(6, n_in, generator=g), torch.randn(n_out, 6, generator=g)
+        full_site = renumber(site, {v: k for k, v in to_model.items()})
+        state[f"base_model.model.{full_site}.lora_A.weight"] = a
+        state[f"base_model.model.{full_site}.lora_B.weight"] = b
+        delta = scaling * b @ a
+        expected[key] = w.detach() + (delta if name == "tiny-llama" else delta.T)
+    assert len(expected) == 2 * len(targets)
+    merge_lora(model, state, scaling, to_model)
+    after = model.state_dict()
+    for key, w in after.items():
+        torch.testing.assert_close(w, expected.get(key, before[key]), rtol=0, atol=1e-5 if key in expected else 0)
+    assert [type(m).__name__ for m in model.modules()] == kinds and not hasattr(model, "peft_config")
+    assert not frozen.requires_grad and model.get_input_embeddings().weight.requires_grad  # as they were

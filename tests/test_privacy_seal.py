@@ -16,11 +16,8 @@ from privacy.security.seal import seal, seal_file
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    for name in ("alice", "bob", "carol"):
-        generate_identity(d, name)
-    return d
+def keys(identities):  # tests/conftest.py
+    return identities("alice", "bob", "carol")
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,11 @@ import copy
 import threading
 import time
 
+import pytest
 import torch
 
-from cloud.service import BackboneService, CloudConfig, make_server
+from cloud.rpc import BackboneService, make_server
+from cloud.sessions import CloudConfig
 from edge.trainer import EdgeConfig, train
 from tests.conftest import TOKENS
 
@@ -28,9 +30,10 @@ def test_edge_survives_a_cloud_restart(tiny, tmp_path):
             server.stop(0).wait()  # the cloud dies mid-training, every session with it
             threading.Timer(1.5, lambda: restarted.update(s=start_cloud(tiny, port)[0])).start()
 
-    cfg = EdgeConfig(cloud=f"127.0.0.1:{port}", token=TOKENS["alice"], model="tiny-llama", cloud_lora="edge",
-                     steps=8, batch_size=4, eval_before=False, eval_after=False, progress=False, lr=1e-2)
-    m = train(cfg, loaded=copy.deepcopy(tiny), step_hook=crash_and_restart)
+    cfg = EdgeConfig.of(cloud=f"127.0.0.1:{port}", token=TOKENS["alice"], model="tiny-llama", cloud_lora="edge",
+                        steps=8, batch_size=4, eval_before=False, eval_after=False, progress=False, lr=1e-2)
+    m = train(cfg, loaded=copy.deepcopy(tiny), step_hook=crash_and_restart).metrics
+    assert "s" in restarted  # the cloud really went down and came back during training
     assert [r["step"] for r in m["steps"]] == list(range(8))
     assert m["steps"][-1]["loss"] < m["steps"][0]["loss"]
     restarted["s"].stop(0)
@@ -40,7 +43,7 @@ def test_edge_resumes_from_its_checkpoint_after_a_crash(tiny, tmp_path):
     server, port = start_cloud(tiny)
     base = dict(cloud=f"127.0.0.1:{port}", token=TOKENS["alice"], model="tiny-llama", cloud_lora="edge", steps=6,
                 batch_size=4, eval_before=False, eval_after=False, progress=False, lr=1e-2, checkpoint_every=3)
-    full = train(EdgeConfig(**base, out_dir=str(tmp_path / "a")), loaded=copy.deepcopy(tiny))
+    full = train(EdgeConfig.of(**base, out_dir=str(tmp_path / "a")), loaded=copy.deepcopy(tiny))
 
     class Crash(Exception):
         pass
@@ -49,17 +52,14 @@ def test_edge_resumes_from_its_checkpoint_after_a_crash(tiny, tmp_path):
         if step == 4:
             raise Crash()
 
-    try:
-        train(EdgeConfig(**base, out_dir=str(tmp_path / "b")), loaded=copy.deepcopy(tiny), step_hook=crash)
-    except Crash:
-        pass
-    resumed = train(EdgeConfig(**base, out_dir=str(tmp_path / "b")), loaded=copy.deepcopy(tiny))
+    with pytest.raises(Crash):  # the edge dies at step 4, after the checkpoint of step 3
+        train(EdgeConfig.of(**base, out_dir=str(tmp_path / "b")), loaded=copy.deepcopy(tiny), step_hook=crash)
+    resumed = train(EdgeConfig.of(**base, out_dir=str(tmp_path / "b")), loaded=copy.deepcopy(tiny))
     # steps 0-2 came from the checkpoint, 3-5 were trained again: the same run as without the crash
-    assert [r["step"] for r in resumed["steps"]] == list(range(6))
-    a = [r["loss"] for r in full["steps"]]
-    b = [r["loss"] for r in resumed["steps"]]
+    assert [r["step"] for r in resumed.metrics["steps"]] == list(range(6))
+    a = [r["loss"] for r in full.metrics["steps"]]
+    b = [r["loss"] for r in resumed.metrics["steps"]]
     assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-5
-    wa = full["_edge_model"].lora.peft_state_dict()
-    wb = resumed["_edge_model"].lora.peft_state_dict()
+    wa, wb = full.adapter(), resumed.adapter()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     server.stop(0)

@@ -239,7 +239,7 @@ def test_health_and_graceful_shutdown(cloud):
 
 
 def test_tensors_are_not_bounded_by_grpcs_4mb_default(tiny):
-    from cloud.service import CloudConfig
+    from cloud.sessions import CloudConfig
     from tests.conftest import CloudHandle
     big = CloudHandle(tiny.model, CloudConfig(max_tokens_per_step=32768), max_message_mb=256)  # the serve default
     try:

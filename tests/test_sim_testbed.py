@@ -60,9 +60,10 @@ def test_real_training_through_the_testbed_moves_exactly_the_predicted_bytes(tmp
         assert run.returncode == 0, run.stderr[-2000:]
     records = json.loads(metrics.read_text())["steps"]
     # The batches the edge trained on (the trainer's first epoch: shuffled with its seed, full batches only).
-    cfg = EdgeConfig(task="sst2", batch_size=batch)
+    cfg = EdgeConfig.of(task="sst2", batch_size=batch)
     items = load_items(cfg, T.tiny_tokenizer(), "train")
-    seqs = [b.input_ids.shape[1] for b in T.batches(T.TASKS["sst2"], items, batch, 0, seed=cfg.seed, drop_last=True)]
+    seqs = [b.input_ids.shape[1]
+            for b in T.batches(T.TASKS["sst2"], items, batch, 0, seed=cfg.optim.seed, drop_last=True)]
     for rec, seq in zip(records, seqs):
         sim = step_traffic(TINY, WireSetup(), batch, seq, step=rec["step"])
         assert (sim.bytes_up, sim.bytes_down) == (rec["bytes_up"], rec["bytes_down"])

@@ -79,7 +79,7 @@ def test_all_linear_targets_match_local_peft(cloud, tiny):
 def test_gpt2_family_travels_the_same_wire(cloud_lora):
     """A second family (learned positions, Conv1D) needs a segment driver, not a new protocol."""
     from tests.conftest import CloudHandle
-    from cloud.service import CloudConfig
+    from cloud.sessions import CloudConfig
     from model.load import load_model
     gpt2 = load_model("tiny-gpt2")
     handle = CloudHandle(gpt2.model, CloudConfig())

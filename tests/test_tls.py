@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from cloud.server import Cloud, ServeConfig
+from cloud.serve import Cloud, ServeConfig
 from edge.link import CloudLink, LinkConfig, StepFailed
 from edge.trainer import EdgeConfig, build_edge
 from privacy.security.certs import make_certs
@@ -24,8 +24,8 @@ def test_token_auth_over_tls(tmp_path, tiny):
     cloud = Cloud(ServeConfig(model="tiny-llama", port=0, tls_dir=str(tmp_path)), model=copy.deepcopy(tiny.model),
                   tokens={v: k for k, v in TOKENS.items()})
     try:
-        cfg = EdgeConfig(cloud=f"localhost:{cloud.port}", token=TOKENS["alice"], tls_dir=str(tmp_path),
-                         model="tiny-llama", cloud_lora="edge")
+        cfg = EdgeConfig.of(cloud=f"localhost:{cloud.port}", token=TOKENS["alice"], tls_dir=str(tmp_path),
+                            model="tiny-llama", cloud_lora="edge")
         em, _, link = build_edge(cfg, loaded=copy.deepcopy(tiny))
         assert torch.isfinite(torch.tensor(one_step(em)))
         assert cloud.service.sessions[link.session.session_id].owner == "alice"
@@ -44,8 +44,8 @@ def test_mutual_tls_identity_isolates_sessions(tmp_path, tiny):
                   model=copy.deepcopy(tiny.model))
     try:
         def edge(name):
-            cfg = EdgeConfig(cloud=f"localhost:{cloud.port}", tls_dir=str(tmp_path), client_name=name,
-                             model="tiny-llama")
+            cfg = EdgeConfig.of(cloud=f"localhost:{cloud.port}", tls_dir=str(tmp_path), client_name=name,
+                                model="tiny-llama")
             return build_edge(cfg, loaded=copy.deepcopy(tiny))
         em0, _, link0 = edge("edge-0")
         em1, _, link1 = edge("edge-1")

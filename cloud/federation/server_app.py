@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from logging import INFO
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,65 +36,41 @@ from cloud.federation.secagg import SecAggConfig, secure_train_round
 from cloud.federation.strategies import STRATEGIES, LoRAFedAvg
 from cloud.federation.strategies.base import arrays_to_record, payload_bytes, record_to_arrays
 from cloud.federation.traffic import MeteredGrid
+from protocol.federation import DeviceSettings
 from model.load import load_model
 from model.lora import LoRAConfig, LoRASet
 from model.segments import cut_of
 
 
 @dataclass
-class FederationConfig:
-    """Everything a federation run is told. Run-config keys are these names in kebab-case (`num-server-rounds`)."""
-    num_server_rounds: int = 5
-    strategy: str = "ffa"  # "fedavg" (FedIT: A and B averaged) or "ffa" (FFA-LoRA: A frozen, B averaged; exact)
-    model: str = "smollm2"
-    task: str = "sst2"
-    cut_bottom: int = 1  # k: blocks at the bottom of the edge
-    cut_top: int = 1  # m: blocks at the top of the edge
-    cloud_lora: str = "edge"  # "edge": DLoRA (LoRA in every block, computed on the device), "none": split
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: str = "q_proj,v_proj"
-    local_steps: int = 4
-    batch_size: int = 8
-    lr: float = 2e-3
-    seed: int = 0
-    wire_up: str = "fp32"  # split traffic dtypes (edge -> cloud, cloud -> edge)
-    wire_down: str = "fp32"
-    adapter_dtype: str = "float32"  # the adapter in Flower messages: float32 or float16
-    fraction_train: float = 1.0
-    min_nodes: int = 2
-    eval_nodes: int = 2
-    eval_examples: int = 200
-    eval_batch_size: int = 32
+class FederationConfig(DeviceSettings):
+    """Everything a federation run is told: what every device is told (DeviceSettings), then the server's own.
+    Run-config keys are these names in kebab-case (`num-server-rounds`); pyproject.toml lists them all."""
+    num_server_rounds: int = 5  # federated rounds (round 0, before them, only evaluates)
+    strategy: str = field(default="ffa", metadata={
+        "choices": tuple(STRATEGIES), "help": "fedavg: FedIT, A and B averaged; ffa: FFA-LoRA, A frozen, B averaged "
+                                              "(exact)"})
+    adapter_dtype: Literal["float32", "float16"] = "float32"  # the adapter in Flower messages
+    fraction_train: float = 1.0  # fraction of the devices sampled to train each round
+    min_nodes: int = 2  # devices to wait for before round 1
+    eval_nodes: int = 2  # devices that evaluate the global adapter each round, each on a slice of the dev set
     eval_initial: bool = True  # round 0: the initial adapter (B = 0, i.e. zero-shot)
-    partition_dir: str = ""  # client-<partition-id>.jsonl per device; empty: IID shards of the shared set
-    emulator_bundle: str = ""  # an offsite bundle folder (`tandem offsite build`) ...
-    emulator_devices: str = ""  # ... and the partition ids that train locally on it: "0,3" or "all"
-    cloud_address: str = ""  # empty: this ServerApp hosts the backbone service
-    cloud_token: str = ""
-    secagg: bool = False
-    secagg_num_shares: float = 1.0
-    secagg_threshold: float = 0.5
-    secagg_clipping_range: float = 8.0
-    secagg_quantization_range: int = 1 << 22
-    secagg_max_weight: float = 100_000.0
+    secagg: bool = False  # SecAgg+: the server only sees the sum of the masked adapters
+    secagg_num_shares: float = 1.0  # SecAgg+: fraction of the round's devices each one shares its keys with
+    secagg_threshold: float = 0.5  # SecAgg+: fraction of the shares needed to unmask a dropped device
+    secagg_clipping_range: float = 8.0  # SecAgg+: |weight x parameter| is clipped to this before quantization
+    secagg_quantization_range: int = 1 << 22  # SecAgg+: quantization levels of the masked values
+    secagg_max_weight: float = 100_000.0  # SecAgg+: the largest device weight (its number of examples) expected
     dp: bool = False  # central DP: clients clip their update, the server adds Gaussian noise to the aggregate
-    dp_noise_multiplier: float = 0.1
-    dp_clipping_norm: float = 1.0
-    round_timeout: float = 3600.0
-    out_dir: str = "runs/federation"
-    label: str = ""
+    dp_noise_multiplier: float = 0.1  # central DP noise, x the clipping norm
+    dp_clipping_norm: float = 1.0  # central DP: L2 norm each device's update is clipped to
+    round_timeout: float = 3600.0  # seconds a round (or the wait for min-nodes) may take
+    out_dir: str = "runs/federation/flwr-run"  # report.json and the global adapter (PEFT format) go here
+    label: str = ""  # the run's name in reports (empty: the strategy's)
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "FederationConfig":
-        known = {f.name: f for f in fields(cls)}
-        values = {}
-        for key, value in run_config.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ValueError(f"unknown federation setting {key!r}; known: {sorted(k.replace('_', '-') for k in known)}")
-            values[name] = value
-        cfg = cls(**values)
+        cfg = cls.from_keys(run_config, strict=True)
         if cfg.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {cfg.strategy!r}")
         if cfg.cloud_lora not in ("none", "edge"):
@@ -104,13 +81,8 @@ class FederationConfig:
         return cfg
 
     def instructions(self, address: str, token: str) -> ConfigRecord:
-        """What every device is told each round (edge/federation/client_app.py reads these keys)."""
-        keys = ("model", "task", "cut_bottom", "cut_top", "cloud_lora", "lora_r", "lora_alpha", "lora_targets",
-                "local_steps", "batch_size", "lr", "seed", "wire_up", "wire_down", "partition_dir", "eval_examples",
-                "eval_batch_size", "emulator_bundle", "emulator_devices")
-        rec = ConfigRecord({k.replace("_", "-"): getattr(self, k) for k in keys})
-        rec["cloud-address"], rec["cloud-token"] = address, token
-        return rec
+        """What every device is told each round: the DeviceSettings fields, with the cloud it trains through."""
+        return self.record(cloud_address=address, cloud_token=token)
 
 
 @lru_cache(maxsize=2)
@@ -121,19 +93,19 @@ def backbone(spec: str):
 
 def initial_adapter(model, cfg: FederationConfig) -> dict[str, np.ndarray]:
     """The round-1 adapter at the sites the devices will train (PEFT init: A Kaiming-uniform, seeded; B zero)."""
+    torch.manual_seed(cfg.seed)
+    return {k: v.numpy() for k, v in _lora_sites(model, cfg).peft_state_dict().items()}
+
+
+def _lora_sites(model, cfg: FederationConfig) -> LoRASet:
+    """LoRA at the sites the devices train: their own blocks, and with DLoRA the cloud's too."""
     cut = cut_of(model, cfg.cut_bottom, cfg.cut_top)
     blocks = [*cut.bottom, *cut.top] + (list(cut.cloud) if cfg.cloud_lora == "edge" else [])
-    torch.manual_seed(cfg.seed)
-    lora = LoRASet(model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, 0.0, tuple(t for t in cfg.lora_targets.split(",") if t),
-                                     sorted(blocks)))
-    return {k: v.numpy() for k, v in lora.peft_state_dict().items()}
+    return LoRASet(model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, 0.0, cfg.targets, sorted(blocks)))
 
 
 def save_adapter(model, cfg: FederationConfig, adapter: dict[str, np.ndarray], path: Path) -> Path:
-    cut = cut_of(model, cfg.cut_bottom, cfg.cut_top)
-    blocks = [*cut.bottom, *cut.top] + (list(cut.cloud) if cfg.cloud_lora == "edge" else [])
-    lora = LoRASet(model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, 0.0, tuple(t for t in cfg.lora_targets.split(",") if t),
-                                     sorted(blocks)))
+    lora = _lora_sites(model, cfg)
     lora.load_peft_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in adapter.items()})
     return lora.save_peft(path, cfg.model)
 
@@ -182,7 +154,7 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict:
     model = backbone(cfg.model)
     cloud, address, token = None, cfg.cloud_address, cfg.cloud_token
     if not address:  # `flwr run .`: the backbone service lives with the ServerApp, on the cloud side
-        from cloud.server import Cloud, ServeConfig
+        from cloud.serve import Cloud, ServeConfig
         token = secrets.token_urlsafe(32)
         cloud = Cloud(ServeConfig(model=cfg.model, port=0), model=model, tokens={token: "federation"})
         address = cloud.address
@@ -239,29 +211,7 @@ def _rounds(grid: Grid, context: Context, cfg: FederationConfig, model, address:
                           cfg.secagg_quantization_range, cfg.secagg_max_weight)
     for rnd in range(1, cfg.num_server_rounds + 1):
         t0 = time.time()
-        metered.phase = ("train", rnd)
-        messages = list(strategy.configure_train(rnd, arrays, train_config, metered))
-        if cfg.secagg:
-            replies, per_client = secure_train_round(metered, context, rnd, messages, secagg)
-            clients = _client_rows(None, per_client, metered, metered.phase)
-        else:
-            replies = list(metered.send_and_receive(messages, timeout=cfg.round_timeout))
-            clients = _client_rows(replies, [], metered, metered.phase)
-        new_arrays, metrics = strategy.aggregate_train(rnd, replies)
-        if new_arrays is None:
-            raise RuntimeError(f"round {rnd}: no adapter to aggregate (every device failed?)")
-        arrays = arrays_to_record(record_to_arrays(new_arrays), "float32")
-        t = metered.totals(metered.phase)
-        steps = sum(c["split_steps"] for c in clients)
-        split_up = sum(c["split_bytes_up"] for c in clients)
-        split_down = sum(c["split_bytes_down"] for c in clients)
-        row = {"round": rnd, "devices": len(clients), "train_loss": metrics.get("train-loss"),
-               "flower_bytes_down": t.get("down", 0), "flower_bytes_up": t.get("up", 0),
-               "adapter_bytes_down": t.get("adapter_down", 0), "adapter_bytes_up": t.get("adapter_up", 0),
-               "flower_messages": t.get("messages_down", 0) + t.get("messages_up", 0),
-               "split_steps": steps, "split_bytes_up": split_up, "split_bytes_down": split_down,
-               "split_bytes_per_step": (split_up + split_down) / steps if steps else 0.0,
-               "deviation": metrics.get("agg-deviation"), "train_seconds": time.time() - t0}
+        arrays, row, clients = _train_round(rnd, arrays, cfg, strategy, metered, context, train_config, secagg)
         row.update(evaluate(rnd, arrays))
         row["seconds"] = time.time() - t0
         row["clients"] = clients
@@ -274,6 +224,35 @@ def _rounds(grid: Grid, context: Context, cfg: FederationConfig, model, address:
     report["seconds"] = time.time() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def _train_round(rnd: int, arrays: ArrayRecord, cfg: FederationConfig, strategy, metered: MeteredGrid,
+                 context: Context, train_config: ConfigRecord, secagg: SecAggConfig):
+    """One round of training and aggregation: (the new global adapter, the round's row, its per-device rows)."""
+    t0 = time.time()
+    metered.phase = ("train", rnd)
+    messages = list(strategy.configure_train(rnd, arrays, train_config, metered))
+    if cfg.secagg:
+        replies, per_client = secure_train_round(metered, context, rnd, messages, secagg)
+        clients = _client_rows(None, per_client, metered, metered.phase)
+    else:
+        replies = list(metered.send_and_receive(messages, timeout=cfg.round_timeout))
+        clients = _client_rows(replies, [], metered, metered.phase)
+    new_arrays, metrics = strategy.aggregate_train(rnd, replies)
+    if new_arrays is None:
+        raise RuntimeError(f"round {rnd}: no adapter to aggregate (every device failed?)")
+    t = metered.totals(metered.phase)
+    steps = sum(c["split_steps"] for c in clients)
+    split_up = sum(c["split_bytes_up"] for c in clients)
+    split_down = sum(c["split_bytes_down"] for c in clients)
+    row = {"round": rnd, "devices": len(clients), "train_loss": metrics.get("train-loss"),
+           "flower_bytes_down": t.get("down", 0), "flower_bytes_up": t.get("up", 0),
+           "adapter_bytes_down": t.get("adapter_down", 0), "adapter_bytes_up": t.get("adapter_up", 0),
+           "flower_messages": t.get("messages_down", 0) + t.get("messages_up", 0),
+           "split_steps": steps, "split_bytes_up": split_up, "split_bytes_down": split_down,
+           "split_bytes_per_step": (split_up + split_down) / steps if steps else 0.0,
+           "deviation": metrics.get("agg-deviation"), "train_seconds": time.time() - t0}
+    return arrays_to_record(record_to_arrays(new_arrays), "float32"), row, clients
 
 
 def make_server_app(cfg: FederationConfig) -> ServerApp:

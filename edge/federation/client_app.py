@@ -11,18 +11,9 @@ the split traffic of every step. Two ways to train, per device:
 For evaluation a device runs its slice of the dev set through the cloud with the global adapter (the full backbone:
 what the federation's adapter is for).
 
-Instructions (train/evaluate ConfigRecord, set by cloud/federation/server_app.py):
-  cloud-address, cloud-token       the backbone service every device shares
-  model, task                      backbone spec (model.load) and task (tasks.TASKS)
-  cut-bottom, cut-top, cloud-lora  the edge's blocks (k, m) and "none" (split) or "edge" (DLoRA)
-  lora-r, lora-alpha, lora-targets adapter shape (targets comma-separated)
-  freeze-a                         FFA-LoRA: train B only
-  local-steps, batch-size, lr, seed, wire-up, wire-down
-  partition-dir                    folder with client-<partition-id>.jsonl (empty: an IID shard of the shared set)
-  emulator-bundle, emulator-devices  the bundle folder, and which partition ids train on it ("0,3" or "all")
-  server-round; evaluate only: eval-examples, eval-batch-size, dev-shard, dev-shards
-Node config (per device, overrides): partition-id, num-partitions (set by the simulation), train-file, train-mode
-("cloud" or "emulator"), cloud-address, cloud-token.
+The instructions (each round's ConfigRecord, then the device's node config, which wins: partition-id,
+num-partitions, train-file, train-mode, cloud-address, cloud-token) are the fields of `Instructions` in
+protocol/federation.py, in kebab-case; the ServerApp sends them from the same dataclass.
 
 A Ray actor runs many simulated devices one after another, so the backbone is loaded once per process and every
 round gets fresh modules that share its frozen weights (see `device_model`).
@@ -34,7 +25,6 @@ import itertools
 import json
 import tempfile
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -43,81 +33,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 import tasks as T
+from protocol.federation import Instructions
 from edge.federation.mods import clip_when_asked, secaggplus_when_asked
 from edge.trainer import EdgeConfig, build_edge, evaluate as evaluate_edge, load_items, train as train_edge
 from model.load import Loaded, load_model
 from model.segments import cut_of, family_of
 
 
-@dataclass
-class Instructions:
-    """One round's instructions to a device, from the server's ConfigRecord (kebab-case keys) and its node config."""
-    cloud_address: str = ""
-    cloud_token: str = ""
-    model: str = "smollm2"
-    task: str = "sst2"
-    cut_bottom: int = 1
-    cut_top: int = 1
-    cloud_lora: str = "edge"
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: str = "q_proj,v_proj"
-    freeze_a: bool = False
-    local_steps: int = 4
-    batch_size: int = 8
-    lr: float = 2e-3
-    seed: int = 0
-    wire_up: str = "fp32"
-    wire_down: str = "fp32"
-    partition_dir: str = ""
-    emulator_bundle: str = ""
-    emulator_devices: str = ""
-    server_round: int = 0
-    eval_examples: int = 200
-    eval_batch_size: int = 32
-    dev_shard: int = 0
-    dev_shards: int = 1
-    # node config
-    partition_id: int = 0
-    num_partitions: int = 1
-    train_file: str = ""
-    train_mode: str = ""
-
-    @classmethod
-    def read(cls, config: ConfigRecord, node_config: dict) -> "Instructions":
-        known = {f.name for f in fields(cls)}
-        values = {}
-        for source in (config, node_config):  # the device's own settings win
-            for key, value in source.items():
-                name = key.replace("-", "_")
-                if name in known:
-                    values[name] = value
-        return cls(**values)
-
-    @property
-    def on_emulator(self) -> bool:
-        """This device trains locally on the offsite emulator (its node config says so, or the server's list does)."""
-        if self.train_mode:
-            if self.train_mode not in ("cloud", "emulator"):
-                raise ValueError(f"train-mode must be 'cloud' or 'emulator', got {self.train_mode!r}")
-            return self.train_mode == "emulator"
-        chosen = {d.strip() for d in self.emulator_devices.split(",") if d.strip()}
-        return "all" in chosen or str(self.partition_id) in chosen
-
-    @property
-    def seed_this_round(self) -> int:
-        return self.seed + 1000 * self.server_round + self.partition_id  # new batches every round
-
-    def edge_config(self, train_file: str | None, steps: int) -> EdgeConfig:
-        return EdgeConfig(cloud=self.cloud_address, token=self.cloud_token or None, model=self.model, task=self.task,
-                          train_file=train_file, k=self.cut_bottom, m=self.cut_top, cloud_lora=self.cloud_lora,
-                          lora_r=self.lora_r, lora_alpha=self.lora_alpha,
-                          lora_targets=tuple(t for t in self.lora_targets.split(",") if t),
-                          lora_freeze_a=self.freeze_a, lr=self.lr, steps=steps, batch_size=self.batch_size,
-                          seed=self.seed_this_round,
-                          wire_up=self.wire_up, wire_down=self.wire_down, eval_examples=self.eval_examples,
-                          eval_batch_size=self.eval_batch_size, eval_before=False, eval_after=False,
-                          progress=False, name=f"edge-{self.partition_id}")
+def edge_config(ins: Instructions, train_file: str | None, steps: int) -> EdgeConfig:
+    """The edge trainer's config for this round's instructions."""
+    return EdgeConfig.of(cloud=ins.cloud_address, token=ins.cloud_token or None, model=ins.model, task=ins.task,
+                         train_file=train_file, k=ins.cut_bottom, m=ins.cut_top, cloud_lora=ins.cloud_lora,
+                         lora_r=ins.lora_r, lora_alpha=ins.lora_alpha, lora_targets=ins.targets,
+                         lora_freeze_a=ins.freeze_a, lr=ins.lr, steps=steps, batch_size=ins.batch_size,
+                         seed=ins.seed_this_round, wire_up=ins.wire_up, wire_down=ins.wire_down,
+                         eval_examples=ins.eval_examples, eval_batch_size=ins.eval_batch_size, eval_before=False,
+                         eval_after=False, progress=False, name=f"edge-{ins.partition_id}")
 
 
 # ---- the backbone, once per process -------------------------------------------------------------------------------
@@ -166,8 +97,8 @@ def train_on_emulator(ins: Instructions, start: dict[str, torch.Tensor],
     to_compact = {b: j for j, b in to_full.items()}
     cfg = TuneConfig(task=ins.task, train_file=train_file, mode="lora", lr=ins.lr, steps=ins.local_steps,
                      batch_size=ins.batch_size, lora_r=ins.lora_r, lora_alpha=ins.lora_alpha,
-                     lora_targets=tuple(t for t in ins.lora_targets.split(",") if t), eval_before=False,
-                     eval_after=False, seed=ins.seed_this_round, progress=False)
+                     lora_targets=ins.targets, eval_before=False, eval_after=False, seed=ins.seed_this_round,
+                     progress=False)
     adapter = make_adapter(emulated.model, emulated.adapter_positions, "lora", cfg)
     sites = {renumber(k, to_full) for k in adapter.lora.peft_state_dict()}
     if sites != set(start):
@@ -246,11 +177,11 @@ def train(msg: Message, context: Context) -> Message:
         adapter, losses = train_on_emulator(ins, adapter_from_record(start), path)
         steps, session = [], {}
     else:
-        result = train_edge(ins.edge_config(path, ins.local_steps),
+        result = train_edge(edge_config(ins, path, ins.local_steps),
                             loaded=device_model(ins.model, ins.cut_bottom, ins.cut_top),
                             initial_adapter=adapter_from_record(start))
-        adapter, steps = result["_edge_model"].lora.peft_state_dict(), result["steps"]
-        losses, session = [s["loss"] for s in steps], result.get("cloud_session", {})
+        adapter, steps = result.adapter(), result.metrics["steps"]
+        losses, session = [s["loss"] for s in steps], result.metrics.get("cloud_session", {})
     metrics = MetricRecord({
         "num-examples": examples_in(ins.task, path),
         "partition-id": ins.partition_id,
@@ -274,7 +205,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """The global adapter on this device's slice of the dev set (shortest prompts batched together), via the cloud."""
     ins = Instructions.read(msg.content["config"], dict(context.node_config))
-    cfg = ins.edge_config(None, 0)
+    cfg = edge_config(ins, None, 0)
     em, tok, link = build_edge(cfg, loaded=device_model(ins.model, ins.cut_bottom, ins.cut_top))
     try:
         em.lora.load_peft_state_dict(adapter_from_record(msg.content["arrays"]))

@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from privacy.security.files import write_private_key
+
 MAGIC = b"TNDMSEAL"
 VERSION = 1
 SIG_ALG = "ed25519"
@@ -75,14 +77,6 @@ def _key_paths(directory: str | Path, name: str) -> dict[str, Path]:
     return {s: d / f"{name}.{s}" for s in ("sign.key", "sign.pub", "box.key", "box.pub")}
 
 
-def _write_private(path: Path, key) -> None:
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
 def _write_public(path: Path, key) -> None:
     path.write_bytes(key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
@@ -97,8 +91,8 @@ def generate_identity(directory: str | Path, name: str) -> Identity:
         raise FileExistsError(f"identity {name!r} already exists ({', '.join(existing)}); delete it first")
     Path(directory).mkdir(parents=True, exist_ok=True)
     ident = Identity(name, Ed25519PrivateKey.generate(), X25519PrivateKey.generate())
-    _write_private(paths["sign.key"], ident.sign_key)
-    _write_private(paths["box.key"], ident.box_key)
+    write_private_key(paths["sign.key"], ident.sign_key, overwrite=False)  # O_EXCL: never replace a private key
+    write_private_key(paths["box.key"], ident.box_key, overwrite=False)
     _write_public(paths["sign.pub"], ident.sign_key.public_key())
     _write_public(paths["box.pub"], ident.box_key.public_key())
     return ident

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import grpc
 
+from privacy.security.files import write_private
 from protocol import AUTH_HEADER
 
 MIN_TOKEN_CHARS = 20  # ~120 bits of urlsafe base64; refuse weaker hand-written tokens
@@ -35,13 +35,7 @@ def make_tokens(path: str | Path, clients: Iterable[str]) -> dict[str, str]:
     table = {c: secrets.token_urlsafe(32) for c in clients}
     if not table:
         raise ValueError("need at least one client name")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    write_private(Path(path), json.dumps(table, indent=1, sort_keys=True).encode(), overwrite=True)
     return table
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import MISSING, fields
 
 from cloud.federation.server_app import FederationConfig
+from edge.flags import add_flags, build
 from sim.federation.driver import PARTITIONERS, FederateOptions
 
 # set by the driver itself, not by the user
@@ -40,17 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sim.add_argument("--partitions-only", action="store_true", help="write the partition files and stop")
     sim.add_argument("--render", metavar="DIR", help="print the report of a finished run in DIR and redraw its plot")
     sim.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
-    fed = p.add_argument_group("federation (the ServerApp's run config)")
-    for f in fields(FederationConfig):
-        if f.name in _DRIVER_SET:
-            continue
-        default = f.default if f.default is not MISSING else None
-        flags = ["--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, [])]
-        if isinstance(default, bool):
-            fed.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            fed.add_argument(*flags, dest=f.name, type=type(default), default=default,
-                             help=f"(default {default!r})")
+    add_flags(p.add_argument_group("federation (the ServerApp's run config)"), FederationConfig, skip=_DRIVER_SET,
+              aliases=_ALIASES)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -66,8 +57,7 @@ def options_of(args: argparse.Namespace) -> tuple[FederateOptions, FederationCon
                            labels_per_device=args.labels_per_device,
                            strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
                            cpus=args.cpus, cpus_per_device=args.cpus_per_device, out=args.out, quiet=not args.verbose)
-    fed = FederationConfig(**{f.name: getattr(args, f.name) for f in fields(FederationConfig)
-                              if f.name not in _DRIVER_SET})
+    fed = build(FederationConfig, {k: v for k, v in vars(args).items() if k not in _DRIVER_SET})
     return opts, fed
 
 

@@ -96,7 +96,7 @@ def federate(opts: FederateOptions, fed: FederationConfig) -> dict:
     """Partition, start the cloud, run every strategy's federation, write and return the summary."""
     from flwr.simulation import run_simulation
 
-    from cloud.server import Cloud, ServeConfig
+    from cloud.serve import Cloud, ServeConfig
     from edge.federation.client_app import app as client_app
 
     t_start = time.time()

@@ -1,16 +1,17 @@
 """The yardstick: ordinary local LoRA training of the whole model with Hugging Face PEFT.
 
 Split and DLoRA training must reproduce these losses step for step (tests) and are timed against them (bench).
+The loop and the scoring are the one training core's (`model.training.fit` / `evaluate`); what is PEFT's here is the
+model: `peft_model` wraps the whole model, and `hidden` runs it locally.
 """
 from __future__ import annotations
-
-import time
 
 import peft
 import torch
 
 import tasks as T
 from model.lora import LoRASet
+from model.training import FitOptions, evaluate as evaluate_model, fit
 
 
 def peft_model(model, lora: LoRASet):
@@ -27,28 +28,16 @@ def hidden(pm, batch: T.Batch) -> torch.Tensor:
 
 def train_steps(pm, task: T.Task, batches, lr: float) -> tuple[list[float], list[float]]:
     """Train on each batch once with AdamW; returns (losses, step seconds)."""
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    batches = list(batches)
     head = pm.base_model.model.get_output_embeddings()
-    losses, times = [], []
     pm.train()
-    for batch in batches:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, _ = T.loss_from_hidden(task, hidden(pm, batch), batch, head)
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    return losses, times
+    run = fit(lambda batch: T.loss_from_hidden(task, hidden(pm, batch), batch, head)[0],
+              [p for p in pm.parameters() if p.requires_grad], batches, FitOptions(steps=len(batches), lr=lr))
+    return run.losses, run.seconds
 
 
-@torch.no_grad()
 def evaluate(pm, task: T.Task, items, pad_id: int, label_ids, batch_size: int = 32) -> float:
+    """Accuracy of the argmax over the label words' logits."""
     pm.eval()
-    head = pm.base_model.model.get_output_embeddings()
-    correct = n = 0
-    for batch in T.batches(task, items, batch_size, pad_id):
-        _, logits = T.loss_from_hidden(task, hidden(pm, batch), batch, head)
-        correct += (logits[:, label_ids].argmax(-1) == batch.label).sum().item()
-        n += len(batch)
-    return correct / n
+    return evaluate_model(lambda batch: hidden(pm, batch), pm.base_model.model.get_output_embeddings(), task, items,
+                          pad_id, label_ids, batch_size)["accuracy"]

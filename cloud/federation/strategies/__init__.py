@@ -1,4 +1,4 @@
-"""LoRA aggregation strategies, each a Flower `FedAvg` with its own `aggregate_train` (one method per file)."""
+"""LoRA aggregation strategies, each a Flower `FedAvg` with its own `merge` (one method per file)."""
 from cloud.federation.strategies.base import LoRAFedAvg
 from cloud.federation.strategies.fedavg_lora import FedAvgLoRA
 from cloud.federation.strategies.ffa_lora import FFALoRA

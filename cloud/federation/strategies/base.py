@@ -10,7 +10,7 @@ its own copy in float32 and does all arithmetic in float64.
   - `configure_evaluate` sends the global adapter to `eval_nodes` nodes, each with a disjoint slice of the dev set,
     and `aggregate_evaluate` weights by examples, so the result is the exact accuracy on the whole dev set.
   - `train_metrics`: examples-weighted loss, summed traffic.
-Each method (one per file) overrides `aggregate_train` and calls `finish` with its merged adapter.
+Each method (one per file) overrides `merge`: the clients' adapters and weights in, the merged adapter out.
 
 The deviation reported per round is how far a method's merged product is from the true average of the clients'
 updates, over all LoRA sites:   || (B A)_merged - sum_i p_i B_i A_i ||_F  /  || sum_i p_i B_i A_i - B_0 A_0 ||_F
@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 from flwr.supercore import log
 
 WEIGHT_KEY = "num-examples"
@@ -63,11 +63,12 @@ def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:
 
 def weighted_mean(adapters: list[dict[str, np.ndarray]], weights: list[float],
                   keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """sum_i p_i x_i per key (p = weights normalised), in float64."""
-    p = np.asarray(weights, dtype=np.float64)
-    p = p / p.sum()
+    """sum_i p_i x_i per key (p = weights normalised), in float64: Flower's `aggregate_arrayrecords`, which
+    accumulates in the arrays' dtype, on float64 copies of the adapters."""
     keys = list(adapters[0]) if keys is None else list(keys)
-    return {k: sum(pi * a[k].astype(np.float64) for pi, a in zip(p, adapters)) for k in keys}
+    records = [RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(a[k], dtype=np.float64)) for k in keys}),
+                           "weight": MetricRecord({WEIGHT_KEY: float(w)})}) for a, w in zip(adapters, weights)]
+    return record_to_arrays(aggregate_arrayrecords(records, WEIGHT_KEY))
 
 
 def aggregation_deviation(merged: dict[str, np.ndarray], adapters: list[dict[str, np.ndarray]],
@@ -102,7 +103,7 @@ def train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricReco
 
 
 class LoRAFedAvg(FedAvg):
-    """FedAvg for a LoRA adapter (see the module docstring). Subclasses set `freeze_a` and override aggregate_train."""
+    """FedAvg for a LoRA adapter (see the module docstring). Subclasses set `freeze_a` and override `merge`."""
 
     freeze_a = False
     name = "lora"
@@ -149,6 +150,18 @@ class LoRAFedAvg(FedAvg):
         return metrics
 
     # ---- what comes back -------------------------------------------------------------------------------------------
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        adapters, weights = self.client_adapters(valid)
+        return self.finish(server_round, valid, self.merge(adapters, weights), adapters, weights)
+
+    def merge(self, adapters: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+        """The method: the clients' adapters and weights -> the merged adapter (keys in the clients' order)."""
+        raise NotImplementedError
+
     def client_adapters(self, replies: list[Message]) -> tuple[list[dict[str, np.ndarray]], list[float]]:
         """Each client's adapter and weight (its number of training examples)."""
         adapters, weights = [], []

@@ -7,9 +7,7 @@ It is the reference the exact methods are measured against; its deviation is rep
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from flwr.app import ArrayRecord, Message, MetricRecord
+import numpy as np
 
 from cloud.federation.strategies.base import LoRAFedAvg, weighted_mean
 
@@ -20,11 +18,5 @@ class FedAvgLoRA(LoRAFedAvg):
     freeze_a = False
     name = "fedavg"
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
-            return None, None
-        adapters, weights = self.client_adapters(valid)
-        merged = weighted_mean(adapters, weights)
-        return self.finish(server_round, valid, merged, adapters, weights)
+    def merge(self, adapters: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+        return weighted_mean(adapters, weights)

@@ -9,9 +9,7 @@ SecAgg+ an average would only add quantization noise to it.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from flwr.app import ArrayRecord, Message, MetricRecord
+import numpy as np
 
 from cloud.federation.strategies.base import LoRAFedAvg, lora_pairs, weighted_mean
 
@@ -22,15 +20,9 @@ class FFALoRA(LoRAFedAvg):
     freeze_a = True
     name = "ffa"
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
-            return None, None
-        adapters, weights = self.client_adapters(valid)
+    def merge(self, adapters: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
         pairs = lora_pairs(adapters[0])
         merged = weighted_mean(adapters, weights, keys=[b for _, b in pairs])
         for a_key, _ in pairs:
             merged[a_key] = self.start[a_key] if self.start else adapters[0][a_key]
-        merged = {k: merged[k] for k in adapters[0]}  # the order the clients use
-        return self.finish(server_round, valid, merged, adapters, weights)
+        return {k: merged[k] for k in adapters[0]}  # the order the clients use

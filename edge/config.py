@@ -1,0 +1,95 @@
+"""The edge's configuration: one dataclass per concern, nested in EdgeConfig.
+
+`tandem edge train` has one flag per field (edge/flags.py): the field's name, prefixed by its group where the group
+says so (--lora-r, --kr-warmup, --noise-sigma, --eval-examples), each documented by its comment here. Code builds
+one the same way, by flag name: `EdgeConfig.of(cloud="host:port", cloud_lora="edge", steps=10)`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import tasks as T
+from edge.flags import build
+from edge.killrevive import KRConfig
+from edge.link import LinkConfig
+from model.load import DTYPES
+from protocol.tensors import Wire
+
+
+@dataclass
+class DataConfig:
+    task: str = field(default="sst2", metadata={"choices": tuple(T.TASKS)})  # the task (tasks.TASKS)
+    train_file: str | None = None  # a user's own data (JSONL) instead of the shared set
+    dev_file: str | None = None  # ... and its dev set
+    shard: int = 0  # this client's shard of the training set ...
+    num_shards: int = 1  # ... out of this many
+
+
+@dataclass
+class LoRAOptions:
+    cloud: Literal["none", "edge"] = field(default="none", metadata={
+        "flag": "cloud_lora", "help": "none: the cloud blocks are frozen (split); edge: DLoRA, their LoRA on the edge"})
+    r: int = 8  # LoRA rank
+    alpha: int = 16  # LoRA scale numerator (the update is scaled by alpha / r)
+    dropout: float = 0.0  # dropout on the LoRA input
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # linear layers that get LoRA, in every LoRA block
+    freeze_a: bool = False  # FFA-LoRA: train B only (federated averaging of B is then exact)
+
+
+@dataclass
+class NoiseConfig:
+    sigma: float = 0.0  # privacy/defences/noise.py: Gaussian noise on the hidden state sent to the cloud, x its RMS
+    clip: float | None = None  # ... after clipping each token's hidden vector to this L2 norm (not DP)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # AdamW learning rate (no weight decay)
+    steps: int = 100  # training steps (one batch each)
+    batch_size: int = 8  # training examples per step
+    seed: int = 0  # LoRA initialisation and batch order
+    checkpoint_every: int = 50  # steps between checkpoints in --out-dir (0: only at the end)
+
+
+@dataclass
+class EvalConfig:
+    examples: int = 500  # dev examples evaluated (the first ones)
+    batch_size: int = 32  # dev examples per forward pass
+    before: bool = True  # evaluate before training (zero-shot)
+    after: bool = True  # evaluate after training
+
+
+@dataclass
+class EdgeConfig:
+    link: LinkConfig = field(default_factory=lambda: LinkConfig("127.0.0.1:50051"),
+                             metadata={"flags": {"address": "cloud"}, "title": "cloud link"})
+    model: str = "smollm2"  # backbone spec: smollm2, tiny-llama, tiny-gpt2 or a Hugging Face model folder
+    data: DataConfig = field(default_factory=DataConfig, metadata={"title": "data"})
+    k: int = 1  # blocks at the bottom of the model that run on the edge
+    m: int = 1  # blocks at the top of the model that run on the edge
+    wire_up: Wire = "fp32"  # dtype of what the edge sends (hidden states, gradients)
+    wire_down: Wire = "fp32"  # dtype of what the cloud sends back
+    lora: LoRAOptions = field(default_factory=LoRAOptions, metadata={"prefix": "lora", "title": "LoRA"})
+    kr: KRConfig = field(default_factory=KRConfig, metadata={"prefix": "kr", "title": "Kill & Revive (DLoRA)"})
+    noise: NoiseConfig = field(default_factory=NoiseConfig,
+                               metadata={"prefix": "noise", "title": "noise on what is sent (not DP)"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"title": "optimisation"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"prefix": "eval", "title": "evaluation"})
+    out_dir: str | None = None  # adapter (PEFT format), checkpoint and metrics.json go here
+    dtype: str = field(default="float32", metadata={"choices": tuple(DTYPES)})  # dtype of the edge's weights
+    device: str = "cpu"  # torch device of the edge's model (cpu, cuda, mps)
+    progress: bool = True  # progress bars
+    progress_row: int = 0  # terminal row of this client's progress bar (several clients in one terminal)
+    name: str = "edge"  # this client's name in tables, progress bars and --token-file
+
+    @classmethod
+    def of(cls, **flags) -> "EdgeConfig":
+        """The config these flags give (names as on the command line, underscores for dashes)."""
+        return build(cls, flags, strict=True)
+
+    def public(self) -> dict:
+        """The config as plain data, without the bearer token: what metrics.json records."""
+        out = asdict(self)
+        out["link"].pop("token", None)
+        return out

@@ -1,0 +1,101 @@
+"""What a federation's devices are told, defined once: the ServerApp's run config and each round's ConfigRecord.
+
+    DeviceSettings   the settings every device gets each round; FederationConfig (cloud/federation/server_app.py)
+                     adds the server's own on top, and its fields are the run-config keys in kebab-case
+                     ([tool.flwr.app.config] in pyproject.toml; `flwr run . --run-config 'num-server-rounds=2'`)
+    Instructions     what a device reads: DeviceSettings, what the strategy adds per round, and its node config
+
+Keys are the field names in kebab-case (`cut_bottom` -> `cut-bottom`), in both directions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal, Mapping
+
+from flwr.app import ConfigRecord
+
+from protocol.tensors import Wire
+
+
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass
+class DeviceSettings:
+    model: str = "smollm2"  # backbone spec (model.load): smollm2, tiny-llama, or a Hugging Face model folder
+    task: str = "sst2"  # the task (tasks.TASKS)
+    cut_bottom: int = 1  # k: blocks at the bottom of the edge
+    cut_top: int = 1  # m: blocks at the top of the edge
+    cloud_lora: Literal["none", "edge"] = "edge"  # edge: DLoRA (LoRA in every block, on the device); none: split
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA scale numerator (the update is scaled by alpha / r)
+    lora_targets: str = "q_proj,v_proj"  # comma-separated linear layers that get LoRA
+    local_steps: int = 4  # training steps per device per round
+    batch_size: int = 8  # training examples per step
+    lr: float = 2e-3  # AdamW learning rate on the devices
+    seed: int = 0  # LoRA initialisation; each device's batches use seed + 1000 x round + partition id
+    wire_up: Wire = "fp32"  # split traffic dtype, edge -> cloud
+    wire_down: Wire = "fp32"  # split traffic dtype, cloud -> edge
+    partition_dir: str = ""  # client-<partition-id>.jsonl per device; empty: IID shards of the shared set
+    eval_examples: int = 200  # dev examples of a federated evaluation (split among the evaluating devices)
+    eval_batch_size: int = 32  # dev examples per forward pass
+    emulator_bundle: str = ""  # an offsite bundle folder (`tandem offsite build`) ...
+    emulator_devices: str = ""  # ... and the partition ids that train locally on it: "0,3" or "all"
+    cloud_address: str = ""  # the backbone service every device trains through; empty: the ServerApp hosts one
+    cloud_token: str = ""  # its bearer token
+
+    @classmethod
+    def from_keys(cls, *sources: Mapping, strict: bool = False):
+        """From kebab-case keys (later sources win). Keys that are no field are ignored, or with `strict` refused."""
+        known = {f.name for f in fields(cls)}
+        values = {}
+        for source in sources:
+            for key, value in source.items():
+                name = key.replace("-", "_")
+                if name in known:
+                    values[name] = value
+                elif strict:
+                    raise ValueError(f"unknown federation setting {key!r}; known: {sorted(map(kebab, known))}")
+        return cls(**values)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """lora-targets as a tuple."""
+        return tuple(t for t in self.lora_targets.split(",") if t)
+
+    def record(self, **override) -> ConfigRecord:
+        """The device settings (DeviceSettings' fields, not a subclass's) as a round's ConfigRecord."""
+        return ConfigRecord({kebab(f.name): override.get(f.name, getattr(self, f.name))
+                             for f in fields(DeviceSettings)})
+
+
+@dataclass
+class Instructions(DeviceSettings):
+    """One round's instructions to a device: the server's ConfigRecord, then its node config (which wins)."""
+    freeze_a: bool = False  # set by the strategy: FFA-LoRA trains B only
+    server_round: int = 0  # set by the strategy
+    dev_shard: int = 0  # evaluate: this device's slice of the dev set ...
+    dev_shards: int = 1  # ... out of this many
+    partition_id: int = 0  # node config (set by the simulation)
+    num_partitions: int = 1  # node config
+    train_file: str = ""  # node config: the device's own training file
+    train_mode: str = ""  # node config: "cloud" or "emulator" (empty: as emulator-devices says)
+
+    @classmethod
+    def read(cls, config: Mapping, node_config: Mapping) -> "Instructions":
+        return cls.from_keys(config, node_config)
+
+    @property
+    def on_emulator(self) -> bool:
+        """This device trains locally on the offsite emulator (its node config says so, or the server's list does)."""
+        if self.train_mode:
+            if self.train_mode not in ("cloud", "emulator"):
+                raise ValueError(f"train-mode must be 'cloud' or 'emulator', got {self.train_mode!r}")
+            return self.train_mode == "emulator"
+        chosen = {d.strip() for d in self.emulator_devices.split(",") if d.strip()}
+        return "all" in chosen or str(self.partition_id) in chosen
+
+    @property
+    def seed_this_round(self) -> int:
+        return self.seed + 1000 * self.server_round + self.partition_id  # new batches every round
