@@ -100,24 +100,24 @@ class CloudSegment:
         self.blocks = self.family.blocks(model)
         self._paths: dict[tuple[int, str], str] = {}
         self._widths: dict[int, dict[str, int]] = {}
-        for b, block in enumerate(self.blocks):
+        for b, block in enumerate(self.blocks):  # every site of the family, by site name (model/sites.py)
             self._widths[b] = {}
-            for t in self.family.input_groups:
+            for s in self.family.input_groups:
                 try:
-                    self._paths[b, t] = self.family.target_path(block, t)
-                except KeyError:
+                    module = self.family.site_module(block, s)
+                except ValueError:
                     continue
-                self._widths[b][t] = linear_dims(self.family.target_module(block, t))[1]
+                self._paths[b, s] = self.family.site_path(s)
+                self._widths[b][s] = linear_dims(module)[1]
 
     def _block_for_step(self, b: int, branches: StepBranches | None) -> nn.Module:
         block = self.blocks[b]
         if branches is None or b not in branches.active:
             return block
         subs = {}
-        for t in branches.group_of:
-            path = self._paths[b, t]
-            base = self.family.target_module(block, t)
-            subs[path] = EdgeBranchLinear(base, b, t, branches, self._widths[b])
+        for s in branches.group_of:  # site names; the module path inside the block is where the wrapper goes
+            path = self._paths[b, s]
+            subs[path] = EdgeBranchLinear(block.get_submodule(path), b, s, branches, self._widths[b])
         return with_submodules(block, subs)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, blocks: range,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from cloud.rpc import BackboneService, make_server
 from cloud.sessions import CloudConfig
@@ -24,11 +24,16 @@ class ServeConfig:
     dtype: str = "float32"  # dtype of the backbone's weights
     device: str = "cpu"  # torch device of the backbone
     ttl: float = 600.0  # seconds an idle session lives
-    max_sessions: int = 64  # sessions open at once
-    max_tokens_per_step: int = 16384  # batch x sequence tokens one step may send
+    max_sessions: int = 64  # sessions open at once, all clients together
+    max_sessions_per_client: int = 16  # sessions one client may hold
+    max_tokens_per_step: int = 16384  # tokens one step may send at sequence length 512 (longer ones cost more)
     step_timeout: float = 120.0  # seconds the cloud waits for any one edge message inside a step
+    begin_timeout: float = 10.0  # seconds a new Step stream may take to send its first message
+    max_streams_per_client: int = 8  # open Step streams of one client
+    max_steps_per_client: int = 2  # steps of one client computing at once (more wait their turn)
+    max_steps_per_second: float = 50.0  # step starts per second of one client
+    compute_threads: int = 32  # threads that run steps' compute
     max_message_mb: int = 256  # largest gRPC message
-    workers: int = 32  # gRPC worker threads
 
 
 class Cloud:
@@ -43,15 +48,16 @@ class Cloud:
                              "--tls-dir with --require-client-cert")
         if model is None:
             model = load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device, with_tokenizer=False).model
-        self.service = BackboneService(model, tokens, CloudConfig(cfg.max_tokens_per_step, cfg.max_sessions, cfg.ttl,
-                                                                  cfg.step_timeout),
+        limits = CloudConfig(**{f.name: getattr(cfg, f.name) for f in fields(CloudConfig) if hasattr(cfg, f.name)},
+                             ttl_seconds=cfg.ttl)
+        self.service = BackboneService(model, tokens, limits,
                                        allow_cert_identity=bool(cfg.tls_dir and cfg.require_client_cert))
         creds = None
         if cfg.tls_dir:
             from privacy.security.certs import load_server_credentials
             creds = load_server_credentials(cfg.tls_dir, cfg.require_client_cert)
         self.server, self.port = make_server(self.service, f"{cfg.host}:{cfg.port}", credentials=creds,
-                                             max_workers=cfg.workers, max_message_mb=cfg.max_message_mb)
+                                             max_message_mb=cfg.max_message_mb)
         self.address = f"{cfg.host}:{self.port}"
         self.server.start()
         log.info("cloud backbone %s serving on %s (%s)", cfg.model, self.address, "TLS" if creds else "plaintext")
@@ -59,8 +65,8 @@ class Cloud:
     def stop(self, grace: float = 5.0):
         """Graceful: report NOT_SERVING, refuse new RPCs, let running steps finish for `grace` seconds."""
         self.server.health.enter_graceful_shutdown()
-        self.service.stop()
         self.server.stop(grace).wait()
+        self.service.stop()
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -34,10 +34,17 @@ def quote(value, limit: int = 40) -> str:
 
 @dataclass
 class CloudConfig:
-    max_tokens_per_step: int = 16384
+    max_tokens_per_step: int = 16384  # tokens of one step at reference_seq_len; longer sequences cost more (budgets.py)
+    reference_seq_len: int = 512
     max_sessions: int = 64
+    max_sessions_per_client: int = 16
     ttl_seconds: float = 600.0
     step_timeout: float = 120.0  # seconds the cloud waits for any one edge message inside a step
+    begin_timeout: float = 10.0  # seconds a new Step stream may take to send its first message
+    max_streams_per_client: int = 8  # open Step streams of one client
+    max_steps_per_client: int = 2  # steps of one client computing at once (more wait their turn)
+    max_steps_per_second: float = 50.0  # step starts per second of one client
+    compute_threads: int = 32  # threads that run steps' compute (a DLoRA step holds one while the edge answers)
 
 
 @dataclass
@@ -73,6 +80,9 @@ class SessionTable:
             if len(self._sessions) >= self.config.max_sessions:
                 raise CloudError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"{self.config.max_sessions} sessions already open (limit max_sessions)")
+            if sum(s.owner == owner for s in self._sessions.values()) >= self.config.max_sessions_per_client:
+                raise CloudError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this client already holds "
+                                 f"{self.config.max_sessions_per_client} sessions (limit max_sessions_per_client)")
             sess = Session(uuid.uuid4().hex, owner, **fields)
             self._sessions[sess.id] = sess
         return sess

@@ -10,6 +10,7 @@ import time
 import grpc
 import torch
 
+from cloud.budgets import StepCostLimit
 from cloud.compute import CloudSegment, StepBranches
 from cloud.sessions import CloudError, Session
 from cloud.stream import CloudStream
@@ -19,10 +20,14 @@ from protocol.tensors import encode
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
-def check_begin(begin, sess: Session, H: int, max_tokens: int, stream: CloudStream, dtype, device):
+def check_begin(begin, sess: Session, H: int, cost: StepCostLimit, stream: CloudStream, dtype, device):
     """The hidden state and mask of `begin`, decoded and checked; the active DLoRA blocks."""
     like = torch.empty(0, dtype=dtype, device=device)
-    hidden = stream.decode(begin.hidden, [None, None, H], like, "hidden", max_elements=max_tokens * H)
+    shape = list(begin.hidden.shape)
+    if len(shape) == 3 and shape[2] == H and all(d > 0 for d in shape):
+        cost.check(shape[0], shape[1])  # before decoding: refuse what costs too much without touching its bytes
+    hidden = stream.decode(begin.hidden, [None, None, H], like, "hidden",
+                           max_elements=cost.config.max_tokens_per_step * H)
     B, T, _ = hidden.shape
     if B == 0 or T == 0:
         raise CloudError(INVALID, f"hidden: empty batch or sequence (shape {[B, T, H]})")
@@ -33,12 +38,11 @@ def check_begin(begin, sess: Session, H: int, max_tokens: int, stream: CloudStre
     return hidden, mask.long().to(device), sorted(active)
 
 
-def run_step(segment: CloudSegment, sess: Session, begin, stream: CloudStream, max_tokens: int) -> tuple:
+def run_step(segment: CloudSegment, sess: Session, begin, stream: CloudStream, cost: StepCostLimit) -> tuple:
     """Run the step; returns (last message, cloud compute seconds). The last message (hidden for a forward-only
     step, input_grad for a train step) is counted but not yet sent: the caller frees the session first."""
     p = next(segment.model.parameters())
-    hidden, mask, active = check_begin(begin, sess, segment.model.config.hidden_size, max_tokens, stream,
-                                       p.dtype, p.device)
+    hidden, mask, active = check_begin(begin, sess, segment.model.config.hidden_size, cost, stream, p.dtype, p.device)
     branches = StepBranches(stream, active, sess.groups) if active else None
     t0, w0 = time.perf_counter(), stream.wait_seconds
     with torch.set_grad_enabled(begin.train):

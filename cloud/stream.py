@@ -1,13 +1,13 @@
 """The cloud's half of one `Step` stream: ordered receive with a timeout, send, byte counts, and the LoRA exchange.
 
 Every message in either direction goes through `protocol.step.StepProtocol`, which knows the step's order and
-counts its bytes; this module adds the transport (a reader thread that turns the request iterator into a queue, so
-that a silent edge times out) and the encoding of the DLoRA exchange with the session's wire dtypes.
+counts its bytes; this module adds the transport and the encoding of the DLoRA exchange with the session's wire
+dtypes. The RPC runs on grpc.aio's event loop; a step's compute runs in a worker thread and reaches the stream
+through `recv` / `send`, which hand the read or write to the loop and wait for it (bounded by the step timeout).
 """
 from __future__ import annotations
 
-import queue
-import threading
+import asyncio
 import time
 
 import grpc
@@ -18,59 +18,63 @@ from protocol import pb
 from protocol.step import ProtocolError, StepProtocol
 from protocol.tensors import WireError, decode, encode
 
-_CLOSED = object()
+
+class Malformed:
+    """What the service's deserializer yields for bytes that are not a valid message (answered INVALID_ARGUMENT)."""
+
+    def __init__(self, what: str, error: Exception):
+        self.message = f"undecodable {what}: {type(error).__name__}"
 
 
 class CloudStream:
-    def __init__(self, requests, timeout: float):
-        self.inbox: queue.Queue = queue.Queue()
-        self.outbox: queue.Queue = queue.Queue()
+    def __init__(self, context, loop: asyncio.AbstractEventLoop, timeout: float):
+        self.context, self.loop = context, loop
         self.timeout = timeout
         self.protocol = StepProtocol()  # its LoRA groups are bound once the session is known
         self.session: Session | None = None
         self.wait_seconds = 0.0  # time blocked on the edge (its DLoRA replies): not cloud compute
-        threading.Thread(target=self._read, args=(requests,), daemon=True, name="tandem-step-reader").start()
 
-    def _read(self, requests):
-        try:
-            for msg in requests:
-                self.inbox.put(msg)
-        except Exception:  # the peer cancelled the stream
-            pass
-        self.inbox.put(_CLOSED)
-
-    # ---- ordered transport --------------------------------------------------------------------------------------
-    def recv(self, timeout: float | None = None):
+    # ---- on the event loop --------------------------------------------------------------------------------------
+    async def read(self, timeout: float | None = None):
         """The next edge message, checked against the step's order; returns (kind, inner message)."""
-        t0 = time.perf_counter()
         want = self.protocol.next()
         try:
-            msg = self.inbox.get(timeout=timeout or self.timeout)
-        except queue.Empty:
+            msg = await asyncio.wait_for(self.context.read(), timeout or self.timeout)
+        except asyncio.TimeoutError:
             raise CloudError(grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"no {want} from the edge within {timeout or self.timeout}s") from None
-        finally:
-            self.wait_seconds += time.perf_counter() - t0
-        if msg is _CLOSED:
+        if msg is grpc.aio.EOF:
             raise CloudError(grpc.StatusCode.CANCELLED, f"the edge closed the stream before sending {want}")
+        if isinstance(msg, Malformed):
+            raise CloudError(grpc.StatusCode.INVALID_ARGUMENT, msg.message)
+        if msg.WhichOneof("kind") is None:  # empty, or a kind this protocol does not know: malformed, not out of order
+            raise CloudError(grpc.StatusCode.INVALID_ARGUMENT, f"an EdgeMessage of no known kind (expected {want})")
         try:
             return self.protocol.observe(msg)
         except ProtocolError as e:
             raise CloudError(e.code, e.message) from None
 
+    # ---- from the compute thread --------------------------------------------------------------------------------
+    def _on_loop(self, coro, what: str):
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(self.timeout + 5)
+        except CloudError:
+            raise
+        except Exception as e:  # the RPC ended (edge gone, server stopping) while we waited on it
+            future.cancel()
+            raise CloudError(grpc.StatusCode.CANCELLED, f"the stream ended during {what}: {type(e).__name__}") from None
+
+    def recv(self):
+        t0 = time.perf_counter()
+        try:
+            return self._on_loop(self.read(), f"the wait for {self.protocol.next()}")
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
+
     def send(self, msg: pb.CloudMessage) -> None:
         self.protocol.observe(msg)
-        self.outbox.put(msg)
-
-    def end(self) -> None:
-        """Wake the RPC's response generator: the edge went away (the step's thread then fails on its own)."""
-        self.outbox.put(None)
-
-    def finish(self, last: pb.CloudMessage | None) -> None:
-        """Send the step's last message (already counted by `protocol.observe`), then end the response stream."""
-        if last is not None:
-            self.outbox.put(last)
-        self.outbox.put(None)
+        self._on_loop(self.context.write(msg), f"sending {msg.WhichOneof('kind')}")
 
     # ---- decoding with the session's settings -------------------------------------------------------------------
     def decode(self, t: pb.Tensor, shape, like: torch.Tensor | None = None, what: str = "tensor", **kw):

@@ -45,7 +45,7 @@ class LinkConfig:
     client_name: str | None = None  # which client certificate to present
     timeout: float = 300.0  # seconds one RPC may take
     max_message_mb: int = 256  # largest gRPC message either way, in MiB
-    retries: int = 6  # a step that fails for a transient reason is run again this many times, with backoff
+    patience: float = 300.0  # seconds a step keeps retrying a transient failure (a cloud restart, an outage)
     backoff: float = 1.0  # seconds before the first retry; doubles each time, up to max_backoff
     max_backoff: float = 30.0  # longest wait between two retries, in seconds
 
@@ -82,19 +82,29 @@ class CloudLink:
         try:
             self.session = self.stub.OpenSession(self._request, metadata=self.metadata, timeout=self.cfg.timeout)
         except grpc.RpcError as e:
-            raise StepFailed(e.code(), e.details()) from None
+            hint = ""
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                hint = (" (is the cloud up at this address? If it serves TLS, give --tls-dir)" if not self.cfg.tls_dir
+                        else " (is the cloud up, and does it serve TLS with this CA?)")
+            raise StepFailed(e.code(), f"{e.details()}{hint}") from None
         return self.session
 
     def call(self, attempt):
-        """Run `attempt()` (one remote exchange), again after a transient failure, up to `cfg.retries` times."""
-        for n in range(self.cfg.retries + 1):
+        """Run `attempt()` (one remote exchange), again after a transient failure, until `cfg.patience` seconds have
+        passed since the first failure; then the last failure is raised."""
+        first_failure, n = None, 0
+        while True:
             try:
                 return attempt()
             except StepFailed as e:
-                if n == self.cfg.retries or not e.transient:
+                now = time.monotonic()
+                first_failure = first_failure if first_failure is not None else now
+                left = self.cfg.patience - (now - first_failure)
+                if not e.transient or left <= 0:
                     raise
-                wait = min(self.cfg.backoff * 2 ** n, self.cfg.max_backoff)
-                log.warning("step failed (%s); retry %d/%d in %.1fs", e, n + 1, self.cfg.retries, wait)
+                wait = min(self.cfg.backoff * 2 ** n, self.cfg.max_backoff, left)
+                n += 1
+                log.warning("step failed (%s); retry %d in %.1fs (giving up in %.0fs)", e, n, wait, left)
                 time.sleep(wait)
                 if e.code.name in SESSION_LOST:
                     try:

@@ -22,6 +22,9 @@ _TORCH = {pb.FLOAT32: torch.float32, pb.BFLOAT16: torch.bfloat16, pb.FLOAT16: to
           pb.BOOL: torch.bool}
 
 
+MAX_RANK = 8  # no tensor on the wire has more dimensions; a longer shape is refused before it is quoted
+
+
 class WireError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -80,21 +83,26 @@ def decode(msg: pb.Tensor, *, shape=None, dtypes=None, max_elements: int | None 
         names = [pb.DType.Name(d) for d in dtypes]
         raise WireError(bad, f"{what}: dtype {pb.DType.Name(msg.dtype)} not accepted here (expected one of {names})")
     got = tuple(msg.shape)
+    if len(got) > MAX_RANK:
+        raise WireError(bad, f"{what}: rank {len(got)} is more than {MAX_RANK}")
     if any(d < 0 for d in got):
         raise WireError(bad, f"{what}: negative dimension in shape {got}")
-    n = math.prod(got)
-    if max_elements is not None and n > max_elements:
-        raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}: {n} elements exceeds the limit {max_elements}")
     if shape is not None and (len(got) != len(shape) or any(w is not None and w != g for w, g in zip(shape, got))):
         raise WireError(bad, f"{what}: shape {list(got)} does not match expected {list(shape)}")
+    n = math.prod(got)  # after the shape check: a malformed tensor is INVALID_ARGUMENT whatever its size
+    if max_elements is not None and n > max_elements:
+        raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}: {n} elements exceeds the limit {max_elements}")
     if len(msg.data) != n * _ELEM_BYTES[msg.dtype]:
         raise WireError(bad, f"{what}: {len(msg.data)} data bytes do not fit shape {list(got)} of "
                              f"{pb.DType.Name(msg.dtype)}")
     if msg.dtype == pb.INT8:
-        rows = n // got[-1] if got and got[-1] else 0
+        width = got[-1] if got else 0
+        rows = n // width if width else 0
         if len(msg.scale) != 4 * rows:
             raise WireError(bad, f"{what}: int8 needs {rows} float32 scales, got {len(msg.scale)} bytes")
-        q = torch.from_numpy(np.frombuffer(msg.data, dtype=np.int8).copy()).float().reshape(rows, -1)
+        if n and not rows:
+            raise WireError(bad, f"{what}: an int8 tensor needs rows (a last dimension), got shape {list(got)}")
+        q = torch.from_numpy(np.frombuffer(msg.data, dtype=np.int8).copy()).float().reshape(rows, width)
         scale = torch.from_numpy(np.frombuffer(msg.scale, dtype=np.float32).copy())
         t = (q * scale[:, None]).reshape(got)
     elif msg.dtype == pb.BFLOAT16:

@@ -47,9 +47,9 @@ def test_edge_flags_keep_their_names_and_land_in_their_groups():
         "q_proj,k_proj", "--wire-up", "int8", "--wire-down", "bf16", "--kr", "--kr-warmup", "3", "--kr-signal",
         "grad", "--noise-sigma", "0.5", "--noise-clip", "2", "--device", "cpu", "--dtype", "float16",
         "--train-file", "a.jsonl", "--dev-file", "b.jsonl", "--lr", "0.1", "--batch-size", "2",
-        "--eval-examples", "9", "--no-eval-before", "--retries", "1", "--metrics-out", "m.json"])
+        "--eval-examples", "9", "--no-eval-before", "--patience", "1", "--metrics-out", "m.json"])
     cfg = build(EdgeConfig, vars(args))
-    assert (cfg.link.address, cfg.link.token, cfg.link.retries, cfg.name) == ("h:1", "t", 1, "edge-3")
+    assert (cfg.link.address, cfg.link.token, cfg.link.patience, cfg.name) == ("h:1", "t", 1.0, "edge-3")
     assert (cfg.data.task, cfg.data.train_file, cfg.data.dev_file) == ("mrpc", "a.jsonl", "b.jsonl")
     assert (cfg.lora.cloud, cfg.lora.r, cfg.lora.targets) == ("edge", 4, ("q_proj", "k_proj"))
     assert (cfg.kr.enabled, cfg.kr.warmup, cfg.kr.signal) == (True, 3, "grad")
@@ -61,7 +61,7 @@ def test_edge_flags_keep_their_names_and_land_in_their_groups():
                                 out_dir="o", k=2, m=3, lora_r=4, lora_targets=("q_proj", "k_proj"), wire_up="int8",
                                 wire_down="bf16", kr=True, kr_warmup=3, kr_signal="grad", noise_sigma=0.5,
                                 noise_clip=2.0, dtype="float16", train_file="a.jsonl", dev_file="b.jsonl", lr=0.1,
-                                batch_size=2, eval_examples=9, eval_before=False, retries=1)
+                                batch_size=2, eval_examples=9, eval_before=False, patience=1)
     with pytest.raises(TypeError, match="no option lora_rank"):
         EdgeConfig.of(lora_rank=4)
     with pytest.raises(SystemExit):  # choices are enforced

@@ -63,3 +63,30 @@ def test_edge_resumes_from_its_checkpoint_after_a_crash(tiny, tmp_path):
     wa, wb = full.adapter(), resumed.adapter()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     server.stop(0)
+
+
+def test_an_outage_longer_than_the_backoff_is_waited_out_and_the_loss_curve_is_unchanged(tiny):
+    """The cloud is down for several seconds (a real restart: every session lost); the edge keeps retrying for
+    `--patience` seconds, reopens its session and resumes at the same step, so its losses equal an uninterrupted
+    run's. The outage is shortened by options (patience, backoff), not mocked."""
+    def run(outage: float | None) -> list[float]:
+        server, port = start_cloud(tiny)
+        state = {"server": server}
+
+        def outage_at_step_3(em, step):
+            if outage is not None and step == 3 and "down_at" not in state:
+                state["server"].stop(0).wait()
+                state["down_at"] = time.monotonic()
+                threading.Timer(outage, lambda: state.update(server=start_cloud(tiny, port)[0],
+                                                             up_at=time.monotonic())).start()
+
+        cfg = EdgeConfig.of(cloud=f"127.0.0.1:{port}", token=TOKENS["alice"], model="tiny-llama", cloud_lora="edge",
+                            steps=6, batch_size=4, eval_before=False, eval_after=False, progress=False, lr=1e-2,
+                            patience=120.0, backoff=0.2, max_backoff=1.0)
+        losses = [r["loss"] for r in train(cfg, loaded=copy.deepcopy(tiny), step_hook=outage_at_step_3).metrics["steps"]]
+        if outage is not None:
+            assert state["up_at"] - state["down_at"] >= outage  # the cloud really was away that long
+        state["server"].stop(0)
+        return losses
+
+    assert run(outage=6.0) == pytest.approx(run(outage=None), rel=1e-6)

@@ -62,3 +62,30 @@ def test_mutual_tls_identity_isolates_sessions(tmp_path, tiny):
         assert e.value.code.name == "UNAVAILABLE"
     finally:
         cloud.stop(0)
+
+
+def test_with_mutual_tls_and_tokens_both_must_name_the_same_client(tmp_path, tiny):
+    """The identity rule: a certificate and a token of two different clients are refused; each with its own works;
+    `tandem cloud health` speaks TLS to such a server."""
+    from cli.main import main as tandem
+    make_certs(tmp_path, clients=("edge-0", "edge-1"))
+    tokens = {TOKENS["alice"]: "edge-0", TOKENS["bob"]: "edge-1"}
+    cloud = Cloud(ServeConfig(model="tiny-llama", port=0, tls_dir=str(tmp_path), require_client_cert=True),
+                  model=copy.deepcopy(tiny.model), tokens=tokens)
+    try:
+        def edge(name, token):
+            cfg = EdgeConfig.of(cloud=f"localhost:{cloud.port}", tls_dir=str(tmp_path), client_name=name,
+                                token=token, model="tiny-llama", patience=0)
+            return build_edge(cfg, loaded=copy.deepcopy(tiny))
+        em0, _, link0 = edge("edge-0", TOKENS["alice"])
+        one_step(em0)
+        with pytest.raises(StepFailed) as e:
+            edge("edge-0", TOKENS["bob"])  # edge-0's certificate with edge-1's token
+        assert e.value.code.name == "UNAUTHENTICATED" and "certificate" in e.value.details
+        tandem(["cloud", "health", "--address", f"localhost:{cloud.port}", "--tls-dir", str(tmp_path),
+                "--client-name", "edge-0"])  # exits non-zero unless SERVING
+        with pytest.raises(SystemExit):  # plaintext against a TLS server: not serving, and said so
+            tandem(["cloud", "health", "--address", f"localhost:{cloud.port}", "--timeout", "2"])
+        link0.close()
+    finally:
+        cloud.stop(0)

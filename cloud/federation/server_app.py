@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -52,7 +53,7 @@ class FederationConfig(DeviceSettings):
                                               "(exact)"})
     adapter_dtype: Literal["float32", "float16"] = "float32"  # the adapter in Flower messages
     fraction_train: float = 1.0  # fraction of the devices sampled to train each round
-    min_nodes: int = 2  # devices to wait for before round 1
+    min_nodes: int = 2  # devices to wait for before round 1, and the fewest a round trains with
     eval_nodes: int = 2  # devices that evaluate the global adapter each round, each on a slice of the dev set
     eval_initial: bool = True  # round 0: the initial adapter (B = 0, i.e. zero-shot)
     secagg: bool = False  # SecAgg+: the server only sees the sum of the masked adapters
@@ -64,7 +65,8 @@ class FederationConfig(DeviceSettings):
     dp: bool = False  # central DP: clients clip their update, the server adds Gaussian noise to the aggregate
     dp_noise_multiplier: float = 0.1  # central DP noise, x the clipping norm
     dp_clipping_norm: float = 1.0  # central DP: L2 norm each device's update is clipped to
-    round_timeout: float = 3600.0  # seconds a round (or the wait for min-nodes) may take
+    round_timeout: float = 3600.0  # seconds a round may take
+    device_timeout: float = 600.0  # seconds to wait for min-nodes devices, and for a round's first answer: then fail
     out_dir: str = "runs/federation/flwr-run"  # report.json and the global adapter (PEFT format) go here
     label: str = ""  # the run's name in reports (empty: the strategy's)
 
@@ -112,15 +114,94 @@ def save_adapter(model, cfg: FederationConfig, adapter: dict[str, np.ndarray], p
 
 def make_strategy(cfg: FederationConfig, num_nodes: int):
     """(the strategy to run, the LoRA strategy inside it): the configured LoRA strategy, wrapped in Flower's
-    central-DP wrapper (client-side clipping, server-side noise: it composes with SecAgg+) when `dp` is on."""
+    central-DP wrapper (client-side clipping, server-side noise: it composes with SecAgg+) when `dp` is on.
+    A round samples `fraction-train` of the devices online then, never fewer than min-nodes: a device that drops out
+    does not stall the next round while min-nodes remain."""
     per_round = max(int(num_nodes * cfg.fraction_train), min(2, num_nodes))
     strategy: LoRAFedAvg = STRATEGIES[cfg.strategy](
         eval_nodes=cfg.eval_nodes, adapter_dtype=cfg.adapter_dtype, fraction_train=cfg.fraction_train,
-        min_train_nodes=per_round, min_available_nodes=min(cfg.min_nodes, num_nodes))
+        min_train_nodes=max(1, min(per_round, cfg.min_nodes)), min_available_nodes=min(cfg.min_nodes, num_nodes))
     if cfg.dp:
         return DifferentialPrivacyClientSideFixedClipping(strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm,
                                                           per_round), strategy
     return strategy, strategy
+
+
+class FederationStopped(RuntimeError):
+    """The run was told to stop (under `tandem federate`: its driver gave up on the simulation backend)."""
+
+
+class DevicesTimeout(TimeoutError):
+    """Too few devices connected, or none answered, within device-timeout."""
+
+
+class BoundedGrid:
+    """A `Grid` whose waits end. `send_and_receive` pushes the messages and pulls replies until all are in or `timeout`
+    has passed, as Flower's grids do, but fails when no device at all has answered within `device_timeout` (a backend
+    or SuperNodes that never came up would otherwise hold the ServerApp for the whole round-timeout), and stops within
+    a poll (the grid's `pull_interval`, else 1 s) once `stop` is set. `wait_for_nodes` waits for devices to connect,
+    as long. Delegates the rest."""
+
+    def __init__(self, grid: Grid, device_timeout: float, stop: threading.Event | None = None):
+        self._grid = grid
+        self.device_timeout = device_timeout
+        self.stop = stop
+        self.poll = min(1.0, float(getattr(grid, "pull_interval", 1.0)))
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def get_node_ids(self):
+        return self._grid.get_node_ids()
+
+    def check(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise FederationStopped("the federation was stopped before it finished")
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop is not None:
+            self.stop.wait(seconds)
+        else:
+            time.sleep(seconds)
+
+    def wait_for_nodes(self, n: int, what: str) -> list[int]:
+        deadline = time.time() + self.device_timeout
+        while len(node_ids := list(self._grid.get_node_ids())) < n:
+            self.check()
+            if time.time() > deadline:
+                raise DevicesTimeout(
+                    f"{what}: only {len(node_ids)} of the {n} devices it needs connected within device-timeout "
+                    f"{self.device_timeout:g}s; start the SuperNodes (and check that they reach the SuperLink), or "
+                    f"lower min-nodes, or raise device-timeout")
+            self._sleep(1.0)
+        return node_ids
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        self.check()
+        pending = set(self._grid.push_messages(messages))
+        t0 = time.time()
+        end = float("inf") if timeout is None else t0 + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending:
+                break
+            now = time.time()
+            if not replies and now - t0 > self.device_timeout:
+                raise DevicesTimeout(
+                    f"none of the {len(messages)} devices asked answered within device-timeout "
+                    f"{self.device_timeout:g}s: their backend or SuperNodes did not come up, or they cannot run the "
+                    f"ClientApp; check the devices' logs, or raise device-timeout if they are just slow")
+            if now >= end:
+                break
+            self._sleep(self.poll)
+            self.check()
+        return replies
 
 
 def _client_rows(replies: list[Message] | None, per_client: list[tuple[int, dict]], metered: MeteredGrid,
@@ -148,8 +229,9 @@ def _client_rows(replies: list[Message] | None, per_client: list[tuple[int, dict
     return rows
 
 
-def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict:
-    """All rounds; returns the report (also written to <out-dir>/report.json)."""
+def run_federation(grid: Grid, context: Context, cfg: FederationConfig, stop: threading.Event | None = None) -> dict:
+    """All rounds; returns the report (also written to <out-dir>/report.json). Setting `stop` ends the run (it
+    raises FederationStopped) within a second."""
     t_start = time.time()
     model = backbone(cfg.model)
     cloud, address, token = None, cfg.cloud_address, cfg.cloud_token
@@ -160,21 +242,17 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig) -> dict:
         address = cloud.address
         log(INFO, "Tandem: hosting the %s backbone service on %s", cfg.model, address)
     try:
-        return _rounds(grid, context, cfg, model, address, token, t_start)
+        return _rounds(BoundedGrid(grid, cfg.device_timeout, stop), context, cfg, model, address, token, t_start)
     finally:
         if cloud is not None:
             cloud.stop()
 
 
-def _rounds(grid: Grid, context: Context, cfg: FederationConfig, model, address: str, token: str,
+def _rounds(grid: BoundedGrid, context: Context, cfg: FederationConfig, model, address: str, token: str,
             t_start: float) -> dict:
     metered = MeteredGrid(grid)
-    deadline = time.time() + cfg.round_timeout
-    while len(node_ids := list(grid.get_node_ids())) < cfg.min_nodes:  # the devices connect
-        if time.time() > deadline:
-            raise TimeoutError(f"only {len(node_ids)} of {cfg.min_nodes} devices connected in {cfg.round_timeout}s")
-        time.sleep(1)
-    strategy, _ = make_strategy(cfg, len(node_ids))
+    node_ids = grid.wait_for_nodes(cfg.min_nodes, "round 1")  # the devices connect
+    strategy, inner = make_strategy(cfg, len(node_ids))
     adapter = initial_adapter(model, cfg)
     arrays = arrays_to_record(adapter, "float32")
     wire = arrays_to_record(adapter, cfg.adapter_dtype)
@@ -211,6 +289,7 @@ def _rounds(grid: Grid, context: Context, cfg: FederationConfig, model, address:
                           cfg.secagg_quantization_range, cfg.secagg_max_weight)
     for rnd in range(1, cfg.num_server_rounds + 1):
         t0 = time.time()
+        grid.wait_for_nodes(max(inner.min_available_nodes, inner.min_train_nodes), f"round {rnd}")
         arrays, row, clients = _train_round(rnd, arrays, cfg, strategy, metered, context, train_config, secagg)
         row.update(evaluate(rnd, arrays))
         row["seconds"] = time.time() - t0
@@ -255,13 +334,14 @@ def _train_round(rnd: int, arrays: ArrayRecord, cfg: FederationConfig, strategy,
     return arrays_to_record(record_to_arrays(new_arrays), "float32"), row, clients
 
 
-def make_server_app(cfg: FederationConfig) -> ServerApp:
-    """A ServerApp with its configuration built in (Flower's `run_simulation` passes no run config)."""
+def make_server_app(cfg: FederationConfig, stop: threading.Event | None = None) -> ServerApp:
+    """A ServerApp with its configuration built in (Flower's `run_simulation` passes no run config); setting `stop`
+    ends it."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, context, cfg)
+        run_federation(grid, context, cfg, stop)
 
     return server_app
 
