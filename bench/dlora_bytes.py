@@ -1,4 +1,3 @@
-# main() is longer than 60 lines on purpose: a benchmark reads as one experiment, top to bottom.
 """Bytes and accuracy of each training path on SST-2, in one run, against DLoRA all-active fp32.
 
     python bench/dlora_bytes.py [--steps 150] [--eval-examples 500] [--model smollm2]
@@ -73,7 +72,7 @@ def plot(results: dict, path: Path):
     fig.savefig(path, dpi=120)
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--steps", type=int, default=150)
@@ -83,10 +82,12 @@ def main():
     ap.add_argument("--rows", default="all", help="comma-separated row numbers 0-5 to run (DLoRA fp32, row 1, is "
                     "always run: it is the baseline), or 'all'")
     ap.add_argument("--no-reference", action="store_true", help="skip the local PEFT reference row")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(args.model)
+    return ap.parse_args()
+
+
+def run_rows(loaded, args) -> tuple[dict, float | None]:
+    """Each wanted row trained and evaluated through one cloud on loopback; (results by row name, zero-shot accuracy,
+    measured once, by the first row)."""
     svc = BackboneService(copy.deepcopy(loaded.model), {TOKEN: "bench"})
     server, port = make_server(svc, "127.0.0.1:0")
     server.start()
@@ -108,13 +109,11 @@ def main():
         print(f"{name}: acc {100 * results[name]['accuracy']:.1f}%  {results[name]['bytes_per_step'] / 1e6:.1f} MB/step",
               flush=True)
     server.stop(0)
-    acc_ref = None
-    if not args.no_reference:
-        acc_ref, secs = local_peft_accuracy(loaded, args)
-        results["local PEFT (reference)"] = {"accuracy": acc_ref, "wall_seconds": secs}
-    base = results["DLoRA fp32"]
-    print(f"\nSST-2, {args.steps} steps of batch {args.batch_size}, dev {args.eval_examples}; zero-shot "
-          f"{100 * zero_shot:.1f}%")
+    return results, zero_shot
+
+
+def print_table(results: dict, base: dict) -> None:
+    """One row per path: bytes per step, their ratio to `base` (DLoRA fp32), dev accuracy and its difference."""
     print(f"{'path':<26}{'up MB/step':>11}{'down MB/step':>13}{'bytes ratio':>12}{'active':>8}{'dev acc':>9}"
           f"{'d acc pt':>9}{'step s':>8}{'min':>6}")
     for name, r in results.items():
@@ -126,9 +125,11 @@ def main():
               f"{r['bytes_per_step'] / base['bytes_per_step']:>12.3f}{r['active_fraction']:>8.2f}"
               f"{100 * r['accuracy']:>8.1f}%{100 * (r['accuracy'] - base['accuracy']):>+9.1f}{r['step_seconds']:>8.2f}"
               f"{r['wall_seconds'] / 60:>6.1f}")
-    (out / "dlora_bytes.json").write_text(json.dumps({"args": vars(args), "zero_shot": zero_shot,
-                                                      "results": results}, indent=1))
-    plot(results, out / "dlora_bytes.png")
+
+
+def headline(results: dict, zero_shot: float, acc_ref: float | None) -> dict:
+    """The final JSON line: accuracies, and each row's bytes ratio to DLoRA fp32."""
+    base = results["DLoRA fp32"]
     head = {"zero_shot": round(zero_shot, 4), "dlora_fp32_acc": round(base["accuracy"], 4),
             "local_peft_acc": None if acc_ref is None else round(acc_ref, 4),
             "dlora_fp32_minutes": round(base["wall_seconds"] / 60, 2)}  # train + dev eval, one client, this machine
@@ -136,7 +137,27 @@ def main():
         key = name.lower().replace(" + ", "_").replace(" ", "_").replace("(", "").replace(")", "")
         head[f"{key}_bytes_ratio"] = round(results[name]["bytes_per_step"] / base["bytes_per_step"], 4)
         head[f"{key}_acc"] = round(results[name]["accuracy"], 4)
-    print(json.dumps(head))
+    return head
+
+
+def main():
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(args.model)
+    results, zero_shot = run_rows(loaded, args)
+    acc_ref = None
+    if not args.no_reference:
+        acc_ref, secs = local_peft_accuracy(loaded, args)
+        results["local PEFT (reference)"] = {"accuracy": acc_ref, "wall_seconds": secs}
+    base = results["DLoRA fp32"]
+    print(f"\nSST-2, {args.steps} steps of batch {args.batch_size}, dev {args.eval_examples}; zero-shot "
+          f"{100 * zero_shot:.1f}%")
+    print_table(results, base)
+    (out / "dlora_bytes.json").write_text(json.dumps({"args": vars(args), "zero_shot": zero_shot,
+                                                      "results": results}, indent=1))
+    plot(results, out / "dlora_bytes.png")
+    print(json.dumps(headline(results, zero_shot, acc_ref)))
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     def client(i: int):
         ecfg = edge_config(cfg, i, f"{host}:{cloud.port}", tokens[names[i]], tls_dir)
         try:
-            results[names[i]] = train(ecfg, loaded=copy.deepcopy(loaded)).metrics
+            results[names[i]] = train(ecfg, loaded=copy.deepcopy(loaded), existing="overwrite").metrics
         except BaseException as e:  # surfaced after join
             errors.append(e)
 

@@ -104,7 +104,9 @@ class BackboneService:
             if isinstance(request, Malformed):
                 raise CloudError(INVALID, request.message)
             client = self._client(context)
-            sess = self.sessions.open(client, **self._session_fields(request))
+            # off the event loop: deduplicating a large request must not delay the health check or other clients
+            session_fields = await asyncio.get_running_loop().run_in_executor(None, self._session_fields, request)
+            sess = self.sessions.open(client, **session_fields)
         except CloudError as e:
             await context.abort(e.code, e.message)
         log.info("session %s opened by %s: cut %s, LoRA blocks %d", sess.id, quote(client), sess.cut,

@@ -5,6 +5,9 @@
     link.py         the gRPC channel, the session, one Step stream per step, the retry policy
     remote.py       the cloud segment as one autograd module (DLoRA answers, retries and replays inside it)
     trainer.py      EdgeModel (bottom, cloud stand-in, top), build_edge, train and evaluate on model/training.py
+    records.py      StepRecord per step, the run's summary, the TensorBoard scalars
+    runs.py         run folders (--resume, --overwrite, config.json) and which adapters fit an edge
+    inference.py    a tuned adapter without training: dev scores and text generation, via the cloud or locally
     killrevive.py   DLoRA's Kill & Revive policy
     federation/     the Flower ClientApp (a device of a federation, training through the shared cloud)
 """

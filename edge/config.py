@@ -20,7 +20,8 @@ from protocol.tensors import Wire
 @dataclass
 class DataConfig:
     task: str = field(default="sst2", metadata={"choices": tuple(T.TASKS)})  # the task (tasks.TASKS)
-    train_file: str | None = None  # a user's own data (JSONL) instead of the shared set
+    task_file: str | None = None  # a JSON task file (prompt, labels; tasks/custom.py) instead of --task
+    train_file: str | None = None  # a user's own data (TSV/CSV/JSONL) instead of the shared set
     dev_file: str | None = None  # ... and its dev set
     shard: int = 0  # this client's shard of the training set ...
     num_shards: int = 1  # ... out of this many
@@ -33,7 +34,7 @@ class LoRAOptions:
     r: int = 8  # LoRA rank
     alpha: int = 16  # LoRA scale numerator (the update is scaled by alpha / r)
     dropout: float = 0.0  # dropout on the LoRA input
-    targets: tuple[str, ...] = ("q_proj", "v_proj")  # linear layers that get LoRA, in every LoRA block
+    targets: tuple[str, ...] = ()  # linear layers that get LoRA, named as PEFT names them (default: the family's)
     freeze_a: bool = False  # FFA-LoRA: train B only (federated averaging of B is then exact)
 
 
@@ -46,15 +47,22 @@ class NoiseConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # AdamW learning rate (no weight decay)
-    steps: int = 100  # training steps (one batch each)
+    steps: int = 100  # training steps (updates; one batch each, --grad-accum-steps batches with accumulation)
     batch_size: int = 8  # training examples per step
     seed: int = 0  # LoRA initialisation and batch order
     checkpoint_every: int = 50  # steps between checkpoints in --out-dir (0: only at the end)
+    warmup_steps: int = 0  # steps whose learning rate rises linearly from 0 to --lr (0: no warmup)
+    schedule: Literal["constant", "linear", "cosine"] = field(default="constant", metadata={
+        "help": "learning rate after the warmup: constant, or a linear / cosine decay to 0 at --steps"})
+    max_grad_norm: float | None = field(default=None, metadata={
+        "help": "clip the gradients' total L2 norm to this before each update (default: no clipping)"})
+    grad_accum_steps: int = field(default=1, metadata={
+        "help": "batches of --batch-size per step, each its own cloud step; their gradients add up, one update"})
 
 
 @dataclass
 class EvalConfig:
-    examples: int = 500  # dev examples evaluated (the first ones)
+    examples: int = 100  # dev examples evaluated (the first ones); the demo and the benches report 500
     batch_size: int = 32  # dev examples per forward pass
     before: bool = True  # evaluate before training (zero-shot)
     after: bool = True  # evaluate after training
@@ -63,7 +71,9 @@ class EvalConfig:
 @dataclass
 class EdgeConfig:
     link: LinkConfig = field(default_factory=lambda: LinkConfig("127.0.0.1:50051"),
-                             metadata={"flags": {"address": "cloud"}, "title": "cloud link"})
+                             metadata={"flags": {"address": "cloud"}, "title": "cloud link", "helps": {
+                                 "client_name": "mutual TLS: present <tls-dir>/<client-name>.pem; None: --name's, "
+                                                "when <tls-dir> has that certificate"}})
     model: str = "smollm2"  # backbone spec: smollm2, tiny-llama, tiny-gpt2 or a Hugging Face model folder
     data: DataConfig = field(default_factory=DataConfig, metadata={"title": "data"})
     k: int = 1  # blocks at the bottom of the model that run on the edge
@@ -76,12 +86,14 @@ class EdgeConfig:
                                metadata={"prefix": "noise", "title": "noise on what is sent (not DP)"})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"title": "optimisation"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"prefix": "eval", "title": "evaluation"})
-    out_dir: str | None = None  # adapter (PEFT format), checkpoint and metrics.json go here
+    out_dir: str | None = None  # adapter (PEFT format), checkpoint, config.json and metrics.json go here
+    init_adapter: str | None = None  # start from this PEFT adapter folder (e.g. another run's <out-dir>/adapter)
+    tensorboard: str | None = None  # write loss, learning rate and bytes per step to this folder for TensorBoard
     dtype: str = field(default="float32", metadata={"choices": tuple(DTYPES)})  # dtype of the edge's weights
     device: str = "cpu"  # torch device of the edge's model (cpu, cuda, mps)
     progress: bool = True  # progress bars
     progress_row: int = 0  # terminal row of this client's progress bar (several clients in one terminal)
-    name: str = "edge"  # this client's name in tables, progress bars and --token-file
+    name: str = "edge"  # this client's one identity: its name in tables, its entry in --token-file, its TLS certificate
 
     @classmethod
     def of(cls, **flags) -> "EdgeConfig":

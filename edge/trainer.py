@@ -12,38 +12,26 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import tasks as T
+from edge import runs
 from edge.config import EdgeConfig
 from edge.link import CloudLink
+from edge.records import (StepRecord, board_eval, board_step, open_board, run_summary, step_record, summarize,
+                          traffic_postfix)
 from edge.remote import RemoteCloud
 from model.load import DTYPES, fingerprint, load_model
 from model.lora import LoRAConfig, LoRASet
 from model.segments import EdgeBottom, EdgeTop, cut_of, drop_blocks
 from model.training import Checkpoint, FitOptions, FitResult, endless_batches, evaluate as evaluate_hidden, fit
 from privacy.defences.noise import add_gaussian_noise, clip_rows, rms
+from privacy.security.files import write_atomic
 from protocol.tensors import wire_dtype
-
-
-@dataclass
-class StepRecord:
-    step: int
-    loss: float
-    bytes_up: int
-    bytes_down: int
-    payload_up: int
-    payload_down: int
-    messages_up: int
-    messages_down: int
-    edge_seconds: float
-    cloud_seconds: float
-    step_seconds: float
-    active_blocks: list[int] = field(default_factory=list)
 
 
 class EdgeModel(nn.Module):
@@ -52,7 +40,7 @@ class EdgeModel(nn.Module):
     def __init__(self, model, cfg: EdgeConfig, link: CloudLink | None):
         super().__init__()
         cut = cut_of(model, cfg.k, cfg.m)
-        self.cut, self.task = cut, T.TASKS[cfg.data.task]
+        self.cut, self.task = cut, T.resolve_task(cfg.data.task, cfg.data.task_file)
         local = [*cut.bottom, *cut.top]
         remote_blocks = list(cut.cloud) if cfg.lora.cloud == "edge" else []
         lo = cfg.lora
@@ -66,7 +54,7 @@ class EdgeModel(nn.Module):
         drop_blocks(model, cut.cloud)  # the edge never holds the cloud's weights
         self.bottom, self.top = EdgeBottom(model, cut), EdgeTop(model, cut)
         self.cloud = RemoteCloud(link, wire_dtype(cfg.wire_up), wire_dtype(cfg.wire_down),
-                                 self.lora if remote_blocks else None, remote_blocks, lo.targets)
+                                 self.lora if remote_blocks else None, remote_blocks, self.lora.cfg.targets)
         self.noise_sigma, self.noise_clip = cfg.noise.sigma, cfg.noise.clip
 
     def hidden(self, batch: T.Batch) -> torch.Tensor:
@@ -93,28 +81,69 @@ class TrainResult:
 
 
 def build_edge(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None):
-    """Load the model, cut it, connect and open a session. Returns (edge_model, tokenizer, link)."""
+    """Check the data, load the model, cut it, connect and open a session. Returns (edge_model, tokenizer, link)."""
     if cfg.lora.cloud not in ("none", "edge"):
         raise ValueError("cloud_lora must be 'none' or 'edge'")
+    task = check_data(cfg)  # data errors before the model loads or a session opens
     torch.manual_seed(cfg.optim.seed)
     loaded = loaded or load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
-    link = link or CloudLink(cfg.link)
+    tokenizer = loaded.tokenizer or T.tiny_tokenizer()
+    T.check_tokens(task, tokenizer)  # label words tell apart for this tokenizer: before the session too
+    link = link or CloudLink(link_config(cfg))
     em = EdgeModel(loaded.model, cfg, link)
     open_session(em, cfg)
-    return em, loaded.tokenizer or T.tiny_tokenizer(), link
+    return em, tokenizer, link
+
+
+def link_config(cfg: EdgeConfig):
+    """The link's settings, with one identity: with TLS and no --client-name, the certificate of --name, if
+    <tls-dir> has one (else none is presented: plain TLS)."""
+    lc = cfg.link
+    if lc.tls_dir and lc.client_name is None and (Path(lc.tls_dir) / f"{cfg.name}.pem").is_file():
+        from dataclasses import replace
+        lc = replace(lc, client_name=cfg.name)
+    return lc
 
 
 def open_session(em: EdgeModel, cfg: EdgeConfig):
     return em.cloud.link.open(fingerprint=em.fingerprint, k=cfg.k, m=cfg.m, wire_up=wire_dtype(cfg.wire_up),
                               wire_down=wire_dtype(cfg.wire_down),
-                              lora_targets=cfg.lora.targets if em.cloud.lora_blocks else (),
+                              lora_targets=em.lora.cfg.targets if em.cloud.lora_blocks else (),
                               lora_blocks=em.cloud.lora_blocks)
 
 
-def load_items(cfg: EdgeConfig, tokenizer, split: str) -> list[dict]:
+def check_data(cfg: EdgeConfig) -> T.Task:
+    """Everything about the data that needs no model, checked before one loads: the task (file), the training and
+    (if evaluated) dev files whole (tasks/files.py: existence, UTF-8, parsing, columns, labels, not empty), the
+    shard and the dev count. Raises tasks.DataError naming file, line, field and the fix; returns the task."""
     d = cfg.data
+    task = T.resolve_task(d.task, d.task_file)
+    if d.num_shards < 1 or not 0 <= d.shard < d.num_shards:
+        raise T.DataError(f"shard {d.shard} of {d.num_shards} does not exist", field="shard",
+                          fix="give 0 <= --shard < --num-shards")
+    n = T.check_split(task, "train", d.train_file, "--train-file")
+    if n is not None and n <= d.shard:
+        raise T.DataError(f"has {n} examples: shard {d.shard} of {d.num_shards} gets none", path=d.train_file,
+                          field="shard", fix="give more examples or fewer shards")
+    if cfg.eval.before or cfg.eval.after:
+        if cfg.eval.examples < 1:
+            raise T.DataError(f"{cfg.eval.examples} dev examples", field="eval_examples",
+                              fix="evaluate one or more (--eval-examples), or pass --no-eval-before --no-eval-after")
+        T.check_split(task, "dev", d.dev_file, "--dev-file")
+    return task
+
+
+def load_items(cfg: EdgeConfig, tokenizer, split: str) -> list[dict]:
+    """The split's examples, checked (tasks.DataError) and encoded: this shard of train, the first dev ones."""
+    d = cfg.data
+    task = T.resolve_task(d.task, d.task_file)
     path = d.train_file if split == "train" else d.dev_file
-    items = T.encode(T.TASKS[d.task], T.load_split(d.task, split, path), tokenizer)
+    flag = "--train-file" if split == "train" else "--dev-file"
+    items = T.encode(task, T.load_split(task, split, path, flag), tokenizer,
+                     source=str(path) if path else f"{task.name} {split}")
+    if not items:  # a language model's text shorter than one window
+        raise T.DataError(f"has too little text: not one window of {task.max_len + 1} tokens", path=path,
+                          fix="give more text")
     if split == "train":
         return items[d.shard::d.num_shards]
     return items[:cfg.eval.examples]
@@ -133,16 +162,24 @@ def evaluate(em: EdgeModel, items: list[dict], pad_id: int, batch_size: int = 32
 
 
 def train(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None, on_step=None,
-          step_hook=None, initial_adapter: dict | None = None) -> TrainResult:
+          step_hook=None, initial_adapter: dict | None = None, existing: str = "resume") -> TrainResult:
     """Train, evaluate, save. The metrics are also written to out_dir/metrics.json, next to the adapter (PEFT
-    format) and the checkpoint a crashed run resumes from.
+    format), the run's config.json and the checkpoint a crashed run resumes from.
 
     `on_step(record)` sees every StepRecord (live printing); `step_hook(em, step)` runs before each step;
-    `initial_adapter` (PEFT-format state dict) starts from given LoRA weights (a federated round's global adapter).
+    `initial_adapter` (PEFT-format state dict) starts from given LoRA weights (a federated round's global adapter;
+    `cfg.init_adapter` names a PEFT folder instead). `existing` says what to do with a run already in out_dir
+    (edge/runs.py): "resume" it if its settings match (else RunError naming those that differ), "refuse", or
+    "overwrite" it.
     """
+    if initial_adapter is not None and cfg.init_adapter:
+        raise ValueError("give initial_adapter or cfg.init_adapter, not both")
+    resuming = runs.prepare(cfg, existing)  # before the model loads: a refused folder costs nothing
     em, tok, link = build_edge(cfg, loaded=loaded, link=link)
     try:
-        metrics = _train_and_evaluate(em, tok, cfg, on_step, step_hook, initial_adapter)
+        if cfg.out_dir and not resuming:
+            runs.write_config(cfg)
+        metrics = _train_and_evaluate(em, tok, cfg, on_step, step_hook, initial_adapter, resuming)
     except BaseException:
         link.close()
         raise
@@ -153,15 +190,18 @@ def train(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None, on_ste
     if cfg.out_dir:
         out = Path(cfg.out_dir)
         em.lora.save_peft(out / "adapter", cfg.model)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode(), 0o600)  # a private run's record
     return TrainResult(metrics, em)
 
 
-def _train_and_evaluate(em: EdgeModel, tok, cfg: EdgeConfig, on_step, step_hook, initial_adapter) -> dict:
+def _train_and_evaluate(em: EdgeModel, tok, cfg: EdgeConfig, on_step, step_hook, initial_adapter,
+                        resuming: bool = False) -> dict:
     task, pad_id = em.task, tok.pad_token_id if tok.pad_token_id is not None else 0
     label_ids = T.label_token_ids(task, tok) if task.kind == "classify" else None
     if initial_adapter is not None:
         em.lora.load_peft_state_dict(initial_adapter)
+    elif cfg.init_adapter:
+        runs.load_adapter(em.lora, cfg.init_adapter)  # it must fit exactly; the error says what differs
     if cfg.lora.freeze_a:
         for name, p in em.lora.named_parameters():
             p.requires_grad_("lora_A" not in name)
@@ -175,28 +215,38 @@ def _train_and_evaluate(em: EdgeModel, tok, cfg: EdgeConfig, on_step, step_hook,
         return evaluate(em, dev_items, pad_id, cfg.eval.batch_size, label_ids,
                         f"{cfg.name} dev ({when})" if cfg.progress else None, cfg.progress_row)
 
-    if cfg.eval.before and not (checkpoint and checkpoint.exists()):  # a resumed run measured it before the crash
-        metrics["eval_before"] = score("before")
-    records = _fit(em, cfg, train_items, pad_id, checkpoint, on_step, step_hook).records
-    em.eval()
-    if cfg.eval.after:
-        metrics["eval_after"] = score("after")
+    board = open_board(cfg.tensorboard)
+    try:
+        if cfg.eval.before and not (checkpoint and checkpoint.exists()):
+            metrics["eval_before"] = score("before")
+            if cfg.out_dir:  # kept for a resumed run (one that crashes after this) to report
+                write_atomic(Path(cfg.out_dir) / "metrics.json", json.dumps(metrics, indent=1).encode(), 0o600)
+        elif cfg.eval.before and resuming and "eval_before" in (saved := runs.saved_metrics(cfg)):
+            metrics["eval_before"] = saved["eval_before"]  # the resumed run measured it before it stopped
+        board_eval(board, metrics.get("eval_before"), 0)
+        records = _fit(em, cfg, train_items, pad_id, checkpoint, on_step, step_hook, board).records
+        em.eval()
+        if cfg.eval.after:
+            metrics["eval_after"] = score("after")
+            board_eval(board, metrics["eval_after"], cfg.optim.steps)
+    finally:
+        if board is not None:
+            board.close()
     metrics["steps"] = records
-    metrics["summary"] = summarize(records)
-    if em.cloud.lora_blocks:
-        metrics["summary"]["active_fraction"] = (sum(len(r["active_blocks"]) for r in records)
-                                                 / max(1, len(records) * len(em.cloud.lora_blocks)))
+    metrics["summary"] = run_summary(records, em.cloud.lora_blocks)
     return metrics
 
 
 def _fit(em: EdgeModel, cfg: EdgeConfig, items: list[dict], pad_id: int, checkpoint: Checkpoint | None,
-         on_step, step_hook) -> FitResult:
+         on_step, step_hook, board=None) -> FitResult:
     """The steps, through model.training.fit; resumes from `checkpoint` at the same batch when it exists."""
     kr = None
     if cfg.kr.enabled and em.cloud.lora_blocks:
         from edge.killrevive import KillRevive
         kr = KillRevive(em.cloud.lora_blocks, cfg.kr)
     result = FitResult()
+    finished: list = []  # the traffic of this step's micro-batches done so far (gradient accumulation)
+    started = [False]  # a micro-batch of this step has run
 
     def before_step(step: int) -> None:
         if kr:
@@ -204,44 +254,40 @@ def _fit(em: EdgeModel, cfg: EdgeConfig, items: list[dict], pad_id: int, checkpo
         if step_hook:
             step_hook(em, step)
         em.cloud.step = step
+        finished.clear()
+        started[0] = False
+
+    def loss_of(batch):
+        if started[0]:  # the previous micro-batch of this step is done, its backward included
+            finished.append(em.cloud.last_traffic)
+        started[0] = True
+        return em.loss(batch)[0]
 
     def after_step(step: int, loss: float, seconds: float) -> dict:
-        tr = em.cloud.last_traffic
-        rec = StepRecord(step, loss, tr.bytes_up, tr.bytes_down, tr.payload_up, tr.payload_down, tr.messages_up,
-                         tr.messages_down, seconds - tr.wait_seconds, tr.cloud_seconds, seconds,
-                         em.cloud.active_blocks())
+        rec = step_record(step, loss, seconds, [*finished, em.cloud.last_traffic], em.cloud.active_blocks())
         if on_step:
             on_step(rec)
+        board_step(board, step, loss, result.lrs[-1], rec)
         return asdict(rec)
 
     o = cfg.optim
     batches = (b.to(cfg.device) for b in endless_batches(em.task, items, o.batch_size, pad_id, o.seed))
     opts = FitOptions(steps=o.steps, lr=o.lr, checkpoint_every=o.checkpoint_every,
                       progress=f"{cfg.name} train" if cfg.progress else None, progress_row=cfg.progress_row,
-                      postfix=_traffic_postfix)
+                      postfix=traffic_postfix, warmup_steps=o.warmup_steps, schedule=o.schedule,
+                      max_grad_norm=o.max_grad_norm, grad_accum_steps=o.grad_accum_steps)
+    def load_state(weights: dict) -> None:
+        try:
+            em.lora.load_state_dict(weights)
+        except RuntimeError as e:  # other targets, rank or blocks than this run's: one line, not a traceback
+            raise runs.RunError(f"{checkpoint.path} holds other LoRA weights than this run's "
+                                f"({str(e).splitlines()[0]}): pass --overwrite to start again, or choose another "
+                                "--out-dir") from None
+
     em.train()
-    return fit(lambda batch: em.loss(batch)[0], [p for p in em.lora.parameters() if p.requires_grad], batches, opts,
-               state=em.lora.state_dict, load_state=em.lora.load_state_dict, checkpoint=checkpoint,
+    return fit(loss_of, [p for p in em.lora.parameters() if p.requires_grad], batches, opts,
+               state=em.lora.state_dict, load_state=load_state, checkpoint=checkpoint,
                before_step=before_step, after_step=after_step, result=result)
-
-
-def _traffic_postfix(rec: dict) -> dict:
-    return {"up_kB": f"{rec['bytes_up'] / 1e3:.0f}", "down_kB": f"{rec['bytes_down'] / 1e3:.0f}"}
-
-
-def summarize(records: list[dict]) -> dict:
-    if not records:
-        return {}
-    n = len(records)
-    mean = lambda k: sum(r[k] for r in records) / n  # noqa: E731
-    up, down = mean("bytes_up"), mean("bytes_down")
-    pay = mean("payload_up") + mean("payload_down")
-    return {"steps": n, "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
-            "mean_loss_last10": sum(r["loss"] for r in records[-10:]) / min(10, n),
-            "bytes_up_per_step": up, "bytes_down_per_step": down,
-            "wire_over_payload": (up + down) / pay if pay else None,
-            "edge_seconds_per_step": mean("edge_seconds"), "cloud_seconds_per_step": mean("cloud_seconds"),
-            "step_seconds": mean("step_seconds")}
 
 
 def seed_everything(seed: int):
@@ -250,4 +296,4 @@ def seed_everything(seed: int):
 
 
 __all__ = ["EdgeConfig", "EdgeModel", "StepRecord", "TrainResult", "build_edge", "open_session", "load_items",
-           "evaluate", "train", "summarize"]
+           "check_data", "evaluate", "train", "summarize"]

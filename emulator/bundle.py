@@ -25,6 +25,8 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from privacy.security.files import write_atomic
+
 BUNDLE_FORMAT = "tandem-offsite-bundle/1"
 ADAPTER_FORMAT = "tandem-offsite-adapter/1"
 MANIFEST = "manifest.json"
@@ -162,7 +164,7 @@ def write_manifest(folder: str | Path, manifest: dict) -> dict:
         if p.is_file() and p.name != MANIFEST:
             files[p.relative_to(folder).as_posix()] = sha256_bytes(p.read_bytes())
     manifest = {**manifest, "files": files}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return manifest
 
 

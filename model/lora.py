@@ -10,7 +10,7 @@ PEFT's files (`adapter_config.json` via `peft.LoraConfig`, `adapter_model.safete
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,8 @@ class LoRAConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    # target strings as PEFT reads `target_modules`; () = the family's default (model/sites.py default_targets)
+    targets: tuple[str, ...] = ()
     blocks: list[int] = field(default_factory=list)  # which blocks carry LoRA
 
     @property
@@ -46,37 +47,54 @@ class LoRA(nn.Module):
         return self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
 
 
-def site_key(block: int, target: str) -> str:
-    return f"{block}/{target}"
+def site_key(block: int, site: str) -> str:
+    return f"{block}/{site}"
+
+
+def _module_key(block: int, site: str) -> str:  # a ModuleDict key: no dots (GPT-2's `attn.c_proj` -> `attn-c_proj`)
+    return f"{block}:{site.replace('.', '-')}"
 
 
 class LoRASet(nn.Module):
-    """Every LoRA of one model: sites (block, target) -> LoRA. Built from the model's shapes, no base weights needed."""
+    """Every LoRA of one model: sites (block, site) -> LoRA. Built from the model's shapes, no base weights needed.
+
+    The target strings resolve to sites as PEFT resolves `target_modules` (model/sites.py): GPT-2's `c_proj` is two
+    sites, `attn.c_proj` and `mlp.c_proj`. `cfg.targets` then holds the site names (each a target naming one
+    site, so the PEFT config written names the same modules); `targets` keeps the strings as given."""
 
     def __init__(self, model, cfg: LoRAConfig, *, shapes_from=None):
         super().__init__()
-        self.cfg = cfg
         self.family = family_of(model)
+        self.targets = tuple(cfg.targets) or self.family.default_targets()
+        self.site_names = self.family.sites(self.targets)
+        self.cfg = replace(cfg, targets=self.site_names)
         self.prefixes: dict[str, str] = {}
         self.sites = nn.ModuleDict()
         probe = self.family.blocks(shapes_from or model)
         for b in cfg.blocks:
-            for t in cfg.targets:
-                self.sites[site_key(b, t).replace("/", ":")] = LoRA(*linear_dims(self.family.target_module(probe[b], t)),
-                                                                    cfg)
-                self.prefixes[site_key(b, t)] = f"{self.family.block_prefix(b)}.{self.family.target_path(probe[b], t)}"
+            for s in self.site_names:
+                self.sites[_module_key(b, s)] = LoRA(*linear_dims(self.family.site_module(probe[b], s)), cfg)
+                self.prefixes[site_key(b, s)] = f"{self.family.block_prefix(b)}.{self.family.site_path(s)}"
 
-    def site(self, block: int, target: str) -> LoRA:
-        return self.sites[f"{block}:{target}"]
+    def site(self, block: int, site: str) -> LoRA:
+        """The LoRA of one site: a site name, or any target string that names a single site."""
+        key = _module_key(block, site)
+        if key not in self.sites:
+            key = _module_key(block, self.family._single(site))
+        return self.sites[key]
+
+    def block_sites(self, block: int) -> list[LoRA]:
+        """Every LoRA of one block, in site order."""
+        return [self.sites[_module_key(block, s)] for s in self.site_names]
 
     def attach(self, model, blocks) -> list:
         """Hook the LoRA of `blocks` onto the local base linears: y = W x + delta(x). Returns the hook handles."""
         handles = []
         model_blocks = self.family.blocks(model)
         for b in blocks:
-            for t in self.cfg.targets:
-                lora = self.site(b, t)
-                lin = self.family.target_module(model_blocks[b], t)
+            for s in self.site_names:
+                lora = self.site(b, s)
+                lin = self.family.site_module(model_blocks[b], s)
                 handles.append(lin.register_forward_hook(lambda mod, inp, out, lora=lora: out + lora(inp[0]).to(out.dtype)))
         return handles
 
@@ -117,11 +135,22 @@ class LoRASet(nn.Module):
                                task_type="CAUSAL_LM")
 
     def save_peft(self, path: str | Path, base_model_name: str = "") -> Path:
-        from safetensors.torch import save_file
+        """adapter_config.json and adapter_model.safetensors in `path`, each written atomically (temporary file,
+        fsync, rename): a crash leaves every file whole, the old one or the new one. `base_model_name` is the model
+        spec trained on; the config names it as model/load.py `adapter_base_name` resolves it (an absolute folder,
+        SmolLM2's HF folder), so `AutoPeftModelForCausalLM.from_pretrained(path)` finds the base from anywhere."""
+        import tempfile
+        from safetensors.torch import save
+        from model.load import adapter_base_name
+        from privacy.security.files import write_atomic
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.peft_config(base_model_name).save_pretrained(str(path))
-        save_file(self.peft_state_dict(), str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        base = adapter_base_name(base_model_name)
+        with tempfile.TemporaryDirectory(prefix=".adapter_config.", dir=path) as tmp:  # PEFT's own JSON, then moved
+            self.peft_config(base).save_pretrained(tmp)
+            config = (Path(tmp) / "adapter_config.json").read_bytes()
+        write_atomic(path / "adapter_config.json", config)
+        write_atomic(path / "adapter_model.safetensors", save(self.peft_state_dict(), metadata={"format": "pt"}))
         return path
 
     def load_peft(self, path: str | Path) -> None:

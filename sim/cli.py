@@ -2,6 +2,7 @@
 
     predict    cost of one step per path: FLOPs, peak memory, exact bytes, round trips, time per step and epoch
     calibrate  measure this machine (GEMM and decoder-block throughput, memory, codec, gRPC loopback round trip)
+               for the `here` profiles; documented devices (--edge rtx-4090 --cloud h100-sxm) need none
     compare    what-if table over paths and links, the N at which the cloud saturates, PNG plots
     testbed    namespaces + veth + tbf links: a throughput self-test, or run your cloud and edge commands through it
 """
@@ -19,30 +20,65 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _subset(allowed: tuple[str, ...]):
+    """An argparse type: a comma-separated subset of `allowed` (an unknown name is a usage error that lists them)."""
+    def parse(text: str) -> tuple[str, ...]:
+        items = _csv(text)
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{','.join(bad) or repr(text)}: use a comma-separated subset of "
+                                             f"{','.join(allowed)}")
+        return items
+    return parse
+
+
 def _add_workload(p: argparse.ArgumentParser, model: str, edge: str, cloud: str, links: str) -> None:
+    from protocol.tensors import WIRE_DTYPES
+    from sim.profiles import DEVICE_NAMES, LINKS
+    from sim.shape import INPUT_GROUPS, shipped
     w = Workload()
-    p.add_argument("--model", default=model, help=f"shipped config (smollm2-135m, llama-7b, llama-70b) or a "
-                                                  f"config.json / folder (default {model})")
-    p.add_argument("--paths", type=_csv, default=PATHS, help=f"comma-separated subset of {','.join(PATHS)}")
-    p.add_argument("--batch", type=int, default=w.batch)
-    p.add_argument("--seq", type=int, default=w.seq, help="padded tokens per sequence")
-    p.add_argument("--task", choices=["classify", "lm"], default=w.task)
-    p.add_argument("--k", type=int, default=w.k)
-    p.add_argument("--m", type=int, default=w.m)
-    p.add_argument("--rank", type=int, default=w.rank)
-    p.add_argument("--targets", type=_csv, default=w.targets)
-    p.add_argument("--wire-up", default="auto", help="fp32|bf16|fp16|int8; auto = bf16 on 16-bit edges, else fp32")
-    p.add_argument("--wire-down", default="auto")
-    p.add_argument("--active-fraction", type=float, default=w.active_fraction, help="DLoRA Kill & Revive")
-    p.add_argument("--emulator-fraction", type=float, default=w.emulator_fraction, help="offsite-tuning")
-    p.add_argument("--local-steps", type=int, default=w.local_steps, help="federated: steps per round")
-    p.add_argument("--epoch-examples", type=int, default=w.epoch_examples)
-    p.add_argument("--edge", default=edge, help="device profile: here (calibrated), here-matmul, h100-sxm, "
-                                                "a100-80gb, rtx-4090, apple-m2, raspberry-pi-5")
-    p.add_argument("--cloud", default=cloud, help="device profile for the cloud")
-    p.add_argument("--links", type=_csv, default=_csv(links),
-                   help="comma-separated: 100mbit, 1gbit, lte, wifi-100mbit, fiber-1gbit, testbed-50mbit, ...")
-    p.add_argument("--rtt-ms", type=float, default=None, help="override every link's round trip")
+    wires = ("auto", *WIRE_DTYPES)
+    p.add_argument("--model", default=model, help=f"model shape: a shipped config ({', '.join(shipped())}) or a "
+                                                  "config.json / a folder holding one (default: %(default)s)")
+    p.add_argument("--paths", type=_subset(PATHS), default=PATHS, metavar="PATH[,PATH...]",
+                   help=f"training paths to cost, comma-separated, from {','.join(PATHS)} (default: all)")
+    p.add_argument("--batch", type=int, default=w.batch, help="sequences per training step (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=w.seq, help="padded tokens per sequence (default: %(default)s)")
+    p.add_argument("--task", choices=["classify", "lm"], default=w.task,
+                   help="classify: logits at one position per sequence; lm: at every position (default: %(default)s)")
+    p.add_argument("--k", type=int, default=w.k, help="split/DLoRA: decoder blocks at the edge's bottom "
+                                                      "(default: %(default)s)")
+    p.add_argument("--m", type=int, default=w.m, help="split/DLoRA: decoder blocks at the edge's top "
+                                                      "(default: %(default)s)")
+    p.add_argument("--rank", type=int, default=w.rank, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--targets", type=_subset(tuple(INPUT_GROUPS)), default=w.targets, metavar="PROJ[,PROJ...]",
+                   help=f"LoRA target projections, comma-separated, from {','.join(INPUT_GROUPS)} "
+                        f"(default: {','.join(w.targets)})")
+    p.add_argument("--wire-up", choices=wires, default="auto",
+                   help="dtype of the hidden states sent edge -> cloud; auto = bf16 when the edge trains in 16-bit, "
+                        "else fp32 (default: %(default)s)")
+    p.add_argument("--wire-down", choices=wires, default="auto",
+                   help="dtype of the gradients sent cloud -> edge; auto as for --wire-up (default: %(default)s)")
+    p.add_argument("--active-fraction", type=float, default=w.active_fraction,
+                   help="DLoRA Kill & Revive: share of cloud blocks whose LoRA runs, 0-1 (default: %(default)s)")
+    p.add_argument("--emulator-fraction", type=float, default=w.emulator_fraction,
+                   help="offsite-tuning: share of the middle blocks the emulator keeps, 0-1 (default: %(default)s)")
+    p.add_argument("--local-steps", type=int, default=w.local_steps,
+                   help="federated: local training steps per round (default: %(default)s)")
+    p.add_argument("--epoch-examples", type=int, default=w.epoch_examples,
+                   help="examples per epoch, for the time per epoch (default: %(default)s, SST-2's training set)")
+    p.add_argument("--edge", choices=DEVICE_NAMES, default=edge,
+                   help="the edge's device profile: here (= here-block) and here-matmul are this machine as measured "
+                        "by `tandem sim calibrate` (decoder-block or bare GEMM rate); the others are documented "
+                        "devices and need no calibration (default: %(default)s)")
+    p.add_argument("--cloud", choices=DEVICE_NAMES, default=cloud,
+                   help="the cloud's device profile, as for --edge (default: %(default)s)")
+    p.add_argument("--links", type=_csv, default=_csv(links), metavar="LINK[,LINK...]",
+                   help=f"edge-cloud links, comma-separated: a named link ({', '.join(LINKS)}), a symmetric rate "
+                        "(100mbit, 1gbit, 250kbit; 20 ms round trip) or testbed-<N>mbit (tc tbf on veth; the loopback "
+                        f"round trip, calibrated or else assumed) (default: {links})")
+    p.add_argument("--rtt-ms", type=float, default=None,
+                   help="override every link's round trip, in milliseconds (default: each link's own)")
 
 
 def _setup(args):
@@ -139,35 +175,45 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = sim.add_subparsers(dest="sim_command", required=True)
 
-    p = sub.add_parser("predict", help="cost of one step per path")
+    p = sub.add_parser("predict", help="cost of one step per path",
+                       description="Cost of one training step per path. Documented device profiles need no "
+                                   "calibration; only `here` / `here-matmul` need `tandem sim calibrate` first.")
     _add_workload(p, "smollm2-135m", "here", "here", "testbed-50mbit")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_predict)
 
     c = sub.add_parser("calibrate", help="measure this machine for the `here` profile")
-    c.add_argument("--model", default="smollm2-135m", help="shape of the GEMM and decoder-block benchmarks")
-    c.add_argument("--batch", type=int, default=4)
-    c.add_argument("--seq", type=int, default=64)
-    c.add_argument("--out", default=None, help="where to save (default $TANDEM_HOME/sim/calibration.json)")
+    c.add_argument("--model", default="smollm2-135m", help="model shape of the GEMM and decoder-block benchmarks: "
+                                                           "a shipped config or a config.json (default: %(default)s)")
+    c.add_argument("--batch", type=int, default=4, help="sequences per benchmark step; the block curve is measured "
+                                                        "at batch x 16..128 and x --seq tokens (default: %(default)s)")
+    c.add_argument("--seq", type=int, default=64, help="tokens per sequence of the GEMM and of the reported "
+                                                       "block rate (default: %(default)s)")
+    c.add_argument("--out", default=None, help="JSON file to save to (default: $TANDEM_HOME/sim/calibration.json, "
+                                               "or $TANDEM_SIM_CALIBRATION)")
     c.add_argument("--quick", action="store_true", help="shorter benchmarks (noisier)")
     c.set_defaults(func=cmd_calibrate)
 
     m = sub.add_parser("compare", help="what-if table, saturation N and plots")
     _add_workload(m, "llama-7b", "rtx-4090", "h100-sxm", "100mbit,1gbit")
     m.set_defaults(batch=8, seq=256)
-    m.add_argument("--out-dir", default="runs/sim-compare", help="where the PNG plots go")
-    m.add_argument("--no-plots", action="store_true")
-    m.add_argument("--ns", default="1,2,4,8,16,32,64,128", help="edge counts for the utilisation plot")
-    m.add_argument("--json-out", default=None)
+    m.add_argument("--out-dir", default="runs/sim-compare", help="folder for the PNG plots (default: %(default)s)")
+    m.add_argument("--no-plots", action="store_true", help="print the tables only, draw no plots")
+    m.add_argument("--ns", default="1,2,4,8,16,32,64,128",
+                   help="edge counts for the utilisation plot, comma-separated (default: %(default)s)")
+    m.add_argument("--json-out", default=None, help="also write the results to this JSON file (default: none)")
     m.set_defaults(func=cmd_compare)
 
     t = sub.add_parser("testbed", help="namespaces + veth + tbf: self-test, or run cloud/edge commands through it")
-    t.add_argument("--edges", type=int, default=1)
-    t.add_argument("--rate-mbit", type=float, default=50.0)
-    t.add_argument("--prefix", default="tandem", help="namespace names: PREFIX-cloud, PREFIX-edge0, ...")
+    t.add_argument("--edges", type=int, default=1, help="edge namespaces, one link each (default: %(default)s)")
+    t.add_argument("--rate-mbit", type=float, default=50.0,
+                   help="tbf rate of every link, both ways, in Mbit/s (default: %(default)s)")
+    t.add_argument("--prefix", default="tandem", help="namespace names: PREFIX-cloud, PREFIX-edge0, ... "
+                                                      "(default: %(default)s)")
     t.add_argument("--selftest", action="store_true", help="measure TCP throughput both ways (default without "
                                                            "--edge-cmd)")
-    t.add_argument("--seconds", type=float, default=2.0, help="self-test: about this long per direction")
+    t.add_argument("--seconds", type=float, default=2.0, help="self-test: about this many seconds per direction "
+                                                                "(default: %(default)s)")
     t.add_argument("--cloud-cmd", default=None, help="run in the cloud namespace, e.g. 'tandem cloud serve --host "
                                                      "0.0.0.0 --port 50051 --tokens tokens.json'")
     t.add_argument("--port", type=int, default=None, help="wait until the cloud command listens on this port")

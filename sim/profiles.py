@@ -100,11 +100,24 @@ def here(compute: str = "block", cal=None) -> DeviceProfile:
         cal.matmul_flops, flops / cal.matmul_flops, flops_curve=curve)
 
 
+HERE = ("here", "here-block", "here-matmul")  # this machine: need `tandem sim calibrate`
+DEVICE_NAMES = (*HERE, *DEVICES)  # every name `device_profile` takes (the --edge / --cloud choices)
+
+
+def no_calibration() -> FileNotFoundError:
+    """The one-line answer when `here` is asked for before `tandem sim calibrate`."""
+    from sim.calibrate import calibration_path
+    return FileNotFoundError(f"the `here` profile needs a calibration and there is none at {calibration_path()}: "
+                             f"run `tandem sim calibrate`, or pick a documented profile: {', '.join(DEVICES)}")
+
+
 def device_profile(name: str) -> DeviceProfile:
-    if name in ("here", "here-block"):
-        return here("block")
-    if name == "here-matmul":
-        return here("matmul")
+    """A documented device by name (no calibration needed), or `here` / `here-matmul` from the calibration."""
+    if name in HERE:
+        try:
+            return here("matmul" if name == "here-matmul" else "block")
+        except FileNotFoundError:
+            raise no_calibration() from None
     try:
         return DEVICES[name]
     except KeyError:
@@ -169,13 +182,21 @@ def rate_name(rate_bps: float) -> str:
     return f"{rate_bps:g}bit"
 
 
+# A gRPC round trip over loopback when this machine has not been calibrated: an assumption (printed with the link),
+# near the 0.19 ms `sim.calibrate.measure_grpc_rtt` gave on the shared CPU machine Tandem is developed on.
+ASSUMED_LOOPBACK_RTT = 200e-6
+
+
 def testbed_link(rate_mbit: float, cal=None) -> LinkProfile:
     """A veth pair rate-limited with tbf: the set rate both ways; the round trip is the calibrated gRPC loopback
-    round trip (a veth pair adds no propagation delay)."""
+    round trip (a veth pair adds no propagation delay), or ASSUMED_LOOPBACK_RTT before any calibration."""
     from sim.calibrate import load_calibration
-    rtt = (cal or load_calibration()).grpc_rtt_s
+    try:
+        rtt, how = (cal or load_calibration()).grpc_rtt_s, "calibrated gRPC loopback"
+    except FileNotFoundError:
+        rtt, how = ASSUMED_LOOPBACK_RTT, "assumed gRPC loopback; `tandem sim calibrate` measures it"
     return LinkProfile(f"testbed-{rate_mbit:g}mbit", rate_mbit * 1e6, rate_mbit * 1e6, rtt,
-                       f"tc tbf {rate_mbit:g} Mbit/s both ways; rtt {rtt * 1e3:.3g} ms (calibrated gRPC loopback)")
+                       f"tc tbf {rate_mbit:g} Mbit/s both ways; rtt {rtt * 1e3:.3g} ms ({how})")
 
 
 def link_profile(spec: str, rtt: float | None = None) -> LinkProfile:

@@ -91,3 +91,16 @@ def identities(tmp_path_factory):
             generate_identity(d, name)
         return d
     return make
+
+
+def train_edge_steps(em, batches, lr: float = 1e-2) -> list[float]:
+    """Plain AdamW on the edge model's LoRA, one step a batch (the equivalence tests' loop); each step's loss."""
+    opt = torch.optim.AdamW(em.lora.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for b in batches:
+        opt.zero_grad(set_to_none=True)
+        loss, _ = em.loss(b)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

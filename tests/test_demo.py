@@ -28,7 +28,7 @@ def test_tandem_demo_trains_two_edges_and_writes_what_it_promises(tmp_path, caps
     dev = T.encode(task, T.load_split("sst2", "dev"), tok)[:8]
     for name, m in summary["clients"].items():
         assert [r["step"] for r in m["steps"]] == [0, 1, 2]
-        assert m["config"]["data"] == {"task": "sst2", "train_file": None, "dev_file": None,
+        assert m["config"]["data"] == {"task": "sst2", "task_file": None, "train_file": None, "dev_file": None,
                                        "shard": int(name[-1]), "num_shards": 2}
         # the saved adapter is a PEFT adapter, and with it PEFT scores the dev set exactly as the edge did
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(out / name / "adapter"))

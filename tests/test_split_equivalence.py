@@ -9,21 +9,13 @@ import torch
 
 import tasks as T
 from tests.reference import peft_local as ref
-from tests.conftest import make_edge, randomize_lora_b, sst2_batches
+from tests.conftest import make_edge, randomize_lora_b, sst2_batches, train_edge_steps
 
 STEPS, LR = 20, 1e-2
 
 
 def train_split(em, batches):
-    opt = torch.optim.AdamW(em.lora.parameters(), lr=LR, weight_decay=0.0)
-    losses = []
-    for b in batches:
-        opt.zero_grad(set_to_none=True)
-        loss, _ = em.loss(b)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_edge_steps(em, batches, LR)
 
 
 def max_rel_gap_to_peft(em, loaded, steps: int) -> float:

@@ -19,6 +19,14 @@ def one_step(em):
     return loss.item()
 
 
+def assert_unavailable(link: LinkConfig, fingerprint: str) -> None:
+    """A link with these settings cannot even open a session: the connection fails (UNAVAILABLE)."""
+    client = CloudLink(link)
+    with pytest.raises(StepFailed) as e:
+        client.open(fingerprint=fingerprint, k=1, m=1, wire_up=1, wire_down=1)
+    assert e.value.code.name == "UNAVAILABLE"
+
+
 def test_token_auth_over_tls(tmp_path, tiny):
     make_certs(tmp_path, clients=("edge-0",))
     cloud = Cloud(ServeConfig(model="tiny-llama", port=0, tls_dir=str(tmp_path)), model=copy.deepcopy(tiny.model),
@@ -30,10 +38,7 @@ def test_token_auth_over_tls(tmp_path, tiny):
         assert torch.isfinite(torch.tensor(one_step(em)))
         assert cloud.service.sessions[link.session.session_id].owner == "alice"
         # a plaintext client cannot talk to the TLS port
-        plain = CloudLink(LinkConfig(f"localhost:{cloud.port}", TOKENS["alice"], timeout=5))
-        with pytest.raises(StepFailed) as e:
-            plain.open(fingerprint=em.fingerprint, k=1, m=1, wire_up=1, wire_down=1)
-        assert e.value.code.name == "UNAVAILABLE"
+        assert_unavailable(LinkConfig(f"localhost:{cloud.port}", TOKENS["alice"], timeout=5), em.fingerprint)
     finally:
         cloud.stop(0)
 
@@ -56,10 +61,7 @@ def test_mutual_tls_identity_isolates_sessions(tmp_path, tiny):
             one_step(em1)
         assert e.value.code.name == "PERMISSION_DENIED"
         # without a client certificate the handshake itself fails
-        anon = CloudLink(LinkConfig(f"localhost:{cloud.port}", tls_dir=str(tmp_path), timeout=5))
-        with pytest.raises(StepFailed) as e:
-            anon.open(fingerprint=em0.fingerprint, k=1, m=1, wire_up=1, wire_down=1)
-        assert e.value.code.name == "UNAVAILABLE"
+        assert_unavailable(LinkConfig(f"localhost:{cloud.port}", tls_dir=str(tmp_path), timeout=5), em0.fingerprint)
     finally:
         cloud.stop(0)
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from privacy.security.files import write_private_key
+from privacy.security.files import write_atomic, write_private_key
 
 VALID_DAYS = 365
 
@@ -48,7 +48,7 @@ def _write_key(path: Path, key) -> None:
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(path, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _name(common_name: str) -> x509.Name:

@@ -7,6 +7,9 @@ partitioner, the strategies to compare and the CPUs Ray may use.
     tandem federate --devices 8 --num-server-rounds 5 --partitioner dirichlet --alpha 0.5 --strategies fedavg,ffa
     tandem federate --partitions-only --out runs/fed      # then: flwr run . --run-config 'partition-dir="..."'
     tandem federate --render runs/fed                     # the tables and plot of a finished run
+
+A federation that cannot run exits non-zero with one line naming the cause and the fix: Ray not up within
+--backend-timeout, devices that do not answer within --device-timeout, a device that cannot fit in --cpus.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sim.add_argument("--cpus", type=int, default=d.cpus, help="CPUs Ray may use (default %(default)s)")
     sim.add_argument("--cpus-per-device", type=float, default=d.cpus_per_device,
                      help="CPUs each device reserves: at most cpus/cpus-per-device train at once")
+    sim.add_argument("--backend-timeout", type=float, default=d.backend_timeout,
+                     help="seconds the simulation backend (Ray) may take to start (default %(default)s)")
     sim.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
     sim.add_argument("--verbose", action="store_true", help="show the devices' logs")
     sim.add_argument("--partitions-only", action="store_true", help="write the partition files and stop")
@@ -56,7 +61,8 @@ def options_of(args: argparse.Namespace) -> tuple[FederateOptions, FederationCon
     opts = FederateOptions(devices=args.devices, partitioner=args.partitioner, alpha=args.alpha,
                            labels_per_device=args.labels_per_device,
                            strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
-                           cpus=args.cpus, cpus_per_device=args.cpus_per_device, out=args.out, quiet=not args.verbose)
+                           cpus=args.cpus, cpus_per_device=args.cpus_per_device, backend_timeout=args.backend_timeout,
+                           out=args.out, quiet=not args.verbose)
     fed = build(FederationConfig, {k: v for k, v in vars(args).items() if k not in _DRIVER_SET})
     return opts, fed
 
@@ -80,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {len(parts)} partitions to {folder}\n"
               f"run them with: flwr run . --run-config 'partition-dir=\"{folder}\"'")
         return 0
-    summary = F.federate(opts, fed)
+    try:
+        summary = F.federate(opts, fed)
+    except F.FederationFailed as ex:  # SystemExit: `tandem` itself ignores a command's return value
+        raise SystemExit(f"tandem federate: {ex}") from None
     print(json.dumps(summary["comparison"], indent=1) if args.json else F.render(summary, opts.out))
     return 0
 

@@ -13,19 +13,27 @@
 
 The ServerApp of each strategy writes <out>/<strategy>/report.json (and the global adapter in PEFT format to
 <out>/<strategy>/adapter); `render` rebuilds the tables and the plot from those files.
+
+A run fails fast, with FederationFailed (one line: the cause and the fix), instead of hanging: Ray must be up within
+`backend_timeout` seconds (a watchdog in this thread), the devices must answer within the ServerApp's
+`device_timeout`, and a simulation the backend broke stops its ServerApp at once. Flower runs in a daemon thread, so
+the ServerApp thread it starts is a daemon too: nothing left waiting can keep the process alive.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import tasks as T
-from cloud.federation.server_app import FederationConfig, backbone, make_server_app
+from cloud.federation.server_app import (DevicesTimeout, FederationConfig, FederationStopped, backbone,
+                                         run_federation)
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 
@@ -42,6 +50,7 @@ class FederateOptions:
     strategies: tuple[str, ...] = ("fedavg", "ffa")
     cpus: int = 2  # CPUs Ray may use ...
     cpus_per_device: float = 1.0  # ... and each simulated device reserves: at most cpus / cpus_per_device at once
+    backend_timeout: float = 120.0  # seconds the simulation backend (Ray) may take to start
     out: str = "runs/federation"
     quiet: bool = True
 
@@ -92,10 +101,161 @@ def backend_config(opts: FederateOptions) -> dict:
                           "log_to_driver": not opts.quiet}}
 
 
-def federate(opts: FederateOptions, fed: FederationConfig) -> dict:
-    """Partition, start the cloud, run every strategy's federation, write and return the summary."""
+class FederationFailed(RuntimeError):
+    """A federation that could not run; the message names the cause and the fix, in one line."""
+
+
+SHUTDOWN_GRACE = 30.0  # seconds a stopped simulation gets to shut its backend down
+
+
+def _ray_processes() -> list[int]:
+    """Ray's processes among this process's descendants (gcs_server, raylet, its agents and workers)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])  # pid (comm) state ppid ...
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any("/ray/" in a or a.startswith("ray::") or Path(a).name in ("raylet", "gcs_server") for a in argv):
+            found.append(pid)
+    return found
+
+
+def _abandon(done: threading.Event, grace: float) -> None:
+    """Give a stopped simulation `grace` seconds to end. One still running then (Ray stuck in its start, say) is left
+    to its daemon thread, muted so that it does not talk over the failure, and Ray's processes are killed."""
+    if done.wait(grace):
+        return
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    import signal
+    for pid in _ray_processes():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _ray_started() -> bool:
+    import ray
+    return ray.is_initialized()
+
+
+def _causes(ex: BaseException | None) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while ex is not None and ex not in chain:
+        chain.append(ex)
+        ex = ex.__cause__ or ex.__context__
+    return chain
+
+
+def explain(ex: BaseException, opts: FederateOptions) -> str:
+    """One line for a failed simulation: what broke, and what to change."""
+    chain = _causes(ex)
+    for e in chain:
+        if isinstance(e, DevicesTimeout):
+            return f"the simulated devices did not come up: {e}"
+    text = " | ".join(str(e) for e in chain)
+    if "ActorPool is empty" in text:
+        return (f"the simulation backend (Ray) cannot host a single device: each one reserves --cpus-per-device "
+                f"{opts.cpus_per_device:g} CPUs of the --cpus {opts.cpus:g} Ray may use; lower --cpus-per-device or "
+                f"raise --cpus")
+    if "timed out during startup" in text or "gcs_server_port" in text:
+        part = "node" if "timed out during startup" in text else "GCS server"
+        return (f"the simulation backend (Ray) did not start: its {part} timed out during startup (an overloaded "
+                f"machine); retry when the machine is less busy, or with fewer --cpus")
+    root = chain[-1]
+    return f"the simulation failed: {type(root).__name__}: {root}"
+
+
+def _real_error(errors: dict[str, BaseException]) -> BaseException | None:
+    """What broke a simulation: the ServerApp's error, else the simulation's, unless it only says it was stopped."""
+    for key in ("server", "simulation"):
+        ex = errors.get(key)
+        if ex is not None and not any(isinstance(e, FederationStopped) for e in _causes(ex)):
+            return ex
+    return None
+
+
+def simulate(cfg: FederationConfig, opts: FederateOptions, client_app) -> None:
+    """One federation in Flower's simulation engine, watched. Raises FederationFailed when Ray has not started
+    within opts.backend_timeout (the ServerApp is stopped, the backend given SHUTDOWN_GRACE to stop), when the
+    devices do not answer within cfg.device_timeout, or when the simulation breaks."""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.app import Context
     from flwr.simulation import run_simulation
 
+    stop, server_done, done = threading.Event(), threading.Event(), threading.Event()
+    errors: dict[str, BaseException] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_federation(grid, context, cfg, stop)
+        except BaseException as ex:
+            errors.setdefault("server", ex)
+            raise
+        finally:
+            server_done.set()
+
+    def run() -> None:
+        try:
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=opts.devices,
+                           backend_config=backend_config(opts), verbose_logging=False)
+        except BaseException as ex:
+            errors["simulation"] = ex
+        finally:
+            stop.set()  # a backend that broke leaves the ServerApp waiting for replies: end it
+            done.set()
+
+    # a daemon thread: Flower's ServerApp thread, started from it, is a daemon too
+    threading.Thread(target=run, name=f"tandem-simulation-{cfg.label or cfg.strategy}", daemon=True).start()
+    t0 = time.monotonic()
+    backend_up, server_ended = False, None
+    try:
+        while not done.wait(0.25):
+            now = time.monotonic()
+            if not backend_up:
+                backend_up = _ray_started()
+                if not backend_up and now - t0 > opts.backend_timeout:
+                    stop.set()
+                    _abandon(done, SHUTDOWN_GRACE)
+                    if (error := _real_error(errors)) is not None:  # Ray failed by itself meanwhile, say
+                        raise FederationFailed(explain(error, opts)) from error
+                    raise FederationFailed(
+                        f"the simulation backend (Ray) did not start within --backend-timeout "
+                        f"{opts.backend_timeout:g}s; raise --backend-timeout (a busy machine starts Ray slowly), or "
+                        f"check that Ray can start here: python -c 'import ray; ray.init()'")
+            if server_done.is_set():
+                server_ended = server_ended or now
+                if now - server_ended > SHUTDOWN_GRACE:
+                    _abandon(done, 0)
+                    raise FederationFailed(
+                        f"the simulation backend (Ray) did not shut down within {SHUTDOWN_GRACE:g}s of the ServerApp's "
+                        f"end" + (f" ({explain(errors['server'], opts)})" if "server" in errors else ""))
+    except KeyboardInterrupt:
+        stop.set()
+        _abandon(done, SHUTDOWN_GRACE)
+        raise
+    error = _real_error(errors) or errors.get("server") or errors.get("simulation")
+    if error is not None:
+        raise FederationFailed(explain(error, opts)) from error
+
+
+def federate(opts: FederateOptions, fed: FederationConfig) -> dict:
+    """Partition, start the cloud, run every strategy's federation, write and return the summary."""
     from cloud.serve import Cloud, ServeConfig
     from edge.federation.client_app import app as client_app
 
@@ -120,8 +280,7 @@ def federate(opts: FederateOptions, fed: FederationConfig) -> dict:
             cfg = replace(fed, strategy=name, label=name, cloud_address=cloud.address, cloud_token=token,
                           partition_dir=str(out / "partitions"), out_dir=str(out / name), min_nodes=opts.devices,
                           eval_initial=fed.eval_initial and i == 0)
-            run_simulation(server_app=make_server_app(cfg), client_app=client_app, num_supernodes=opts.devices,
-                           backend_config=backend_config(opts), verbose_logging=False)
+            simulate(cfg, opts, client_app)
             reports[name] = json.loads((out / name / "report.json").read_text())
     finally:
         cloud.stop()
@@ -270,5 +429,5 @@ def load_summary(out: str | Path) -> dict:
     return json.loads((Path(out) / "federation.json").read_text())
 
 
-__all__ = ["FederateOptions", "FederationConfig", "partition", "write_partitions", "federate", "render", "compare",
-           "load_summary", "PARTITIONERS"]
+__all__ = ["FederateOptions", "FederationConfig", "FederationFailed", "simulate", "partition", "write_partitions",
+           "federate", "render", "compare", "load_summary", "PARTITIONERS"]
