@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud.federation.server_app import FederationConfig  # noqa: E402
-from sim.federation.driver import FederateOptions, federate, render  # noqa: E402
+from sim.federation.driver import FederateOptions, federate  # noqa: E402
+from sim.federation.report import render  # noqa: E402
 
 
 class CpuMeter:

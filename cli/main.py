@@ -145,8 +145,10 @@ COMMANDS = {
     "offsite": "offsite tuning: emulator bundles, local tuning, plug-in, ONNX",
     "sim": "cost simulator: predict, calibrate, compare, testbed",
     "federate": "federated LoRA rounds with Flower across simulated edge devices",
+    "deploy": "docker-compose for N edges: per-edge secrets (token, certificate) and one service each",
 }
-EXTERNAL = {"offsite": "emulator.cli", "sim": "sim.cli", "federate": "sim.federation.cli"}  # add_parser(sub) each
+EXTERNAL = {"offsite": "emulator.cli", "sim": "sim.cli", "federate": "sim.federation.cli",
+            "deploy": "cli.deploy"}  # add_parser(sub) each
 
 
 def _models_parser(sub, help):
@@ -156,22 +158,25 @@ def _models_parser(sub, help):
     m.set_defaults(func=cmd_models)
 
 
+def _per_client(p, one_per_name: str, func) -> None:
+    """--clients, the edges' names that each get `one_per_name`, and the command to run."""
+    p.add_argument("--clients", default="edge-0,edge-1",
+                   help=f"{one_per_name}: each edge's --name (comma-separated; default: edge-0,edge-1)")
+    p.set_defaults(func=func)
+
+
 def _certs_parser(sub, help):
     c = sub.add_parser("certs", help=help)
     c.add_argument("--out", default="certs", help="folder for ca.pem, server.pem and <client>.pem (default: certs)")
     c.add_argument("--server-names", default="localhost,127.0.0.1", help="names and addresses the server "
                    "certificate is valid for (comma-separated; default: localhost,127.0.0.1)")
-    c.add_argument("--clients", default="edge-0,edge-1", help="one client certificate per name, for mutual TLS: "
-                   "each edge's --name (comma-separated; default: edge-0,edge-1)")
-    c.set_defaults(func=cmd_certs)
+    _per_client(c, "one client certificate per name, for mutual TLS", cmd_certs)
 
 
 def _tokens_parser(sub, help):
     t = sub.add_parser("tokens", help=help)
     t.add_argument("--out", default="tokens.json", help="the token file to write, mode 0600 (default: tokens.json)")
-    t.add_argument("--clients", default="edge-0,edge-1", help="one token per name: each edge's --name "
-                   "(comma-separated; default: edge-0,edge-1)")
-    t.set_defaults(func=cmd_tokens)
+    _per_client(t, "one token per name", cmd_tokens)
 
 
 def _cloud_parser(sub, help):

@@ -7,5 +7,6 @@ emulator of the model.
     tune.py         data owner: tune the adapter (whole blocks or LoRA) on local data through the frozen emulator
     plug.py         cloud: plug the adapter into the full model; the paper's table
     onnx_export.py  both models as ONNX, run with onnxruntime
-    cli.py          `tandem offsite keygen|build|tune|plug|infer`
+    commands.py     what `tandem offsite keygen|build|tune|plug|infer` each do
+    cli.py          their command line
 """

@@ -44,6 +44,7 @@ class DeviceSettings:
     emulator_devices: str = ""  # ... and the partition ids that train locally on it: "0,3" or "all"
     cloud_address: str = ""  # the backbone service every device trains through; empty: the ServerApp hosts one
     cloud_token: str = ""  # its bearer token
+    cloud_tls_dir: str = ""  # on each device: a folder with the CA (ca.pem) the backbone's certificate is signed by
 
     @classmethod
     def from_keys(cls, *sources: Mapping, strict: bool = False):

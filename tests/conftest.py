@@ -104,3 +104,17 @@ def train_edge_steps(em, batches, lr: float = 1e-2) -> list[float]:
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def grpc_dlora_edge(loaded):
+    """A gRPC cloud serving a copy of `loaded`, and a DLoRA edge on another copy connected to it: (the started
+    server, (edge model, tokenizer, link)). The caller stops the server; a failed connection stops it here."""
+    svc = BackboneService(copy.deepcopy(loaded.model), {"real-model-token-0123456789": "a"})
+    server, port = make_server(svc, "127.0.0.1:0")
+    server.start()
+    try:
+        return server, build_edge(EdgeConfig.of(cloud=f"127.0.0.1:{port}", token="real-model-token-0123456789",
+                                                cloud_lora="edge"), loaded=copy.deepcopy(loaded))
+    except BaseException:
+        server.stop(0)
+        raise

@@ -4,7 +4,6 @@ A local HF folder (or .gguf file) is named by its absolute path; "smollm2" by it
 cache (model/load.py `smollm2_hf_folder`); a tiny test config keeps its name (no files to point at)."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 
@@ -13,7 +12,7 @@ import torch
 
 from model import load as L
 from model.lora import LoRAConfig, LoRASet
-from tests.conftest import randomize_lora_b
+from tests.conftest import grpc_dlora_edge, randomize_lora_b
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,19 +66,13 @@ def test_smollm2_adapter_names_its_hf_folder_and_auto_peft_matches_the_edge(tmp_
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import tasks as T
-    from cloud.rpc import BackboneService, make_server
-    from edge.trainer import EdgeConfig, build_edge
     gguf = L.fetch_smollm2()  # the real cache: only checks the sha256
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "home"))
     L.smollm2_path().parent.mkdir(parents=True)
     L.smollm2_path().symlink_to(gguf)
     loaded = L.load_model("smollm2")
-    svc = BackboneService(copy.deepcopy(loaded.model), {"real-model-token-0123456789": "a"})
-    server, port = make_server(svc, "127.0.0.1:0")
-    server.start()
+    server, (em, tok, link) = grpc_dlora_edge(loaded)
     try:
-        em, tok, link = build_edge(EdgeConfig.of(cloud=f"127.0.0.1:{port}", token="real-model-token-0123456789",
-                                                 cloud_lora="edge"), loaded=copy.deepcopy(loaded))
         randomize_lora_b(em.lora)
         assert not L.smollm2_hf_path().exists()
         em.lora.save_peft(tmp_path / "adapter", "smollm2")

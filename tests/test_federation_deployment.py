@@ -201,11 +201,16 @@ def report_of(d: Deployment, run: Streamed, out: Path, timeout: float) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+def start_nodes(d: Deployment, supernodes: int) -> None:
+    """The SuperLink, then `supernodes` SuperNodes (partition i of `supernodes` each)."""
+    d.start_superlink()
+    for i in range(supernodes):
+        d.start_supernode(i, supernodes)
+
+
 def test_a_round_on_the_deployment_engine_with_tls(deployment, tmp_path):
     d = deployment
-    d.start_superlink()
-    for i in range(2):
-        d.start_supernode(i, 2)
+    start_nodes(d, 2)
     out = tmp_path / "run"
     run = d.flwr_run(overrides(out))
     rep = report_of(d, run, out, timeout=600)
@@ -220,9 +225,7 @@ def test_a_round_on_the_deployment_engine_with_tls(deployment, tmp_path):
 
 def test_the_round_completes_when_a_supernode_is_killed_in_the_middle_of_it(deployment, tmp_path):
     d = deployment
-    d.start_superlink()
-    for i in range(3):
-        d.start_supernode(i, 3)
+    start_nodes(d, 3)
     out = tmp_path / "run"
     # enough local steps that the victim is still training when it dies
     run = d.flwr_run(overrides(out, **{"local-steps": 20}))

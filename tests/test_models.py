@@ -8,6 +8,7 @@ import torch
 
 from model import load as L
 from model.segments import Cut
+from tests.conftest import grpc_dlora_edge
 
 
 def test_missing_model_says_how_to_fetch(tmp_path, monkeypatch):
@@ -60,16 +61,10 @@ def test_smollm2_dlora_matches_local_peft(tmp_path):
     """The headline equivalence on the real model: DLoRA through gRPC vs PEFT on the full model, 3 steps."""
     import peft
     import tasks as T
-    from cloud.rpc import BackboneService, make_server
-    from edge.trainer import EdgeConfig, build_edge
     from tests.reference import peft_local as ref
     loaded = L.load_model("smollm2")
-    svc = BackboneService(copy.deepcopy(loaded.model), {"real-model-token-0123456789": "a"})
-    server, port = make_server(svc, "127.0.0.1:0")
-    server.start()
+    server, (em, tok, link) = grpc_dlora_edge(loaded)
     try:
-        em, tok, link = build_edge(EdgeConfig.of(cloud=f"127.0.0.1:{port}", token="real-model-token-0123456789",
-                                                 cloud_lora="edge"), loaded=copy.deepcopy(loaded))
         pm = ref.peft_model(copy.deepcopy(loaded.model), em.lora)
         task = T.TASKS["sst2"]
         items = T.encode(task, T.load_split("sst2", "train")[:24], tok)

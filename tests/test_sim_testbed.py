@@ -22,6 +22,19 @@ def namespaces() -> set[str]:
     return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
 
 
+def assert_delivers(measure, rate_bps: float, what) -> None:
+    """The shaper never lets more than the set rate through (5 % for measurement error), and on a quiet moment it
+    delivers it: the best of three transfers (a busy machine only makes a transfer slower) is within 5 % too."""
+    want = rate_bps * EFFICIENCY
+    runs = []
+    for _ in range(3):
+        runs.append(measure())  # about 1.2 s each
+        assert runs[-1] <= want * 1.05, (what, runs)
+        if runs[-1] >= want * 0.95:
+            return
+    raise AssertionError(f"{what}: best of {runs} is below 95 % of {want:.0f} bit/s")
+
+
 def test_links_deliver_the_set_rate_both_ways_and_vanish_afterwards():
     cfg = TestbedConfig(edges=2, rate_mbit=20, prefix="tandem-t1")
     with Testbed(cfg) as tb:
@@ -29,10 +42,9 @@ def test_links_deliver_the_set_rate_both_ways_and_vanish_afterwards():
         assert "rate 20Mbit" in tb.qdiscs()
         for edge in (0, 1):
             for direction in ("up", "down"):
-                bps = tb.measure_throughput(3_000_000, direction, edge=edge)  # about 1.2 s
-                assert bps == pytest.approx(20e6 * EFFICIENCY, rel=0.05), (edge, direction)
+                assert_delivers(lambda: tb.measure_throughput(3_000_000, direction, edge=edge), 20e6, (edge, direction))
         tb.set_rate(60)
-        assert tb.measure_throughput(9_000_000, "up") == pytest.approx(60e6 * EFFICIENCY, rel=0.05)
+        assert_delivers(lambda: tb.measure_throughput(9_000_000, "up"), 60e6, "60 Mbit/s")
     assert not {n for n in namespaces() if n.startswith("tandem-t1-")}
 
 

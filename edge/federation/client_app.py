@@ -42,7 +42,8 @@ from model.segments import cut_of, family_of
 
 def edge_config(ins: Instructions, train_file: str | None, steps: int) -> EdgeConfig:
     """The edge trainer's config for this round's instructions."""
-    return EdgeConfig.of(cloud=ins.cloud_address, token=ins.cloud_token or None, model=ins.model, task=ins.task,
+    return EdgeConfig.of(cloud=ins.cloud_address, token=ins.cloud_token or None, tls_dir=ins.cloud_tls_dir or None,
+                         model=ins.model, task=ins.task,
                          train_file=train_file, k=ins.cut_bottom, m=ins.cut_top, cloud_lora=ins.cloud_lora,
                          lora_r=ins.lora_r, lora_alpha=ins.lora_alpha, lora_targets=ins.targets,
                          lora_freeze_a=ins.freeze_a, lr=ins.lr, steps=steps, batch_size=ins.batch_size,

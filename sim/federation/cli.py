@@ -69,9 +69,10 @@ def options_of(args: argparse.Namespace) -> tuple[FederateOptions, FederationCon
 
 def run(args: argparse.Namespace) -> int:
     from sim.federation import driver as F
+    from sim.federation.report import load_summary, render
     if args.render:
-        summary = F.load_summary(args.render)
-        print(json.dumps(summary["comparison"], indent=1) if args.json else F.render(summary, args.render))
+        summary = load_summary(args.render)
+        print(json.dumps(summary["comparison"], indent=1) if args.json else render(summary, args.render))
         return 0
     opts, fed = options_of(args)
     if args.partitions_only:
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         summary = F.federate(opts, fed)
     except F.FederationFailed as ex:  # SystemExit: `tandem` itself ignores a command's return value
         raise SystemExit(f"tandem federate: {ex}") from None
-    print(json.dumps(summary["comparison"], indent=1) if args.json else F.render(summary, opts.out))
+    print(json.dumps(summary["comparison"], indent=1) if args.json else render(summary, opts.out))
     return 0
 
 
