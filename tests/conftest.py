@@ -118,3 +118,13 @@ def grpc_dlora_edge(loaded):
     except BaseException:
         server.stop(0)
         raise
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    """The environment of a running process (empty once it is gone): tests find the processes they started."""
+    from pathlib import Path
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)

@@ -27,6 +27,7 @@ import yaml
 
 import tasks
 from cli.deploy import EDGES_FILE, write_deployment
+from tests.conftest import environ_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -173,7 +174,7 @@ class Topology:
 
     def close(self) -> None:
         mine = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()
-                and _environ(int(p.name)).get(MARK) == self.env[MARK]]
+                and environ_of(int(p.name)).get(MARK) == self.env[MARK]]
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in mine:
                 try:
@@ -186,14 +187,6 @@ class Topology:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 pass
-
-
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
 
 
 def wait_healthy(top: Topology, cloud: subprocess.Popen, service: str) -> subprocess.CompletedProcess:
