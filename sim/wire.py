@@ -39,7 +39,8 @@ def _fill(t: pb.Tensor, shape, dtype: int) -> None:
 
 
 # ---- the messages ---------------------------------------------------------------------------------------------------
-# The tensor field of each message kind; a repeated field (one tensor per target of a LoRA group) takes a list.
+# The tensor field of each message kind; REPEATED kinds carry one tensor per target of their LoRA group.
+REPEATED = {"lora_reply", "lora_grad_request"}
 TENSOR_FIELD = {"begin": "hidden", "lora_request": "x", "lora_reply": "outputs", "hidden": "hidden",
                 "output_grad": "grad", "lora_grad_request": "grads", "lora_grad_reply": "grad", "input_grad": "grad"}
 
@@ -55,8 +56,8 @@ def build(kind: str, fields: tuple, shapes, dtype: int):
         else:
             setattr(inner, name, value)
     field = getattr(inner, TENSOR_FIELD[kind])
-    for shape in (shapes if isinstance(shapes, list) else [shapes]):
-        _fill(field.add() if isinstance(shapes, list) else field, shape, dtype)
+    for shape in (shapes if kind in REPEATED else [shapes]):
+        _fill(field.add() if kind in REPEATED else field, shape, dtype)
     if kind == "begin":
         _fill(inner.attention_mask, shapes[:2], pb.BOOL)
     if kind in ("hidden", "input_grad"):
@@ -74,8 +75,7 @@ def _varint_class(v: int) -> int:
 
 @lru_cache(maxsize=512)
 def _sized(kind: str, fields: tuple, shapes, dtype: int) -> tuple[int, int]:
-    msg = build(kind, fields, list(shapes) if isinstance(shapes, tuple) and shapes and
-                isinstance(shapes[0], tuple) else shapes, dtype)
+    msg = build(kind, fields, shapes, dtype)
     return wire_size(msg), tensor_payload(msg)
 
 

@@ -27,7 +27,7 @@ import yaml
 
 import tasks
 from cli.deploy import EDGES_FILE, write_deployment
-from tests.conftest import environ_of
+from tests.conftest import environ_of, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -36,12 +36,6 @@ MARK = "TANDEM_COMPOSE_TEST"  # in every process a test starts (and their childr
 HAVE_COMPOSE = shutil.which("docker-compose") is not None
 needs_compose = pytest.mark.skipif(not HAVE_COMPOSE, reason="Debian's docker-compose is not installed (`make test` "
                                    "installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def compose(env: dict, override: Path, *args: str) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ import pytest
 
 import tasks as T
 from privacy.security.certs import make_certs
-from tests.conftest import environ_of
+from tests.conftest import environ_of, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -31,12 +31,6 @@ MARK = "TANDEM_DEPLOYMENT_TEST"  # the test's id, in every process it starts
 ROLE = "TANDEM_DEPLOYMENT_ROLE"  # superlink, supernode-<i>, flwr-run: and in their children
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def marked(mark: str, role: str | None = None) -> list[int]:

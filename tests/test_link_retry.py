@@ -4,7 +4,6 @@ out a short outage. Real servers on a real port, restarted; nothing is mocked.""
 from __future__ import annotations
 
 import copy
-import socket
 import threading
 import time
 
@@ -13,13 +12,7 @@ import torch
 
 from cloud.rpc import BackboneService, make_server
 from cloud.sessions import CloudConfig
-from tests.conftest import TOKENS, make_edge, randomize_lora_b, sst2_batches
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import TOKENS, free_port, make_edge, randomize_lora_b, sst2_batches
 
 
 class Restartable:

@@ -19,6 +19,7 @@ the updates dW = BA exactly.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterable
 from logging import INFO
 
@@ -158,9 +159,10 @@ class LoRAFedAvg(FedAvg):
         adapters, weights = self.client_adapters(valid)
         return self.finish(server_round, valid, self.merge(adapters, weights), adapters, weights)
 
+    @abstractmethod
     def merge(self, adapters: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
-        """The method: the clients' adapters and weights -> the merged adapter (keys in the clients' order)."""
-        raise NotImplementedError
+        """The method: the clients' adapters and weights -> the merged adapter (keys in the clients' order).
+        Each strategy (fedavg_lora.py, ffa_lora.py) is one override of this; the base class is never instantiated."""
 
     def client_adapters(self, replies: list[Message]) -> tuple[list[dict[str, np.ndarray]], list[float]]:
         """Each client's adapter and weight (its number of training examples)."""
