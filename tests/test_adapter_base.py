@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model import load as L
+from model import smollm2 as S
 from model.lora import LoRAConfig, LoRASet
 from tests.conftest import grpc_dlora_edge, randomize_lora_b
 
@@ -47,7 +48,7 @@ def test_adapter_from_relative_hf_folder_loads_with_auto_peft_elsewhere(tmp_path
 def test_base_names_per_kind_of_spec(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    assert L.smollm2_hf_path() == tmp_path / "home" / "models" / "smollm2-hf"
+    assert S.smollm2_hf_path() == tmp_path / "home" / "models" / "smollm2-hf"
     assert L.adapter_base_name("tiny-llama") == "tiny-llama"  # documented: load it with load_model + PeftModel
     assert L.adapter_base_name("") == ""
     assert L.adapter_base_name("w/model.gguf") == str(tmp_path / "w" / "model.gguf")
@@ -56,7 +57,7 @@ def test_base_names_per_kind_of_spec(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="tandem"):  # no GGUF fetched: no folder to write, the alias stays
         assert L.adapter_base_name("smollm2") == "smollm2"
     assert "tandem models fetch" in caplog.text
-    assert not L.smollm2_hf_path().exists()
+    assert not S.smollm2_hf_path().exists()
 
 
 @pytest.mark.slow
@@ -66,19 +67,19 @@ def test_smollm2_adapter_names_its_hf_folder_and_auto_peft_matches_the_edge(tmp_
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import tasks as T
-    gguf = L.fetch_smollm2()  # the real cache: only checks the sha256
+    gguf = S.fetch_smollm2()  # the real cache: only checks the sha256
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "home"))
-    L.smollm2_path().parent.mkdir(parents=True)
-    L.smollm2_path().symlink_to(gguf)
+    S.smollm2_path().parent.mkdir(parents=True)
+    S.smollm2_path().symlink_to(gguf)
     loaded = L.load_model("smollm2")
     server, (em, tok, link) = grpc_dlora_edge(loaded)
     try:
         randomize_lora_b(em.lora)
-        assert not L.smollm2_hf_path().exists()
+        assert not S.smollm2_hf_path().exists()
         em.lora.save_peft(tmp_path / "adapter", "smollm2")
-        folder = L.smollm2_hf_path()
+        folder = S.smollm2_hf_path()
         assert _base_of(tmp_path / "adapter") == str(folder)
-        assert (folder / "config.json").exists() and (folder / L.SMOLLM2_HF_MARKER).exists()
+        assert (folder / "config.json").exists() and (folder / S.SMOLLM2_HF_MARKER).exists()
 
         hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
         mine, theirs = loaded.model.state_dict(), hf.state_dict()

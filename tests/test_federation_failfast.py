@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud.federation.server_app import DevicesTimeout, FederationConfig, FederationStopped, run_federation
+from cloud.federation.devices import DevicesTimeout, FederationStopped
+from cloud.federation.server_app import FederationConfig, run_federation
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "TANDEM_FAILFAST_RUN"  # every process a test starts (and theirs: Ray's too) inherits it

@@ -33,7 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 from flwr.supercore import log
 
-from cloud.federation.devices import BoundedGrid, DevicesTimeout, FederationStopped  # the latter two re-exported
+from cloud.federation.devices import BoundedGrid
 from cloud.federation.secagg import SecAggConfig, secure_train_round
 from cloud.federation.strategies import STRATEGIES, LoRAFedAvg
 from cloud.federation.strategies.base import arrays_to_record, payload_bytes, record_to_arrays
