@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model import load as L
+from model import smollm2
 from model.segments import Cut
 from tests.conftest import grpc_dlora_edge
 
@@ -23,7 +24,7 @@ def test_missing_model_says_how_to_fetch(tmp_path, monkeypatch):
 
 def test_corrupt_cache_is_detected_and_named(tmp_path, monkeypatch):
     monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
-    path = L.smollm2_path()
+    path = smollm2.smollm2_path()
     path.parent.mkdir(parents=True)
     path.write_bytes(b"GGUF but not really")
     with pytest.raises(L.ModelNotFound, match="corrupt.*fetch --force"):
@@ -48,8 +49,8 @@ def test_cut_bounds():
 
 @pytest.mark.slow
 def test_smollm2_gguf_is_the_pinned_file_and_loads():
-    path = L.fetch_smollm2()  # cached: only checks the sha256
-    assert L.sha256_of(path) == L.SMOLLM2_SHA256
+    path = smollm2.fetch_smollm2()  # cached: only checks the sha256
+    assert smollm2.sha256_of(path) == smollm2.SMOLLM2_SHA256
     loaded = L.load_model("smollm2")
     cfg = loaded.model.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size) == ("llama", 30, 576)
