@@ -13,9 +13,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from edge.config import Wire
+from protocol.step import CloudLoRA
 
 
 @dataclass
@@ -25,7 +25,7 @@ class DemoConfig:
     clients: int = 2  # edge clients, each in its own thread
     steps: int = 80  # training steps per client
     batch_size: int = 8  # training examples per step
-    cloud_lora: Literal["none", "edge"] = "edge"  # edge: DLoRA; none: frozen-cloud split training
+    cloud_lora: CloudLoRA = "edge"  # edge: DLoRA; carried: LoRA weights ride each step; none: frozen split
     k: int = 1  # blocks at the bottom of the model that run on the edge
     m: int = 1  # blocks at the top of the model that run on the edge
     lr: float = 1e-3  # AdamW learning rate

@@ -1,14 +1,17 @@
 """The cloud's compute for one step: the frozen cloud blocks forward and backward, with no RPC in sight.
 
-DLoRA puts a LoRA branch on cloud blocks whose weights live on the edge. Here each such site is an explicit module,
-`EdgeBranchLinear(base, block, target, branches)`, that wraps the base linear the way PEFT's `LoraLayer` wraps its
-base layer: y = base(x) + branch(x). The step's context (which blocks are active, how to reach the edge) is handed
-to it as a constructor argument: for each step the cloud runs a shallow copy of each active block in which the
-adapted linears are replaced by such wrappers (`with_submodules`; parameters are shared, nothing is copied). No hook
-and no thread-local state is involved, so concurrent steps of different sessions never see each other's sites.
+A session with LoRA on cloud blocks puts a branch on each adapted linear, as PEFT's `LoraLayer` wraps its base
+layer: y = base(x) + branch(x). Each such site is an explicit module handed the step's context as a constructor
+argument: for each step the cloud runs a shallow copy of each active block in which the adapted linears are replaced
+by wrappers (`with_submodules`; parameters are shared, nothing is copied). No hook and no thread-local state is
+involved, so concurrent steps of different sessions never see each other's sites. The step's `sites` object says
+which blocks and sites are adapted and builds the wrapper (`wrap`):
 
-How a branch is computed is the `exchange`'s business (`LoRAExchange`): over gRPC it is the cloud's half of the Step
-stream (cloud/stream.py); in a test it can be a local LoRA. The cloud never holds LoRA weights.
+  StepBranches / EdgeBranchLinear    DLoRA: the branch is computed on the edge, reached through an `exchange`
+                                     (`LoRAExchange`: over gRPC the cloud's half of the Step stream, cloud/stream.py;
+                                     in a test a local LoRA). The cloud never holds the LoRA weights.
+  CarriedLoRA / CarriedLoRALinear    carried mode: the weights came with the step; the branch is computed here on
+                                     autograd leaves whose gradients go back to the edge. Nothing outlives the step.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import copy
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.segments import family_of, linear_dims
@@ -62,6 +66,14 @@ class StepBranches:
         return self._pending.pop((block, target))
 
 
+    def wrap(self, base: nn.Module, block: int, site: str, widths: dict[str, int]) -> nn.Module:
+        return EdgeBranchLinear(base, block, site, self, widths)
+
+    @property
+    def sites(self):
+        return self.group_of
+
+
 class EdgeBranchLinear(nn.Module):
     """A frozen cloud linear plus a branch computed on the edge: base(x) + branches.delta(block, target, x)."""
 
@@ -72,6 +84,30 @@ class EdgeBranchLinear(nn.Module):
     def forward(self, x):
         out = self.base(x)
         return out + self.branches.delta(self.block, self.target, x, self.widths).to(out.dtype)
+
+
+class CarriedLoRALinear(nn.Module):
+    """A frozen cloud linear plus a LoRA whose weights came with the step: base(x) + scaling * B A x."""
+
+    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float):
+        super().__init__()
+        self.base, self.a, self.b, self.scaling = base, a, b, scaling
+
+    def forward(self, x):
+        out = self.base(x)
+        return out + (F.linear(F.linear(x.to(self.a.dtype), self.a), self.b) * self.scaling).to(out.dtype)
+
+
+class CarriedLoRA:
+    """The carried LoRA of one step: (block, site) -> (A [r, in], B [out, r]), autograd leaves when training."""
+
+    def __init__(self, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], scaling: float):
+        self.weights, self.scaling = weights, scaling
+        self.active = {b for b, _ in weights}
+        self.sites = list(dict.fromkeys(s for _, s in weights))
+
+    def wrap(self, base: nn.Module, block: int, site: str, widths: dict[str, int]) -> nn.Module:
+        return CarriedLoRALinear(base, *self.weights[block, site], self.scaling)
 
 
 def with_submodules(module: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
@@ -110,19 +146,23 @@ class CloudSegment:
                 self._paths[b, s] = self.family.site_path(s)
                 self._widths[b][s] = linear_dims(module)[1]
 
-    def _block_for_step(self, b: int, branches: StepBranches | None) -> nn.Module:
+    def site_dims(self, b: int, site: str) -> tuple[int, int]:
+        """(in, out) features of a site of block b."""
+        return linear_dims(self.blocks[b].get_submodule(self._paths[b, site]))
+
+    def _block_for_step(self, b: int, sites) -> nn.Module:
         block = self.blocks[b]
-        if branches is None or b not in branches.active:
+        if sites is None or b not in sites.active:
             return block
         subs = {}
-        for s in branches.group_of:  # site names; the module path inside the block is where the wrapper goes
+        for s in sites.sites:  # site names; the module path inside the block is where the wrapper goes
             path = self._paths[b, s]
-            subs[path] = EdgeBranchLinear(block.get_submodule(path), b, s, branches, self._widths[b])
+            subs[path] = sites.wrap(block.get_submodule(path), b, s, self._widths[b])
         return with_submodules(block, subs)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, blocks: range,
-                branches: StepBranches | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, blocks: range, sites=None) -> torch.Tensor:
+        """The blocks over `hidden`; `sites` (StepBranches, CarriedLoRA, ...; None: frozen) adapts some of them."""
         ctx = self.family.context(self.model, hidden, mask)
         for b in blocks:
-            hidden = self.family.run_block(self._block_for_step(b, branches), hidden, ctx)
+            hidden = self.family.run_block(self._block_for_step(b, sites), hidden, ctx)
         return hidden

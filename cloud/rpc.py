@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from concurrent import futures
 
@@ -69,6 +70,12 @@ class BackboneService:
         block0 = self.segment.blocks[0]
         self.cost = StepCostLimit(config, sum(p.numel() for p in block0.parameters()), model.config.hidden_size)
         self.compute = futures.ThreadPoolExecutor(config.compute_threads, thread_name_prefix="tandem-step")
+        self.capture = None
+        if config.capture_dir:  # an audit: loud, and only where the operator points
+            from privacy.audit.capture import Capture
+            self.capture = Capture(config.capture_dir)
+            log.warning("CAPTURE ON: every message of every step is recorded in %s (an audit, not for production)",
+                        config.capture_dir)
 
     def expire_idle(self) -> list[str]:
         return self.sessions.expire_idle()
@@ -109,8 +116,8 @@ class BackboneService:
             sess = self.sessions.open(client, **session_fields)
         except CloudError as e:
             await context.abort(e.code, e.message)
-        log.info("session %s opened by %s: cut %s, LoRA blocks %d", sess.id, quote(client), sess.cut,
-                 len(sess.lora_blocks))
+        log.info("session %s opened by %s: cut %s, LoRA blocks %d%s", sess.id, quote(client), sess.cut,
+                 len(sess.lora_blocks), " (carried)" if sess.carried else "")
         return pb.OpenSessionReply(session_id=sess.id, first_cloud_block=sess.cut.cloud.start,
                                    last_cloud_block=sess.cut.cloud.stop - 1, hidden_size=self.model.config.hidden_size,
                                    max_tokens_per_step=self.config.max_tokens_per_step,
@@ -140,8 +147,17 @@ class BackboneService:
             raise CloudError(INVALID, "LoRA blocks given without LoRA targets")
         if any(b not in cut.cloud for b in blocks):
             raise CloudError(INVALID, f"LoRA blocks are not all cloud blocks {cut.cloud.start}..{cut.cloud.stop - 1}")
+        carried = dict(carried=request.carried_lora and bool(blocks))
+        if carried["carried"]:
+            narrowest = min(min(self.segment.site_dims(b, t)) for b in blocks for t in targets)
+            if not 1 <= request.lora_rank <= narrowest:
+                raise CloudError(INVALID, f"carried LoRA rank {request.lora_rank} is not within 1..{narrowest}")
+            if not math.isfinite(request.lora_scaling) or not 0 < abs(request.lora_scaling) <= 1e4:
+                raise CloudError(INVALID, f"carried LoRA scaling {request.lora_scaling} is not finite, nonzero "
+                                 "and at most 1e4 in size")
+            carried.update(lora_rank=request.lora_rank, lora_scaling=request.lora_scaling)
         return dict(cut=cut, wire_up=request.wire_dtype_up, wire_down=request.wire_dtype_down, targets=targets,
-                    lora_blocks=blocks, groups=groups if blocks else ())
+                    lora_blocks=blocks, groups=groups if blocks and not carried["carried"] else (), **carried)
 
     async def CloseSession(self, request, context):
         try:
@@ -158,7 +174,7 @@ class BackboneService:
         try:
             client = self._client(context)
             with self.budgets.stream(client):
-                stream = CloudStream(context, asyncio.get_running_loop(), self.config.step_timeout)
+                stream = CloudStream(context, asyncio.get_running_loop(), self.config.step_timeout, self.capture)
                 _, begin = await stream.read(self.config.begin_timeout)
                 sess = self.sessions.get(begin.session_id, client)
                 self.budgets.take_step(client)

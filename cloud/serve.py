@@ -34,6 +34,7 @@ class ServeConfig:
     max_steps_per_second: float = 50.0  # step starts per second of one client
     compute_threads: int = 32  # threads that run steps' compute
     max_message_mb: int = 256  # largest gRPC message
+    capture_dir: str | None = None  # audits only: record every message the cloud receives and sends in this folder
 
 
 class Cloud:

@@ -45,6 +45,7 @@ class CloudConfig:
     max_steps_per_client: int = 2  # steps of one client computing at once (more wait their turn)
     max_steps_per_second: float = 50.0  # step starts per second of one client
     compute_threads: int = 32  # threads that run steps' compute (a DLoRA step holds one while the edge answers)
+    capture_dir: str | None = None  # audits only: record every message of every step here (privacy/audit/capture.py)
 
 
 @dataclass
@@ -56,7 +57,10 @@ class Session:
     wire_down: int
     targets: list[str]
     lora_blocks: list[int]
-    groups: tuple = ()  # input groups of `targets`, in execution order (model/sites.py)
+    groups: tuple = ()  # DLoRA: input groups of `targets`, in execution order (model/sites.py); else ()
+    carried: bool = False  # carried mode: the LoRA weights of `lora_blocks` come with each step's begin
+    lora_rank: int = 0  # carried: r of those weights
+    lora_scaling: float = 0.0  # carried: alpha / r
     last_used: float = field(default_factory=time.monotonic)
     steps: int = 0
     bytes_received: int = 0

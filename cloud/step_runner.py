@@ -11,8 +11,8 @@ import grpc
 import torch
 
 from cloud.budgets import StepCostLimit
-from cloud.compute import CloudSegment, StepBranches
-from cloud.sessions import CloudError, Session
+from cloud.compute import CarriedLoRA, CloudSegment, StepBranches
+from cloud.sessions import CloudError, Session, quote
 from cloud.stream import CloudStream
 from protocol import pb
 from protocol.tensors import encode
@@ -35,7 +35,48 @@ def check_begin(begin, sess: Session, H: int, cost: StepCostLimit, stream: Cloud
     active = set(begin.active_blocks)  # empty: no LoRA site runs this step (Kill & Revive may kill all)
     if not active <= set(sess.lora_blocks):
         raise CloudError(INVALID, f"active blocks {sorted(active - set(sess.lora_blocks))[:8]} have no LoRA sites")
+    if begin.lora_weights and not sess.carried:
+        raise CloudError(INVALID, "lora_weights in a session that did not open the carried mode")
     return hidden, mask.long().to(device), sorted(active)
+
+
+def carried_lora(begin, sess: Session, segment: CloudSegment, active: list[int], stream: CloudStream,
+                 like: torch.Tensor) -> CarriedLoRA:
+    """The LoRA weights that came with `begin`, checked (one per target of each active block, in that order, of
+    rank r) and decoded as autograd leaves."""
+    want = [(b, t) for b in active for t in sess.targets]
+    if len(begin.lora_weights) != len(want):
+        raise CloudError(INVALID, f"begin carries {len(begin.lora_weights)} LoRA weights; the active blocks and "
+                         f"targets need {len(want)}")
+    weights, r = {}, sess.lora_rank
+    for i, (w, (b, t)) in enumerate(zip(begin.lora_weights, want)):
+        if (w.block, w.target) != (b, t):
+            raise CloudError(INVALID, f"lora_weights[{i}] is for {w.block}/{quote(w.target)}; expected {b}/{t}")
+        n_in, n_out = segment.site_dims(b, t)
+        weights[b, t] = (stream.decode(w.a, [r, n_in], like, f"LoRA A {b}/{t}").requires_grad_(begin.train),
+                         stream.decode(w.b, [n_out, r], like, f"LoRA B {b}/{t}").requires_grad_(begin.train))
+    return CarriedLoRA(weights, sess.lora_scaling)
+
+
+def step_sites(begin, sess: Session, segment: CloudSegment, active: list[int], stream: CloudStream, like):
+    """The step's adapted sites: DLoRA branches, carried weights, or None (frozen, or every block killed)."""
+    if not active:
+        return None
+    if sess.carried:
+        return carried_lora(begin, sess, segment, active, stream, like)
+    return StepBranches(stream, active, sess.groups)
+
+
+def carried_grads(sites, wire: int) -> list:
+    """dL/dA and dL/dB of the carried weights, in begin's order."""
+    if not isinstance(sites, CarriedLoRA):
+        return []
+    return [pb.LoraWeights(block=b, target=t, a=encode(_grad(a), wire), b=encode(_grad(w_b), wire))
+            for (b, t), (a, w_b) in sites.weights.items()]
+
+
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    return t.grad if t.grad is not None else torch.zeros_like(t)
 
 
 def run_step(segment: CloudSegment, sess: Session, begin, stream: CloudStream, cost: StepCostLimit) -> tuple:
@@ -43,15 +84,15 @@ def run_step(segment: CloudSegment, sess: Session, begin, stream: CloudStream, c
     step, input_grad for a train step) is counted but not yet sent: the caller frees the session first."""
     p = next(segment.model.parameters())
     hidden, mask, active = check_begin(begin, sess, segment.model.config.hidden_size, cost, stream, p.dtype, p.device)
-    branches = StepBranches(stream, active, sess.groups) if active else None
+    sites = step_sites(begin, sess, segment, active, stream, hidden)
     t0, w0 = time.perf_counter(), stream.wait_seconds
     with torch.set_grad_enabled(begin.train):
         x = hidden.requires_grad_(begin.train)
-        out = segment.forward(x, mask, sess.cut.cloud, branches)
+        out = segment.forward(x, mask, sess.cut.cloud, sites)
     fwd = time.perf_counter() - t0 - (stream.wait_seconds - w0)
     hidden_msg = pb.CloudMessage(hidden=pb.Hidden(hidden=encode(out, sess.wire_down), cloud_seconds=fwd))
     if not begin.train:
-        stream.protocol.observe(hidden_msg)
+        stream.count(hidden_msg)
         return hidden_msg, fwd
     stream.send(hidden_msg)
     _, grad_msg = stream.recv()
@@ -59,6 +100,7 @@ def run_step(segment: CloudSegment, sess: Session, begin, stream: CloudStream, c
     t0, w0 = time.perf_counter(), stream.wait_seconds
     torch.autograd.backward(out, grad)
     bwd = time.perf_counter() - t0 - (stream.wait_seconds - w0)
-    last = pb.CloudMessage(input_grad=pb.InputGrad(grad=encode(x.grad, sess.wire_down), cloud_seconds=bwd))
-    stream.protocol.observe(last)
+    last = pb.CloudMessage(input_grad=pb.InputGrad(grad=encode(x.grad, sess.wire_down), cloud_seconds=bwd,
+                                                   lora_grads=carried_grads(sites, sess.wire_down)))
+    stream.count(last)
     return last, fwd + bwd

@@ -15,7 +15,7 @@ import torch
 
 from cloud.sessions import CloudError, Session
 from protocol import pb
-from protocol.step import ProtocolError, StepProtocol
+from protocol.step import DOWN, UP, ProtocolError, StepProtocol
 from protocol.tensors import WireError, decode, encode
 
 
@@ -27,9 +27,11 @@ class Malformed:
 
 
 class CloudStream:
-    def __init__(self, context, loop: asyncio.AbstractEventLoop, timeout: float):
+    def __init__(self, context, loop: asyncio.AbstractEventLoop, timeout: float, capture=None):
         self.context, self.loop = context, loop
         self.timeout = timeout
+        self.capture = capture  # privacy/audit/capture.Capture when the operator asked for one (--capture-dir)
+        self.step_ref: tuple[str, int] | None = None  # (session id, step) from the step's begin
         self.protocol = StepProtocol()  # its LoRA groups are bound once the session is known
         self.session: Session | None = None
         self.wait_seconds = 0.0  # time blocked on the edge (its DLoRA replies): not cloud compute
@@ -50,9 +52,17 @@ class CloudStream:
         if msg.WhichOneof("kind") is None:  # empty, or a kind this protocol does not know: malformed, not out of order
             raise CloudError(grpc.StatusCode.INVALID_ARGUMENT, f"an EdgeMessage of no known kind (expected {want})")
         try:
-            return self.protocol.observe(msg)
+            kind, inner = self.protocol.observe(msg)
         except ProtocolError as e:
             raise CloudError(e.code, e.message) from None
+        if kind == "begin":
+            self.step_ref = (inner.session_id, inner.step)
+        self._capture(UP, msg)
+        return kind, inner
+
+    def _capture(self, direction: str, msg) -> None:
+        if self.capture is not None and self.step_ref is not None:
+            self.capture.record(*self.step_ref, direction, msg)
 
     # ---- from the compute thread --------------------------------------------------------------------------------
     def _on_loop(self, coro, what: str):
@@ -72,8 +82,13 @@ class CloudStream:
         finally:
             self.wait_seconds += time.perf_counter() - t0
 
-    def send(self, msg: pb.CloudMessage) -> None:
+    def count(self, msg: pb.CloudMessage) -> None:
+        """Check and count a message that the RPC layer sends itself (the step's last, after the session is free)."""
         self.protocol.observe(msg)
+        self._capture(DOWN, msg)
+
+    def send(self, msg: pb.CloudMessage) -> None:
+        self.count(msg)
         self._on_loop(self.context.write(msg), f"sending {msg.WhichOneof('kind')}")
 
     # ---- decoding with the session's settings -------------------------------------------------------------------

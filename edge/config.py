@@ -14,6 +14,7 @@ from edge.flags import build
 from edge.killrevive import KRConfig
 from edge.link import LinkConfig
 from model.load import DTYPES
+from protocol.step import CloudLoRA
 from protocol.tensors import Wire
 
 
@@ -29,8 +30,9 @@ class DataConfig:
 
 @dataclass
 class LoRAOptions:
-    cloud: Literal["none", "edge"] = field(default="none", metadata={
-        "flag": "cloud_lora", "help": "none: the cloud blocks are frozen (split); edge: DLoRA, their LoRA on the edge"})
+    cloud: CloudLoRA = field(default="none", metadata={
+        "flag": "cloud_lora", "help": "none: the cloud blocks are frozen (split); edge: DLoRA, their LoRA computed on "
+                                      "the edge; carried: their LoRA weights ride each step, gradients come back"})
     r: int = 8  # LoRA rank
     alpha: int = 16  # LoRA scale numerator (the update is scaled by alpha / r)
     dropout: float = 0.0  # dropout on the LoRA input

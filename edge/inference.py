@@ -115,7 +115,7 @@ def _open_local(cfg: EdgeConfig, adapter: str | None, loaded, tok, n_blocks: int
         blocks = runs.adapter_blocks(adapter)
         if blocks is None:  # the blocks the edge would have trained
             local = set(range(cfg.k)) | set(range(n_blocks - cfg.m, n_blocks))
-            blocks = sorted(set(range(n_blocks)) if cfg.lora.cloud == "edge" else local)
+            blocks = sorted(set(range(n_blocks)) if cfg.lora.cloud != "none" else local)
         lo = cfg.lora
         lora = LoRASet(model, LoRAConfig(lo.r, lo.alpha, 0.0, tuple(lo.targets), list(blocks)))
         lora.to(device=cfg.device, dtype=DTYPES[cfg.dtype])

@@ -70,11 +70,13 @@ class CloudLink:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
     def open(self, *, fingerprint: str, k: int, m: int, wire_up: int, wire_down: int, lora_targets=(),
-             lora_blocks=()) -> pb.OpenSessionReply:
+             lora_blocks=(), carried: bool = False, lora_rank: int = 0,
+             lora_scaling: float = 0.0) -> pb.OpenSessionReply:
         self._request = pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION, model_fingerprint=fingerprint,
                                               edge_bottom_blocks=k, edge_top_blocks=m, wire_dtype_up=wire_up,
                                               wire_dtype_down=wire_down, lora_targets=list(lora_targets),
-                                              lora_blocks=list(lora_blocks))
+                                              lora_blocks=list(lora_blocks), carried_lora=carried,
+                                              lora_rank=lora_rank, lora_scaling=lora_scaling)
         return self.reopen()
 
     def reopen(self) -> pb.OpenSessionReply:

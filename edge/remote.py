@@ -5,6 +5,8 @@
 Forward opens a `Step` stream, sends the hidden state, answers the cloud's LoRA requests (DLoRA: the edge computes
 the LoRA of cloud-resident blocks with its own weights) and returns the cloud's output. Backward sends dL/d output,
 answers the LoRA gradient requests (accumulating the LoRA weight gradients here, on the edge) and returns dL/d input.
+In the carried mode the forward's `begin` carries the active blocks' LoRA weights instead, and the backward adds
+the gradients the cloud returns with dL/d input to those weights' `.grad`.
 
 Retries live inside the Function, as in Petals' client: a forward that fails for a transient reason is run again;
 a backward that fails is run again on a fresh stream, which first replays the forward (the cloud kept no graph),
@@ -37,7 +39,7 @@ class _Exchange:
         r, stream = self.remote, self.stream
         stream.send(begin=pb.Begin(session_id=r.link.session.session_id, step=r.step, train=self.train,
                                    hidden=encode(hidden, r.wire_up), attention_mask=encode(mask.bool(), pb.BOOL),
-                                   active_blocks=r.active_blocks()))
+                                   active_blocks=r.active_blocks(), lora_weights=r.carried_weights()))
         while True:
             kind, msg = stream.recv()
             if kind == "hidden":
@@ -64,6 +66,7 @@ class _Exchange:
                 kind, msg = stream.recv()
                 if kind == "input_grad":
                     grad_in = r.decode(msg.grad, list(grad_out.shape), grad_out)
+                    r.add_carried_grads(msg.lora_grads)
                     break
                 x, outs = self.saved.pop((msg.block, msg.group))
                 grads = [r.decode(g, list(o.shape), o) for g, o in zip(msg.grads, outs)]
@@ -124,13 +127,14 @@ class RemoteCloud(nn.Module):
     """Stands in for the cloud blocks in the edge's model. `lora` holds the LoRA of cloud blocks (DLoRA) or None."""
 
     def __init__(self, link: CloudLink, wire_up: int, wire_down: int, lora: LoRASet | None = None,
-                 lora_blocks=(), targets=()):
+                 lora_blocks=(), targets=(), carried: bool = False):
         super().__init__()
         self.link, self.wire_up, self.wire_down = link, wire_up, wire_down
         self.lora_blocks = list(lora_blocks)
         self.targets = list(targets)
-        # input group -> its targets, in execution order, exactly as the cloud and the simulator group them
-        self.groups = site_groups(lora.family.name, self.targets) if lora is not None else ()
+        self.carried = carried and lora is not None  # the weights ride the step; no LoRA exchange
+        # DLoRA: input group -> its targets, in execution order, exactly as the cloud and the simulator group them
+        self.groups = site_groups(lora.family.name, self.targets) if lora is not None and not self.carried else ()
         self.lora = lora
         self.killed: set[int] = set()  # Kill & Revive: blocks whose LoRA is off this step
         self.step = 0
@@ -138,6 +142,30 @@ class RemoteCloud(nn.Module):
 
     def active_blocks(self) -> list[int]:
         return [b for b in self.lora_blocks if b not in self.killed]
+
+    def carried_weights(self) -> list:
+        """Carried mode: A and B of every target of every active block, in that order (what begin carries)."""
+        if not self.carried:
+            return []
+        out = []
+        for b in self.active_blocks():
+            for t in self.targets:
+                site = self.lora.site(b, t)
+                out.append(pb.LoraWeights(block=b, target=t, a=encode(site.lora_A.weight, self.wire_up),
+                                          b=encode(site.lora_B.weight, self.wire_up)))
+        return out
+
+    def add_carried_grads(self, grads) -> None:
+        """Carried mode: add the cloud's dL/dA and dL/dB to the weights' gradients, checked against what was sent."""
+        want = [(b, t) for b in self.active_blocks() for t in self.targets] if self.carried else []
+        if [(g.block, g.target) for g in grads] != want:
+            raise StepFailed(None, f"the cloud returned {len(grads)} LoRA gradients; expected {len(want)}, "
+                                   "one per target of each active block, in order")
+        for g, (b, t) in zip(grads, want):
+            site = self.lora.site(b, t)
+            for p, msg in ((site.lora_A.weight, g.a), (site.lora_B.weight, g.b)):
+                grad = self.decode(msg, list(p.shape), p)
+                p.grad = grad if p.grad is None else p.grad + grad
 
     def lora_grads(self) -> dict:
         """The cloud-block LoRA gradients as they are now (a failed backward may have added to them)."""

@@ -5,7 +5,8 @@
 
 Modes (`lora.cloud`, --cloud-lora): "none" — the cloud blocks are frozen and carry no LoRA (split training);
 "edge" — DLoRA: the cloud blocks carry LoRA too, computed and trained here on the edge from the LoRA inputs the
-cloud sends.
+cloud sends; "carried" — the cloud blocks carry LoRA whose weights (and optimizer) live here, sent with each step;
+the cloud applies them and returns their gradients.
 The loop itself is model/training.py's `fit` and `evaluate`; the cloud link retries a failed remote step itself.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import nn
@@ -31,6 +33,7 @@ from model.segments import EdgeBottom, EdgeTop, cut_of, drop_blocks
 from model.training import Checkpoint, FitOptions, FitResult, endless_batches, evaluate as evaluate_hidden, fit
 from privacy.defences.noise import add_gaussian_noise, clip_rows, rms
 from privacy.security.files import write_atomic
+from protocol.step import CloudLoRA
 from protocol.tensors import wire_dtype
 
 
@@ -42,7 +45,7 @@ class EdgeModel(nn.Module):
         cut = cut_of(model, cfg.k, cfg.m)
         self.cut, self.task = cut, T.resolve_task(cfg.data.task, cfg.data.task_file)
         local = [*cut.bottom, *cut.top]
-        remote_blocks = list(cut.cloud) if cfg.lora.cloud == "edge" else []
+        remote_blocks = list(cut.cloud) if cfg.lora.cloud != "none" else []
         lo = cfg.lora
         self.lora = LoRASet(model, LoRAConfig(lo.r, lo.alpha, lo.dropout, tuple(lo.targets),
                                               sorted(local + remote_blocks)))
@@ -54,7 +57,8 @@ class EdgeModel(nn.Module):
         drop_blocks(model, cut.cloud)  # the edge never holds the cloud's weights
         self.bottom, self.top = EdgeBottom(model, cut), EdgeTop(model, cut)
         self.cloud = RemoteCloud(link, wire_dtype(cfg.wire_up), wire_dtype(cfg.wire_down),
-                                 self.lora if remote_blocks else None, remote_blocks, self.lora.cfg.targets)
+                                 self.lora if remote_blocks else None, remote_blocks, self.lora.cfg.targets,
+                                 carried=cfg.lora.cloud == "carried")
         self.noise_sigma, self.noise_clip = cfg.noise.sigma, cfg.noise.clip
 
     def hidden(self, batch: T.Batch) -> torch.Tensor:
@@ -82,8 +86,7 @@ class TrainResult:
 
 def build_edge(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None):
     """Check the data, load the model, cut it, connect and open a session. Returns (edge_model, tokenizer, link)."""
-    if cfg.lora.cloud not in ("none", "edge"):
-        raise ValueError("cloud_lora must be 'none' or 'edge'")
+    check_mode(cfg)
     task = check_data(cfg)  # data errors before the model loads or a session opens
     torch.manual_seed(cfg.optim.seed)
     loaded = loaded or load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
@@ -93,6 +96,15 @@ def build_edge(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None):
     em = EdgeModel(loaded.model, cfg, link)
     open_session(em, cfg)
     return em, tokenizer, link
+
+
+def check_mode(cfg: EdgeConfig) -> None:
+    """--cloud-lora and the LoRA options that go with it, before anything loads."""
+    if cfg.lora.cloud not in get_args(CloudLoRA):
+        raise ValueError(f"--cloud-lora must be one of {', '.join(get_args(CloudLoRA))}, got {cfg.lora.cloud!r}")
+    if cfg.lora.cloud == "carried" and cfg.lora.dropout > 0:
+        raise ValueError("--cloud-lora carried runs the cloud blocks' LoRA on the cloud, which applies no dropout: "
+                         "give --lora-dropout 0, or use --cloud-lora edge")
 
 
 def link_config(cfg: EdgeConfig):
@@ -106,10 +118,11 @@ def link_config(cfg: EdgeConfig):
 
 
 def open_session(em: EdgeModel, cfg: EdgeConfig):
+    carried = dict(carried=True, lora_rank=em.lora.cfg.r, lora_scaling=em.lora.cfg.scaling) if em.cloud.carried else {}
     return em.cloud.link.open(fingerprint=em.fingerprint, k=cfg.k, m=cfg.m, wire_up=wire_dtype(cfg.wire_up),
                               wire_down=wire_dtype(cfg.wire_down),
                               lora_targets=em.lora.cfg.targets if em.cloud.lora_blocks else (),
-                              lora_blocks=em.cloud.lora_blocks)
+                              lora_blocks=em.cloud.lora_blocks, **carried)
 
 
 def check_data(cfg: EdgeConfig) -> T.Task:

@@ -157,7 +157,7 @@ def verify(spec: str) -> None:
 def load_model(spec: str = "smollm2", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                seed: int = 0, with_tokenizer: bool = True, attn_implementation: str = "sdpa") -> Loaded:
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     if spec in TINY:
         make_config, cls = TINY[spec]
         torch.manual_seed(seed)
@@ -179,14 +179,26 @@ def load_model(spec: str = "smollm2", dtype: torch.dtype = torch.float32, device
     except (OSError, ValueError) as e:
         raise ModelNotFound(f"could not load {spec!r}: {e}. For SmolLM2 run `tandem models fetch --force`.") from e
     model.to(device).eval()
-    tok = None
-    if with_tokenizer:
-        with quiet_loading():
-            tok = AutoTokenizer.from_pretrained(folder, **kwargs)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        tok.padding_side = "right"
-    return Loaded(model, tok, spec)
+    return Loaded(model, _tokenizer(folder, kwargs) if with_tokenizer else None, spec)
+
+
+def load_tokenizer(spec: str = "smollm2"):
+    """The tokenizer load_model gives for `spec`, without the weights (None for the tiny random models)."""
+    if spec in TINY:
+        return None
+    folder, gguf = _resolve(spec)
+    return _tokenizer(folder, {"gguf_file": gguf} if gguf else {})
+
+
+def _tokenizer(folder, kwargs: dict):
+    from transformers import AutoTokenizer
+    from model.quiet import quiet_loading
+    with quiet_loading():
+        tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
 
 
 def fingerprint(model) -> str:

@@ -10,10 +10,11 @@ Keys are the field names in kebab-case (`cut_bottom` -> `cut-bottom`), in both d
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal, Mapping
+from typing import Mapping
 
 from flwr.app import ConfigRecord
 
+from protocol.step import CloudLoRA
 from protocol.tensors import Wire
 
 
@@ -27,7 +28,7 @@ class DeviceSettings:
     task: str = "sst2"  # the task (tasks.TASKS)
     cut_bottom: int = 1  # k: blocks at the bottom of the edge
     cut_top: int = 1  # m: blocks at the top of the edge
-    cloud_lora: Literal["none", "edge"] = "edge"  # edge: DLoRA (LoRA in every block, on the device); none: split
+    cloud_lora: CloudLoRA = "edge"  # edge: DLoRA (LoRA in every block, on the device); carried; none: split
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 16  # LoRA scale numerator (the update is scaled by alpha / r)
     lora_targets: str = "q_proj,v_proj"  # comma-separated linear layers that get LoRA

@@ -12,6 +12,9 @@ step ends after `hidden`):
     up    lora_grad_reply   }  reverse group order    dL/d x
     down  input_grad                                 dL/d(begin.hidden); the stream ends
 
+The carried mode (`--cloud-lora carried`) has no exchanges: `begin` carries the LoRA weights of the active cloud
+blocks (`lora_weights`) and `input_grad` returns their gradients (`lora_grads`), so its plan is frozen split's.
+
 `StepPlan.messages()` is that list for one step; it is the only place the order is written. `StepProtocol` walks it
 on either side of a live stream (the edge's link and the cloud's stream both feed every message they send or
 receive through `observe`), refusing a message out of order with the status to return, and counting wire bytes and
@@ -20,12 +23,16 @@ tensor payload per direction; the simulator (sim/wire.py) walks the same plan to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import grpc
 
 from protocol import wire_size
 from protocol.tensors import tensor_payload
 
+# Where the cloud blocks' LoRA lives: none (frozen split), edge (DLoRA: the edge computes each branch from the LoRA
+# input the cloud sends), carried (the edge sends the weights with each step and gets their gradients back).
+CloudLoRA = Literal["none", "edge", "carried"]
 UP, DOWN = "up", "down"  # up: edge -> cloud
 UP_KINDS = ("begin", "lora_reply", "output_grad", "lora_grad_reply")  # EdgeMessage.kind
 DOWN_KINDS = ("lora_request", "hidden", "lora_grad_request", "input_grad")  # CloudMessage.kind
@@ -47,7 +54,8 @@ class Expected:
 @dataclass(frozen=True)
 class StepPlan:
     """What fixes a step's message sequence: train or forward only, the active DLoRA blocks (ascending) and the
-    input groups of the session's targets, in execution order, each with its targets (model/sites.py)."""
+    input groups of the session's targets, in execution order, each with its targets (model/sites.py). A session
+    without exchanges (frozen split, carried mode) has no groups."""
     train: bool
     active_blocks: tuple[int, ...] = ()
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()

@@ -45,13 +45,22 @@ TENSOR_FIELD = {"begin": "hidden", "lora_request": "x", "lora_reply": "outputs",
                 "output_grad": "grad", "lora_grad_request": "grads", "lora_grad_reply": "grad", "input_grad": "grad"}
 
 
+CARRIED_FIELD = {"begin": "lora_weights", "input_grad": "lora_grads"}  # carried mode: weights up, their grads down
+
+
 def build(kind: str, fields: tuple, shapes, dtype: int):
     """A message of `kind` with the scalar `fields` ((name, value) pairs) set and its tensor field filled with
-    zero bytes of `shapes` in wire `dtype` (Begin also gets its [B, T] bool mask; Hidden/InputGrad a cloud time)."""
+    zero bytes of `shapes` in wire `dtype` (Begin also gets its [B, T] bool mask; Hidden/InputGrad a cloud time).
+    A `carried` field is ((block, target, A shape, B shape), ...): the carried mode's LoraWeights."""
     m = (pb.EdgeMessage if kind in UP_KINDS else pb.CloudMessage)()
     inner = getattr(m, kind)
     for name, value in fields:
-        if isinstance(value, tuple):
+        if name == "carried":
+            for block, target, a_shape, b_shape in value:
+                w = getattr(inner, CARRIED_FIELD[kind]).add(block=block, target=target)
+                _fill(w.a, a_shape, dtype)
+                _fill(w.b, b_shape, dtype)
+        elif isinstance(value, tuple):
             getattr(inner, name).extend(value)
         else:
             setattr(inner, name, value)
@@ -82,11 +91,12 @@ def _sized(kind: str, fields: tuple, shapes, dtype: int) -> tuple[int, int]:
 # ---- one step -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WireSetup:
-    """What fixes the traffic of a remote step: the cut, the wire dtypes and the DLoRA sites.
+    """What fixes the traffic of a remote step: the cut, the wire dtypes and the cloud blocks' LoRA.
 
-    `lora_blocks` are the cloud blocks whose LoRA the edge computes (empty: frozen split). `active_blocks` is the
-    subset that runs this step (Kill & Revive); None means all of `lora_blocks`. The edge always sends its active
-    list in Begin when it has cloud LoRA (it is empty only in frozen split)."""
+    `lora_blocks` are the cloud blocks with LoRA (empty: frozen split): computed by the edge (DLoRA), or, when
+    `carried`, applied by the cloud from weights of rank `lora_rank` sent with Begin. `active_blocks` is the subset
+    that runs this step (Kill & Revive); None means all of `lora_blocks`. The edge always sends its active list in
+    Begin when it has cloud LoRA (it is empty only in frozen split)."""
     k: int = 1
     m: int = 1
     wire_up: str = "fp32"
@@ -94,13 +104,16 @@ class WireSetup:
     lora_targets: tuple[str, ...] = ()
     lora_blocks: tuple[int, ...] = ()
     active_blocks: tuple[int, ...] | None = None
+    carried: bool = False
+    lora_rank: int = 8
 
     def active(self) -> tuple[int, ...]:
         return tuple(sorted(self.lora_blocks if self.active_blocks is None else self.active_blocks))
 
     def groups(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
-        """Input groups of the targets, in execution order, each with its targets in `lora_targets` order."""
-        return site_groups("llama", self.lora_targets)
+        """DLoRA's input groups of the targets, in execution order, each with its targets in `lora_targets` order
+        (the carried mode exchanges nothing: no groups)."""
+        return () if self.carried else site_groups("llama", self.lora_targets)
 
 
 def cloud_blocks(shape: ModelShape, k: int, m: int) -> tuple[int, ...]:
@@ -110,12 +123,22 @@ def cloud_blocks(shape: ModelShape, k: int, m: int) -> tuple[int, ...]:
 
 
 def dlora_setup(shape: ModelShape, k: int = 1, m: int = 1, wire_up: str = "fp32", wire_down: str = "fp32",
-                targets: tuple[str, ...] = ("q_proj", "v_proj"), active_fraction: float = 1.0) -> WireSetup:
-    """DLoRA on every cloud block; with `active_fraction` < 1 (Kill & Revive) that share of blocks, evenly spread."""
+                targets: tuple[str, ...] = ("q_proj", "v_proj"), active_fraction: float = 1.0,
+                carried: bool = False, rank: int = 8) -> WireSetup:
+    """LoRA on every cloud block, DLoRA or `carried`; with `active_fraction` < 1 (Kill & Revive) that share of
+    blocks, evenly spread."""
     blocks = cloud_blocks(shape, k, m)
     n = max(0, min(len(blocks), round(active_fraction * len(blocks))))
     active = tuple(blocks[int(i * len(blocks) / n)] for i in range(n)) if n else ()
-    return WireSetup(k, m, wire_up, wire_down, tuple(targets), blocks, None if n == len(blocks) else active)
+    return WireSetup(k, m, wire_up, wire_down, tuple(targets), blocks, None if n == len(blocks) else active,
+                     carried, rank)
+
+
+def carried_setup(shape: ModelShape, k: int = 1, m: int = 1, wire_up: str = "fp32", wire_down: str = "fp32",
+                  targets: tuple[str, ...] = ("q_proj", "v_proj"), active_fraction: float = 1.0,
+                  rank: int = 8) -> WireSetup:
+    """The carried mode on every cloud block (see dlora_setup)."""
+    return dlora_setup(shape, k, m, wire_up, wire_down, targets, active_fraction, carried=True, rank=rank)
 
 
 def step_traffic(shape: ModelShape, setup: WireSetup, batch: int, seq: int, step: int = 1,
@@ -132,13 +155,20 @@ def step_traffic(shape: ModelShape, setup: WireSetup, batch: int, seq: int, step
     def shapes(group: str, side: int):  # side 0: input, 1: output of each target of the group
         return tuple((batch, seq, shape.linear(t)[side]) for t in plan.targets(group))
 
+    def carried(side: str) -> tuple:  # the carried weights (begin) or their gradients (input_grad)
+        if not (setup.carried and side in CARRIED_FIELD):
+            return ()
+        r = setup.lora_rank
+        return (("carried", tuple((v(b), t, (r, shape.linear(t)[0]), (shape.linear(t)[1], r))
+                                  for b in active for t in setup.lora_targets)),)
+
     def args(m) -> tuple:  # (scalar fields, tensor shape(s), wire dtype) of message m
         if m.kind == "begin":
             blocks = tuple(v(b) for b in active) if setup.lora_blocks else ()
             return (("session_id", "0" * SESSION_ID_CHARS), ("step", v(step)), ("train", train),
-                    ("active_blocks", blocks)), H, up
+                    ("active_blocks", blocks)) + carried("begin"), H, up
         if m.kind in ("hidden", "input_grad", "output_grad"):
-            return (), H, up if m.direction == "up" else down
+            return carried(m.kind), H, up if m.direction == "up" else down
         side = 0 if m.kind in ("lora_request", "lora_grad_reply") else 1  # the branch's input or its outputs
         sizes = shapes(m.group, side)
         return (("block", v(m.block)), ("group", m.group)), sizes[0] if side == 0 else sizes, \

@@ -109,6 +109,43 @@ def test_bad_cut_and_sites(cloud, tiny):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kw
 
 
+def test_carried_weights_are_checked(cloud, tiny):
+    """The carried mode: bad rank or scaling at open; a Begin whose LoRA weights are missing, for the wrong site, of
+    the wrong shape, NaN, or sent in a session that did not ask for the mode, INVALID_ARGUMENT; good ones run."""
+    stub, md, _ = stub_for(cloud)
+    carried = dict(lora_targets=["q_proj", "v_proj"], lora_blocks=[2, 3], carried_lora=True)
+    for kw in ({"lora_rank": 0, "lora_scaling": 2.0}, {"lora_rank": 65, "lora_scaling": 2.0},
+               {"lora_rank": 4, "lora_scaling": float("nan")}, {"lora_rank": 4, "lora_scaling": 0.0}):
+        with pytest.raises(grpc.RpcError) as e:
+            open_session(stub, md, tiny, **carried, **kw)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kw
+    sid = open_session(stub, md, tiny, **carried, lora_rank=4, lora_scaling=2.0).session_id
+    kv = tiny.model.config.num_key_value_heads * (H // tiny.model.config.num_attention_heads)
+
+    def weights(block=2, a_shape=(4, H), nan=False):
+        a = torch.randn(*a_shape)
+        if nan:
+            a[0, 0] = float("nan")
+        return [pb.LoraWeights(block=b, target=t, a=encode(a if (b, t) == (block, "q_proj") else torch.randn(4, H)),
+                               b=encode(torch.randn(H if t == "q_proj" else kv, 4)))
+                for b in (2, 3) for t in ("q_proj", "v_proj")]
+
+    def with_weights(ws, active=(2, 3), session=sid):
+        msg = begin(session, active_blocks=active)
+        msg.begin.lora_weights.extend(ws)
+        return msg
+
+    good = weights()
+    for name, msg in [("missing", with_weights(good[:3])), ("wrong site", with_weights(good[1:] + good[:1])),
+                      ("wrong shape", with_weights(weights(a_shape=(4, H + 1)))),
+                      ("NaN", with_weights(weights(nan=True))),
+                      ("inactive block's weights", with_weights(good, active=(2,)))]:
+        assert step_status(stub, md, msg) == grpc.StatusCode.INVALID_ARGUMENT, name
+    split = open_session(stub, md, tiny).session_id
+    assert step_status(stub, md, with_weights(good, active=(), session=split)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert step_status(stub, md, with_weights(good)) == grpc.StatusCode.OK
+
+
 def bad_inputs(sid):
     """(name, messages, expected status) for each kind of malformed input."""
     good = torch.randn(2, 5, H)

@@ -9,7 +9,7 @@ from protocol import pb, wire_size
 from protocol.step import StepPlan
 from protocol.tensors import WIRE_DTYPES, encode
 from sim.shape import load_shape, shape_from_dict
-from sim.wire import WireSetup, cloud_blocks, dlora_setup, step_traffic
+from sim.wire import WireSetup, carried_setup, cloud_blocks, dlora_setup, step_traffic
 from tests.conftest import make_edge, sst2_batches
 
 TINY = shape_from_dict("tiny-llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
@@ -26,6 +26,13 @@ def real_step(shape, setup: WireSetup, B: int, T: int, step: int) -> list[tuple[
     active = list(setup.active())
     plan = StepPlan(True, tuple(active), setup.groups() if active else ())
     width = lambda t, side: shape.linear(t)[side]  # noqa: E731
+    def carried(wire):  # the carried mode's LoraWeights: A [r, in], B [out, r] per target of each active block
+        if not setup.carried:
+            return []
+        rank = setup.lora_rank
+        return [pb.LoraWeights(block=b, target=t, a=encode(r(rank, width(t, 0)), wire),
+                               b=encode(r(width(t, 1), rank), wire)) for b in active for t in setup.lora_targets]
+
     out = []
     for m in plan.messages():
         ts = plan.targets(m.group) if m.group else ()
@@ -33,7 +40,7 @@ def real_step(shape, setup: WireSetup, B: int, T: int, step: int) -> list[tuple[
             msg = pb.EdgeMessage(begin=pb.Begin(
                 session_id=SID, step=step, train=True, hidden=encode(r(B, T, shape.hidden), up),
                 attention_mask=encode(torch.ones(B, T, dtype=torch.bool), pb.BOOL),
-                active_blocks=active if setup.lora_blocks else []))
+                active_blocks=active if setup.lora_blocks else [], lora_weights=carried(up)))
         elif m.kind == "lora_request":
             msg = pb.CloudMessage(lora_request=pb.LoraRequest(block=m.block, group=m.group,
                                                               x=encode(r(B, T, width(ts[0], 0)), down)))
@@ -51,7 +58,8 @@ def real_step(shape, setup: WireSetup, B: int, T: int, step: int) -> list[tuple[
             msg = pb.EdgeMessage(lora_grad_reply=pb.LoraGradReply(block=m.block, group=m.group,
                                                                   grad=encode(r(B, T, width(ts[0], 0)), up)))
         else:
-            msg = pb.CloudMessage(input_grad=pb.InputGrad(grad=encode(r(B, T, shape.hidden), down), cloud_seconds=1.5))
+            msg = pb.CloudMessage(input_grad=pb.InputGrad(grad=encode(r(B, T, shape.hidden), down), cloud_seconds=1.5,
+                                                          lora_grads=carried(down)))
         out.append((m.direction, wire_size(msg)))
     return out
 
@@ -63,6 +71,8 @@ SETUPS = {
     "dlora": dlora_setup(TINY),
     "dlora-kr": dlora_setup(TINY, active_fraction=0.5),
     "dlora-int8": dlora_setup(TINY, wire_up="int8", wire_down="int8"),
+    "carried": carried_setup(TINY),
+    "carried-kr-int8": carried_setup(TINY, wire_up="int8", wire_down="int8", active_fraction=0.5, rank=3),
     "dlora-all-targets": dlora_setup(TINY, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                     "down_proj")),
 }
@@ -103,6 +113,10 @@ def test_payload_and_message_counts_follow_the_shapes():
     half = step_traffic(TINY, dlora_setup(TINY, active_fraction=0.5), B, T)
     assert split.bytes_up < half.bytes_up < d.bytes_up
     assert step_traffic(TINY, dlora_setup(TINY, active_fraction=0.0), B, T).round_trips == 2
+    c = step_traffic(TINY, carried_setup(TINY, rank=8), B, T)  # the weights up, their gradients down, no exchange
+    lora = n * 8 * ((H + TINY.q_dim) + (H + TINY.kv_dim)) * 4  # A [8, H] and B [out, 8] of q and v per block
+    assert (c.payload_up - split.payload_up, c.payload_down - split.payload_down) == (lora, lora)
+    assert (c.messages_up, c.messages_down, c.round_trips) == (2, 2, 2)
 
 
 # ---- against real training runs (tiny Llama, real edge and cloud over gRPC on loopback) ----------------------------
@@ -117,7 +131,9 @@ def kill_every_other(em, step):
     dict(cloud_lora="none", wire_up="int8", wire_down="int8"),
     dict(cloud_lora="edge", wire_up="int8", wire_down="int8"),
     dict(cloud_lora="edge", lora_targets=("q_proj", "o_proj", "up_proj", "gate_proj", "down_proj")),
-], ids=["split", "dlora", "dlora+kr", "split-int8", "dlora-int8", "dlora-mixed-groups"])
+    dict(cloud_lora="carried"),
+    dict(cloud_lora="carried", kr=kill_every_other, wire_up="bf16", wire_down="int8", lora_targets=("o_proj", "up_proj")),
+], ids=["split", "dlora", "dlora+kr", "split-int8", "dlora-int8", "dlora-mixed-groups", "carried", "carried+kr-mixed"])
 def test_a_real_step_crosses_exactly_the_simulated_messages(cloud, tiny, kw):
     """The edge's link and the simulator walk the same step description: every message of a real step (kind,
     direction, block, group, wire bytes, payload bytes) is the one the simulator predicts, in the same order."""
@@ -132,11 +148,39 @@ def test_a_real_step_crosses_exactly_the_simulated_messages(cloud, tiny, kw):
         loss.backward()
         B, T = b.input_ids.shape
         targets = tuple(kw.get("lora_targets", ("q_proj", "v_proj")))
-        if kw["cloud_lora"] == "edge":
-            setup = dlora_setup(shape, 1, 1, kw.get("wire_up", "fp32"), kw.get("wire_down", "fp32"), targets)
+        if kw["cloud_lora"] != "none":
+            setup = dlora_setup(shape, 1, 1, kw.get("wire_up", "fp32"), kw.get("wire_down", "fp32"), targets,
+                                carried=kw["cloud_lora"] == "carried")
             setup = WireSetup(**{**setup.__dict__, "active_blocks": tuple(em.cloud.active_blocks())})
         else:
             setup = WireSetup(1, 1, kw.get("wire_up", "fp32"), kw.get("wire_down", "fp32"))
         assert em.cloud.last_traffic.messages == step_traffic(shape, setup, B, T, step=step).messages
     stats = link.close()
     assert stats.steps == 3
+
+
+@pytest.mark.slow
+def test_carried_moves_under_8_percent_of_dloras_bytes_on_the_demo_settings():
+    """SmolLM2, the demo's defaults (SST-2, batch 8, k = m = 1, q,v, r = 8, fp32), the first client's first 80
+    batches as its trainer draws them: the carried mode's bytes over DLoRA's, both ways, from tensor shapes."""
+    from itertools import islice
+
+    import tasks as T
+    from cli.demo import DemoConfig
+    from edge.config import EdgeConfig
+    from edge.trainer import load_items
+    from model.load import load_tokenizer
+    from model.training import endless_batches
+    demo = DemoConfig()
+    tok = load_tokenizer("smollm2")
+    cfg = EdgeConfig.of(task=demo.task, shard=0, num_shards=demo.clients, batch_size=demo.batch_size, seed=demo.seed)
+    items = load_items(cfg, tok, "train")
+    shape = load_shape("smollm2")
+    totals = {"dlora": 0, "carried": 0}
+    for b in islice(endless_batches(T.TASKS[demo.task], items, demo.batch_size, tok.pad_token_id, demo.seed),
+                    demo.steps):
+        B, T_ = b.input_ids.shape
+        for name, setup in (("dlora", dlora_setup(shape)), ("carried", carried_setup(shape))):
+            t = step_traffic(shape, setup, B, T_)
+            totals[name] += t.bytes_up + t.bytes_down
+    assert totals["carried"] / totals["dlora"] <= 0.08, totals

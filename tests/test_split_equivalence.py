@@ -1,4 +1,4 @@
-"""Split and DLoRA training through the gRPC cloud give the same model as local PEFT LoRA training."""
+"""Split, DLoRA and carried training through the gRPC cloud give the same model as local PEFT LoRA training."""
 from __future__ import annotations
 
 import copy
@@ -29,7 +29,7 @@ def max_rel_gap_to_peft(em, loaded, steps: int) -> float:
     return max(abs(a - b) / abs(b) for a, b in zip(split_losses, ref_losses))
 
 
-@pytest.mark.parametrize("cloud_lora", ["none", "edge"])
+@pytest.mark.parametrize("cloud_lora", ["none", "edge", "carried"])
 def test_twenty_steps_match_local_peft(cloud, tiny, tmp_path, cloud_lora):
     em, _, link = make_edge(cloud, tiny, cloud_lora=cloud_lora)
     randomize_lora_b(em.lora)

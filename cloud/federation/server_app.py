@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from logging import INFO
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from cloud.federation.strategies import STRATEGIES, LoRAFedAvg
 from cloud.federation.strategies.base import arrays_to_record, payload_bytes, record_to_arrays
 from cloud.federation.traffic import MeteredGrid
 from protocol.federation import DeviceSettings
+from protocol.step import CloudLoRA
 from model.load import load_model
 from model.lora import LoRAConfig, LoRASet
 from model.segments import cut_of
@@ -76,8 +77,8 @@ class FederationConfig(DeviceSettings):
         cfg = cls.from_keys(run_config, strict=True)
         if cfg.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {cfg.strategy!r}")
-        if cfg.cloud_lora not in ("none", "edge"):
-            raise ValueError(f"cloud-lora must be 'none' (split) or 'edge' (DLoRA), got {cfg.cloud_lora!r}")
+        if cfg.cloud_lora not in get_args(CloudLoRA):
+            raise ValueError(f"cloud-lora must be one of {', '.join(get_args(CloudLoRA))}, got {cfg.cloud_lora!r}")
         if cfg.emulator_devices and (not cfg.emulator_bundle or cfg.cloud_lora != "none"):
             raise ValueError("devices on the offsite emulator need emulator-bundle, and split training (cloud-lora "
                              "none): the emulator has no middle blocks to carry DLoRA's LoRA")
@@ -101,9 +102,9 @@ def initial_adapter(model, cfg: FederationConfig) -> dict[str, np.ndarray]:
 
 
 def _lora_sites(model, cfg: FederationConfig) -> LoRASet:
-    """LoRA at the sites the devices train: their own blocks, and with DLoRA the cloud's too."""
+    """LoRA at the sites the devices train: their own blocks, and with DLoRA or carried the cloud's too."""
     cut = cut_of(model, cfg.cut_bottom, cfg.cut_top)
-    blocks = [*cut.bottom, *cut.top] + (list(cut.cloud) if cfg.cloud_lora == "edge" else [])
+    blocks = [*cut.bottom, *cut.top] + (list(cut.cloud) if cfg.cloud_lora != "none" else [])
     return LoRASet(model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, 0.0, cfg.targets, sorted(blocks)))
 
 

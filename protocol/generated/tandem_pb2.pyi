@@ -37,7 +37,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scale: _Optional[bytes] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("protocol_version", "model_fingerprint", "edge_bottom_blocks", "edge_top_blocks", "wire_dtype_up", "wire_dtype_down", "lora_targets", "lora_blocks")
+    __slots__ = ("protocol_version", "model_fingerprint", "edge_bottom_blocks", "edge_top_blocks", "wire_dtype_up", "wire_dtype_down", "lora_targets", "lora_blocks", "carried_lora", "lora_rank", "lora_scaling")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EDGE_BOTTOM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,9 @@ class OpenSessionRequest(_message.Message):
     WIRE_DTYPE_DOWN_FIELD_NUMBER: _ClassVar[int]
     LORA_TARGETS_FIELD_NUMBER: _ClassVar[int]
     LORA_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CARRIED_LORA_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_SCALING_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model_fingerprint: str
     edge_bottom_blocks: int
@@ -54,7 +57,22 @@ class OpenSessionRequest(_message.Message):
     wire_dtype_down: DType
     lora_targets: _containers.RepeatedScalarFieldContainer[str]
     lora_blocks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, protocol_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., edge_bottom_blocks: _Optional[int] = ..., edge_top_blocks: _Optional[int] = ..., wire_dtype_up: _Optional[_Union[DType, str]] = ..., wire_dtype_down: _Optional[_Union[DType, str]] = ..., lora_targets: _Optional[_Iterable[str]] = ..., lora_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+    carried_lora: bool
+    lora_rank: int
+    lora_scaling: float
+    def __init__(self, protocol_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., edge_bottom_blocks: _Optional[int] = ..., edge_top_blocks: _Optional[int] = ..., wire_dtype_up: _Optional[_Union[DType, str]] = ..., wire_dtype_down: _Optional[_Union[DType, str]] = ..., lora_targets: _Optional[_Iterable[str]] = ..., lora_blocks: _Optional[_Iterable[int]] = ..., carried_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., lora_scaling: _Optional[float] = ...) -> None: ...
+
+class LoraWeights(_message.Message):
+    __slots__ = ("block", "target", "a", "b")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    block: int
+    target: str
+    a: Tensor
+    b: Tensor
+    def __init__(self, block: _Optional[int] = ..., target: _Optional[str] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
     __slots__ = ("session_id", "first_cloud_block", "last_cloud_block", "hidden_size", "max_tokens_per_step", "ttl_seconds")
@@ -93,20 +111,22 @@ class SessionStats(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., cloud_compute_seconds: _Optional[float] = ...) -> None: ...
 
 class Begin(_message.Message):
-    __slots__ = ("session_id", "step", "train", "hidden", "attention_mask", "active_blocks")
+    __slots__ = ("session_id", "step", "train", "hidden", "attention_mask", "active_blocks", "lora_weights")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LORA_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     train: bool
     hidden: Tensor
     attention_mask: Tensor
     active_blocks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., train: _Optional[bool] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., active_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+    lora_weights: _containers.RepeatedCompositeFieldContainer[LoraWeights]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., train: _Optional[bool] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., active_blocks: _Optional[_Iterable[int]] = ..., lora_weights: _Optional[_Iterable[_Union[LoraWeights, _Mapping]]] = ...) -> None: ...
 
 class LoraRequest(_message.Message):
     __slots__ = ("block", "x", "group")
@@ -163,12 +183,14 @@ class LoraGradReply(_message.Message):
     def __init__(self, block: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class InputGrad(_message.Message):
-    __slots__ = ("grad", "cloud_seconds")
+    __slots__ = ("grad", "cloud_seconds", "lora_grads")
     GRAD_FIELD_NUMBER: _ClassVar[int]
     CLOUD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LORA_GRADS_FIELD_NUMBER: _ClassVar[int]
     grad: Tensor
     cloud_seconds: float
-    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ..., cloud_seconds: _Optional[float] = ...) -> None: ...
+    lora_grads: _containers.RepeatedCompositeFieldContainer[LoraWeights]
+    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ..., cloud_seconds: _Optional[float] = ..., lora_grads: _Optional[_Iterable[_Union[LoraWeights, _Mapping]]] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
     __slots__ = ("begin", "lora_reply", "output_grad", "lora_grad_reply")
