@@ -1,10 +1,10 @@
-"""Split and DLoRA step time over loopback gRPC, each divided by local PEFT step time on the same batches.
+"""Split, carried and DLoRA step time over loopback gRPC, each divided by local PEFT step time on the same batches.
 
-    python bench/split_overhead.py [--steps 12] [--model smollm2]
+    python bench/split_overhead.py [--steps 22] [--model smollm2]
 
-Same machine, same batches, same LoRA placement (split: q,v on the edge blocks 0 and L-1; DLoRA: q,v on every
-block), measured side by side in one run with the steps interleaved (A, B, A, B ...) so that background load hits
-both alike. The cloud runs in this process on its own threads, as in `tandem demo`. The first two steps of each
+Same machine, same batches, same LoRA placement (split: q,v on the edge blocks 0 and L-1; carried and DLoRA: q,v on
+every block), measured side by side in one run with the steps interleaved (A, B, A, B ...) so that background load
+hits both alike. The cloud runs in this process on its own threads, as in `tandem demo`. The first two steps of each
 are warm-up and not counted. Ends with one JSON line.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ TOKEN = "bench-token-0123456789abcdef"
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=22)
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
     loaded = load_model(args.model)
@@ -46,7 +46,8 @@ def main():
     server.start()
 
     rows = {}
-    for mode in ("none", "edge"):
+    names = {"none": "split (frozen cloud)", "carried": "carried (all blocks)", "edge": "DLoRA (all blocks)"}
+    for mode in names:
         em, _, link = build_edge(EdgeConfig.of(cloud=f"127.0.0.1:{port}", token=TOKEN, model=args.model,
                                                cloud_lora=mode), loaded=copy.deepcopy(loaded))
         pm = ref.peft_model(copy.deepcopy(loaded.model), em.lora)
@@ -70,11 +71,10 @@ def main():
                 split_t.append(t1 - t0)
                 local_t.append(t2 - t1)
                 bytes_step.append(em.cloud.last_traffic.bytes_up + em.cloud.last_traffic.bytes_down)
-            print(f"{mode:>4} step {i:2d}: split {t1 - t0:6.3f}s  local PEFT {t2 - t1:6.3f}s  "
+            print(f"{mode:>7} step {i:2d}: split {t1 - t0:6.3f}s  local PEFT {t2 - t1:6.3f}s  "
                   f"loss {loss.item():.4f} vs {loss_l.item():.4f}", flush=True)
         link.close()
-        name = "split (frozen cloud)" if mode == "none" else "DLoRA (all blocks)"
-        rows[name] = {"split_s": statistics.median(split_t), "local_peft_s": statistics.median(local_t),
+        rows[names[mode]] = {"split_s": statistics.median(split_t), "local_peft_s": statistics.median(local_t),
                       "ratio": statistics.median(split_t) / statistics.median(local_t),
                       "mb_per_step": statistics.mean(bytes_step) / 1e6}
     server.stop(0)

@@ -30,6 +30,7 @@ from concurrent import futures
 import grpc
 from google.protobuf.message import DecodeError
 
+from cloud.batching import StepBatcher
 from cloud.budgets import ClientBudgets, StepCostLimit
 from cloud.compute import CloudSegment
 from cloud.sessions import CloudConfig, CloudError, SessionTable, quote
@@ -70,6 +71,8 @@ class BackboneService:
         block0 = self.segment.blocks[0]
         self.cost = StepCostLimit(config, sum(p.numel() for p in block0.parameters()), model.config.hidden_size)
         self.compute = futures.ThreadPoolExecutor(config.compute_threads, thread_name_prefix="tandem-step")
+        self.batcher = (StepBatcher(self.segment, config.batch_window, config.batch_max_tokens) if config.batching
+                        else None)
         self.capture = None
         if config.capture_dir:  # an audit: loud, and only where the operator points
             from privacy.audit.capture import Capture
@@ -82,6 +85,8 @@ class BackboneService:
 
     def stop(self):
         self.sessions.stop()
+        if self.batcher is not None:
+            self.batcher.stop()
         self.compute.shutdown(wait=False, cancel_futures=True)
 
     # ---- identity -----------------------------------------------------------------------------------------------
@@ -193,7 +198,7 @@ class BackboneService:
         its next step never finds it busy) whatever happens."""
         last, seconds, error = None, 0.0, None
         try:
-            last, seconds = run_step(self.segment, sess, begin, stream, self.cost)
+            last, seconds = run_step(self.segment, sess, begin, stream, self.cost, self.batcher)
         except CloudError as e:
             error = e
         except Exception as e:  # a bug must not take the service down

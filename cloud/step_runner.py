@@ -10,6 +10,7 @@ import time
 import grpc
 import torch
 
+from cloud.batching import Job, StepBatcher
 from cloud.budgets import StepCostLimit
 from cloud.compute import CarriedLoRA, CloudSegment, StepBranches
 from cloud.sessions import CloudError, Session, quote
@@ -79,12 +80,16 @@ def _grad(t: torch.Tensor) -> torch.Tensor:
     return t.grad if t.grad is not None else torch.zeros_like(t)
 
 
-def run_step(segment: CloudSegment, sess: Session, begin, stream: CloudStream, cost: StepCostLimit) -> tuple:
+def run_step(segment: CloudSegment, sess: Session, begin, stream: CloudStream, cost: StepCostLimit,
+             batcher: StepBatcher | None = None) -> tuple:
     """Run the step; returns (last message, cloud compute seconds). The last message (hidden for a forward-only
-    step, input_grad for a train step) is counted but not yet sent: the caller frees the session first."""
+    step, input_grad for a train step) is counted but not yet sent: the caller frees the session first. With a
+    batcher, a step without LoRA exchanges runs in a batch with other sessions' steps (cloud/batching.py)."""
     p = next(segment.model.parameters())
     hidden, mask, active = check_begin(begin, sess, segment.model.config.hidden_size, cost, stream, p.dtype, p.device)
     sites = step_sites(begin, sess, segment, active, stream, hidden)
+    if batcher is not None and not isinstance(sites, StepBranches):
+        return run_batched(batcher, sess, begin, stream, Job(sess.cut.cloud, hidden, mask, sites, begin.train))
     t0, w0 = time.perf_counter(), stream.wait_seconds
     with torch.set_grad_enabled(begin.train):
         x = hidden.requires_grad_(begin.train)
@@ -104,3 +109,28 @@ def run_step(segment: CloudSegment, sess: Session, begin, stream: CloudStream, c
                                                    lora_grads=carried_grads(sites, sess.wire_down)))
     stream.count(last)
     return last, fwd + bwd
+
+
+def run_batched(batcher: StepBatcher, sess: Session, begin, stream: CloudStream, job: Job) -> tuple:
+    """The step as one job of a batch: the same messages as run alone; the compute is the batch's."""
+    try:
+        out = batcher.forward(job, stream.timeout)
+        hidden_msg = pb.CloudMessage(hidden=pb.Hidden(hidden=encode(out, sess.wire_down), cloud_seconds=job.seconds))
+        if not begin.train:
+            stream.count(hidden_msg)
+            return hidden_msg, job.seconds
+        stream.send(hidden_msg)
+        _, grad_msg = stream.recv()
+        grad = stream.decode(grad_msg.grad, list(out.shape), out, "output grad")
+        fwd = job.seconds
+        grad_in = batcher.backward(job, grad, stream.timeout)
+    except TimeoutError as e:
+        batcher.abandon(job)
+        raise CloudError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
+    except BaseException:
+        batcher.abandon(job)
+        raise
+    last = pb.CloudMessage(input_grad=pb.InputGrad(grad=encode(grad_in, sess.wire_down), cloud_seconds=job.seconds - fwd,
+                                                   lora_grads=carried_grads(job.lora, sess.wire_down)))
+    stream.count(last)
+    return last, job.seconds

@@ -17,7 +17,7 @@ from sim.profiles import DeviceProfile, LinkProfile, rate_link
 from sim.shape import ModelShape
 from sim.wire import cloud_blocks
 
-REMOTE = ("split", "dlora")
+REMOTE = ("split", "dlora", "carried")
 
 
 def _mb(x: float) -> str:

@@ -9,6 +9,8 @@ Paths
                frozen middle blocks (Tandem `--cloud-lora none`)
   dlora        split + LoRA on every cloud block, computed on the edge from inputs the cloud sends (DLoRA);
                `active_fraction` < 1 is Kill & Revive (only that share of cloud blocks runs its LoRA this step)
+  carried      split + LoRA on every (active) cloud block whose weights ride the step's first message and whose
+               gradients come back with the last: the cloud computes the LoRA, the edge keeps weights and optimizer
   offsite      offsite-tuning: the edge trains k bottom and m top blocks (adapters, full weights) around an emulator
                that keeps `emulator_fraction` of the middle blocks (layer drop); nothing crosses per step
   federated    every client runs `local_steps` local-PEFT steps, then uploads its LoRA and downloads the average
@@ -34,7 +36,7 @@ from protocol.step import Traffic
 from sim.stepcost import Phase, SideCost, StepCost
 from sim.wire import WireSetup, cloud_blocks, dlora_setup, step_traffic
 
-PATHS = ("local-full", "local-peft", "split", "dlora", "offsite", "federated")
+PATHS = ("local-full", "local-peft", "split", "dlora", "carried", "offsite", "federated")
 OPTIMIZER_STATE_BYTES = 12  # fp32 gradient + two fp32 moments per trained weight
 NPY_HEADER = 128  # numpy .npy header Flower puts before each array it ships (format 1.0, padded)
 
@@ -96,7 +98,8 @@ class _EdgeWork:
 def _remote_setup(shape: ModelShape, path: str, w: Workload) -> WireSetup:
     if path == "split":
         return WireSetup(w.k, w.m, w.wire_up, w.wire_down)
-    return dlora_setup(shape, w.k, w.m, w.wire_up, w.wire_down, w.targets, w.active_fraction)
+    return dlora_setup(shape, w.k, w.m, w.wire_up, w.wire_down, w.targets, w.active_fraction,
+                       carried=path == "carried", rank=w.rank)
 
 
 def _edge_work(shape: ModelShape, w: Workload, setup: WireSetup, groups, active) -> _EdgeWork:
@@ -104,9 +107,13 @@ def _edge_work(shape: ModelShape, w: Workload, setup: WireSetup, groups, active)
     top = peft_blocks(shape, w, range(shape.layers - w.m, shape.layers)) + head_compute(shape, w)
     site = {g: lora_compute(shape, w.tokens, w.rank, ts) for g, ts in groups}  # one group at one block
     total = bottom + top + sum((site[g].times(len(active)) for g, _ in groups), Compute())
-    # Every cloud LoRA is a trained weight held on the edge (Kill & Revive only pauses some of them).
+    # Every cloud LoRA is a trained weight held on the edge (Kill & Revive only pauses some of them); carried: the
+    # cloud computes them, the edge only steps their optimizer.
     idle = len(setup.lora_blocks) - len(active)
     total = total + Compute(trained=idle * shape.lora_params(w.rank, w.targets))
+    if setup.carried:
+        n = len(active) * shape.lora_params(w.rank, w.targets)
+        total = total + Compute(optimizer_bytes=ADAM_BYTES_PER_PARAM * n, trained=n)
     return _EdgeWork(bottom, top, site, total)
 
 
@@ -149,15 +156,15 @@ def _remote_phases(traffic: Traffic, work: _EdgeWork, cloud_c: Compute, cloud_we
 
 def _remote_notes(path: str, w: Workload, n_cloud: int, setup: WireSetup, active) -> tuple[str, ...]:
     notes = [f"cut k={w.k}, m={w.m}: {n_cloud} frozen cloud blocks; wire up {w.wire_up}, down {w.wire_down}"]
-    if path == "dlora":
-        notes.append(f"DLoRA r={w.rank} on {','.join(w.targets)} of {len(setup.lora_blocks)} cloud blocks, "
+    if path in ("dlora", "carried"):
+        notes.append(f"{'DLoRA' if path == 'dlora' else 'carried LoRA'} r={w.rank} on {','.join(w.targets)} of {len(setup.lora_blocks)} cloud blocks, "
                      f"{len(active)} active (fraction {w.active_fraction:g})")
     return tuple(notes)
 
 
 def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud: DeviceProfile,
            link: LinkProfile) -> StepCost:
-    """split and dlora: the message sequence of the step, with the compute of each side between messages."""
+    """split, dlora and carried: the message sequence of the step, with the compute of each side between messages."""
     cb = cloud_blocks(shape, w.k, w.m)
     setup = _remote_setup(shape, path, w)
     traffic = step_traffic(shape, setup, w.batch, w.seq, step=w.step_index)
@@ -166,6 +173,9 @@ def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud
     work = _edge_work(shape, w, setup, groups, active)
     edge_weights = shape.embedding_params + shape.head_params + (w.k + w.m) * shape.block_params
     cloud_c = block_compute(shape, w.batch, w.seq).times(len(cb))  # frozen, input gradient needed
+    if setup.carried:  # the cloud runs the carried LoRA (forward, dA, dB, dX; no optimizer: that is the edge's)
+        lo = lora_compute(shape, w.tokens, w.rank, w.targets).times(len(active))
+        cloud_c = cloud_c + Compute(lo.forward, lo.backward, activations=lo.activations)
     cloud_weight_bytes = len(cb) * shape.block_params * cloud.dtype_bytes
     phases = _remote_phases(traffic, work, cloud_c, cloud_weight_bytes, 1 + len(active) * len(groups), w, edge,
                             cloud, link)
@@ -193,6 +203,10 @@ def split(shape, w, edge, cloud, link) -> StepCost:
 
 def dlora(shape, w, edge, cloud, link) -> StepCost:
     return remote(shape, "dlora", w, edge, cloud, link)
+
+
+def carried(shape, w, edge, cloud, link) -> StepCost:
+    return remote(shape, "carried", w, edge, cloud, link)
 
 
 def offsite(shape, w, edge, cloud, link) -> StepCost:
@@ -230,8 +244,8 @@ def federated(shape, w, edge, cloud, link) -> StepCost:
                            f"per-step figures are the round divided by {n}",), edge_fits=local.edge_fits)
 
 
-COSTS = {"local-full": local_full, "local-peft": local_peft, "split": split, "dlora": dlora, "offsite": offsite,
-         "federated": federated}
+COSTS = {"local-full": local_full, "local-peft": local_peft, "split": split, "dlora": dlora, "carried": carried,
+         "offsite": offsite, "federated": federated}
 
 
 def predict(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud: DeviceProfile,

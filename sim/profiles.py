@@ -163,6 +163,8 @@ class LinkProfile:
 WAN_RTT = 0.020
 LINKS: dict[str, LinkProfile] = {
     "lte": LinkProfile("lte", 10e6, 40e6, 0.050, "assumed 4G/LTE: 10 Mbit/s up, 40 Mbit/s down, 50 ms RTT"),
+    "home-20-100": LinkProfile("home-20-100", 20e6, 100e6, 0.050,
+                               "assumed home broadband: 20 Mbit/s up, 100 Mbit/s down, 50 ms RTT"),
     "wifi-100mbit": LinkProfile("wifi-100mbit", 100e6, 100e6, WAN_RTT, "assumed broadband: 100 Mbit/s, 20 ms"),
     "fiber-1gbit": LinkProfile("fiber-1gbit", 1e9, 1e9, WAN_RTT, "assumed fiber: 1 Gbit/s symmetric, 20 ms"),
 }

@@ -12,7 +12,7 @@ def test_predict_json_for_llama_7b(capsys):
     main(["predict", "--model", "llama-7b", "--edge", "rtx-4090", "--cloud", "h100-sxm", "--links", "100mbit,1gbit",
           "--batch", "8", "--seq", "256", "--json"])
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == 12
+    assert len(rows) == 14  # 7 paths x 2 links
     split = {r["link"]: r for r in rows if r["path"] == "split"}
     assert split["100mbit"]["bytes_up"] == split["1gbit"]["bytes_up"] > 0
     assert split["100mbit"]["step_s"] > split["1gbit"]["step_s"]
@@ -29,7 +29,7 @@ def test_compare_prints_assumptions_and_writes_three_plots(tmp_path, capsys):
     for name in ("step_time_vs_bandwidth.png", "bytes_vs_cut.png", "utilisation_vs_edges.png"):
         assert (tmp_path / name).stat().st_size > 10_000
     result = json.loads((tmp_path / "r.json").read_text())
-    assert {s["path"] for s in result["saturation"]} == {"split", "dlora"}
+    assert {s["path"] for s in result["saturation"]} == {"split", "dlora", "carried"}
 
 
 def test_tandem_cli_registers_sim():
@@ -84,7 +84,8 @@ def test_predict_from_documented_profiles_needs_no_calibration(model, tmp_path, 
     tandem(["sim", "predict", "--model", model, "--edge", "apple-m2", "--cloud", "a100-80gb", "--links", "lte",
             "--json"])
     rows = json.loads(capsys.readouterr().out)
-    assert {r["path"] for r in rows} == {"local-full", "local-peft", "split", "dlora", "offsite", "federated"}
+    assert {r["path"] for r in rows} == {"local-full", "local-peft", "split", "dlora", "carried", "offsite",
+                                         "federated"}
     assert all(r["step_s"] > 0 for r in rows)
 
 
