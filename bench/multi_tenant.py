@@ -38,7 +38,8 @@ def worker(args) -> None:
     import torch
     torch.set_num_threads(1)
     import tasks as T
-    from edge.trainer import EdgeConfig, build_edge, load_items
+    from edge.data import load_items
+    from edge.trainer import EdgeConfig, build_edge
     cfg = EdgeConfig.of(cloud=args.address, token=TOKEN, model=args.model, cloud_lora=args.mode, shard=args.shard,
                         num_shards=args.num_shards, batch_size=8, progress=False)
     em, tok, link = build_edge(cfg)
@@ -107,6 +108,18 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def report(rows: list[dict]) -> None:
+    """Each row's ratio to its one-edge row, and the table."""
+    for r in rows:
+        one = next(o for o in rows if (o["mode"], o["batching"], o["edges"]) == (r["mode"], r["batching"], 1))
+        r["x_one_edge"] = r["tokens_per_s"] / one["tokens_per_s"]
+    print(f"\n{'mode':>8} {'batching':>8} {'edges':>5} {'tokens/s':>9} {'x 1 edge':>8} {'p50 s':>6} {'p95 s':>6} "
+          f"{'cloud busy':>10}")
+    for r in rows:
+        print(f"{r['mode']:>8} {'on' if r['batching'] else 'off':>8} {r['edges']:>5} {r['tokens_per_s']:>9.1f} "
+              f"{r['x_one_edge']:>8.2f} {r['p50_s']:>6.2f} {r['p95_s']:>6.2f} {r['cloud_busy']:>10.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
@@ -150,14 +163,7 @@ def main():
         finally:
             svc.stop()
             server.stop(0).wait()
-    for r in rows:
-        one = next(o for o in rows if (o["mode"], o["batching"], o["edges"]) == (r["mode"], r["batching"], 1))
-        r["x_one_edge"] = r["tokens_per_s"] / one["tokens_per_s"]
-    print(f"\n{'mode':>8} {'batching':>8} {'edges':>5} {'tokens/s':>9} {'x 1 edge':>8} {'p50 s':>6} {'p95 s':>6} "
-          f"{'cloud busy':>10}")
-    for r in rows:
-        print(f"{r['mode']:>8} {'on' if r['batching'] else 'off':>8} {r['edges']:>5} {r['tokens_per_s']:>9.1f} "
-              f"{r['x_one_edge']:>8.2f} {r['p50_s']:>6.2f} {r['p95_s']:>6.2f} {r['cloud_busy']:>10.2f}")
+    report(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, out / "multi_tenant.png")

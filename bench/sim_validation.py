@@ -43,7 +43,8 @@ PORT = 50071
 def edge_batch_shapes(model: str, batch: int, steps: int, seed: int = 0) -> list[int]:
     """Padded length of each batch the edge trains on (its first epoch: tasks.batches with its seed, full batches)."""
     import tasks as T
-    from edge.trainer import EdgeConfig, load_items
+    from edge.data import load_items
+    from edge.trainer import EdgeConfig
     from model.load import load_model
     tok = load_model(model, with_tokenizer=True).tokenizer
     cfg = EdgeConfig.of(task="sst2", batch_size=batch, seed=seed)

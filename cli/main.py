@@ -9,6 +9,7 @@
     tandem offsite build|tune|plug|infer   offsite-tuning with an emulator bundle
     tandem federate                   Flower federation through the shared cloud backbone
     tandem sim predict|calibrate|compare|testbed   the cost simulator
+    tandem audit CAPTURE              every attack on what a cloud captured (--capture-dir): what it reads back
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def read_token(path: str, client: str) -> str:
 
 def cmd_edge_train(args):
     import json
-    from edge.trainer import EdgeConfig, check_data, train
+    from edge.data import check_data
+    from edge.trainer import EdgeConfig, train
     from cli.report import print_client_table
     cfg = dataclass_from_args(EdgeConfig, args)
     check_data(cfg)  # bad data is one line (tasks.DataError) before a token is read, a model loads or a session opens
@@ -145,9 +147,10 @@ COMMANDS = {
     "sim": "cost simulator: predict, calibrate, compare, testbed",
     "federate": "federated LoRA rounds with Flower across simulated edge devices",
     "deploy": "docker-compose for N edges: per-edge secrets (token, certificate) and one service each",
+    "audit": "run every attack on a capture of what the cloud received (cloud serve --capture-dir)",
 }
 EXTERNAL = {"offsite": "emulator.cli", "sim": "sim.cli", "federate": "sim.federation.cli",
-            "deploy": "cli.deploy"}  # add_parser(sub) each
+            "deploy": "cli.deploy", "audit": "cli.audit"}  # add_parser(sub) each
 
 
 def _models_parser(sub, help):

@@ -185,8 +185,7 @@ class BackboneService:
                 self.budgets.take_step(client)
                 async with self.budgets.compute_slot(client):
                     self.sessions.acquire(sess)
-                    stream.session = sess
-                    stream.protocol.bind(sess.groups)  # the step's plan now knows the session's LoRA groups
+                    stream.bind(sess)  # the step's plan now knows the session's LoRA groups
                     last = await asyncio.get_running_loop().run_in_executor(self.compute, self._run, sess, begin,
                                                                             stream)
             await context.write(last)

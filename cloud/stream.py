@@ -31,9 +31,10 @@ class CloudStream:
         self.context, self.loop = context, loop
         self.timeout = timeout
         self.capture = capture  # privacy/audit/capture.Capture when the operator asked for one (--capture-dir)
-        self.step_ref: tuple[str, int] | None = None  # (session id, step) from the step's begin
+        self.step_ref: tuple[str, int] | None = None  # (session id, step) once `bind` checked the session
         self.protocol = StepProtocol()  # its LoRA groups are bound once the session is known
         self.session: Session | None = None
+        self._begin = None  # the step's begin, held back from the capture until `bind`
         self.wait_seconds = 0.0  # time blocked on the edge (its DLoRA replies): not cloud compute
 
     # ---- on the event loop --------------------------------------------------------------------------------------
@@ -55,10 +56,19 @@ class CloudStream:
             kind, inner = self.protocol.observe(msg)
         except ProtocolError as e:
             raise CloudError(e.code, e.message) from None
-        if kind == "begin":
-            self.step_ref = (inner.session_id, inner.step)
-        self._capture(UP, msg)
+        if kind == "begin":  # captured by `bind`, once the session is known to be the caller's
+            self._begin = msg
+        else:
+            self._capture(UP, msg)
         return kind, inner
+
+    def bind(self, session: Session) -> None:
+        """The step's session, checked: its LoRA groups fix the step's plan; the capture starts with its begin."""
+        self.session = session
+        self.protocol.bind(session.groups)
+        if self._begin is not None:
+            self.step_ref = (session.id, self._begin.begin.step)
+            self._capture(UP, self._begin)
 
     def _capture(self, direction: str, msg) -> None:
         if self.capture is not None and self.step_ref is not None:

@@ -133,7 +133,7 @@ def _open_local(cfg: EdgeConfig, adapter: str | None, loaded, tok, n_blocks: int
 
 def score(tuned: Tuned, progress: bool = False) -> dict:
     """The dev score of the first cfg.eval.examples dev examples, exactly as training's evaluation computes it."""
-    from edge.trainer import load_items
+    from edge.data import load_items
     from model.training import evaluate
     cfg, tok = tuned.cfg, tuned.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -12,10 +12,7 @@ import torch
 from cloud.batching import Job, StepBatcher, length_groups
 from cloud.compute import CarriedLoRA, CloudSegment
 from cloud.sessions import CloudConfig
-from edge.link import LinkConfig
-from model.sites import site_groups
-from protocol import pb
-from tests.conftest import CloudHandle, TOKENS, make_edge, sst2_batches, train_edge_steps
+from tests.conftest import CloudHandle, make_edge, sst2_batches, train_edge_steps
 
 BLOCKS = range(1, 5)
 

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 
 import tasks as T
 from cloud.federation.server_app import FederationConfig, initial_adapter

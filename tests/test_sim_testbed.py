@@ -51,7 +51,8 @@ def test_links_deliver_the_set_rate_both_ways_and_vanish_afterwards():
 def test_real_training_through_the_testbed_moves_exactly_the_predicted_bytes(tmp_path):
     """`tandem cloud serve` in the cloud namespace, `tandem edge train` in the edge namespace (tiny random Llama)."""
     import tasks as T
-    from edge.trainer import EdgeConfig, load_items
+    from edge.data import load_items
+    from edge.trainer import EdgeConfig
     from sim.wire import WireSetup, step_traffic
     from tests.test_sim_wire import TINY
 

@@ -168,7 +168,7 @@ def test_carried_moves_under_8_percent_of_dloras_bytes_on_the_demo_settings():
     import tasks as T
     from cli.demo import DemoConfig
     from edge.config import EdgeConfig
-    from edge.trainer import load_items
+    from edge.data import load_items
     from model.load import load_tokenizer
     from model.training import endless_batches
     demo = DemoConfig()

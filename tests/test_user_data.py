@@ -11,7 +11,8 @@ import pytest
 
 import tasks as T
 from cli.main import main
-from edge.trainer import EdgeConfig, check_data, load_items, train
+from edge.data import check_data, load_items
+from edge.trainer import EdgeConfig, train
 from tests.conftest import TOKENS
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.timeout(120)]  # an empty file must not hang

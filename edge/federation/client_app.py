@@ -35,7 +35,8 @@ from flwr.clientapp import ClientApp
 import tasks as T
 from protocol.federation import Instructions
 from edge.federation.mods import clip_when_asked, secaggplus_when_asked
-from edge.trainer import EdgeConfig, build_edge, evaluate as evaluate_edge, load_items, train as train_edge
+from edge.data import load_items
+from edge.trainer import EdgeConfig, build_edge, evaluate as evaluate_edge, train as train_edge
 from model.load import Loaded, load_model
 from model.segments import cut_of, family_of
 
