@@ -98,7 +98,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for key in dict.fromkeys((r["mode"], r["batching"]) for r in rows):
         sel = [r for r in rows if (r["mode"], r["batching"]) == key]
         ax.plot([r["edges"] for r in sel], [r["tokens_per_s"] for r in sel], marker="o",
-                label=f"{key[0]}, batching {'on' if key[1] else 'off'}")
+                label=f"{key[0]}, batching {key[1]}")
     ax.set_xlabel("edges on one cloud")
     ax.set_ylabel("training tokens / s (all edges)")
     ax.set_xscale("log", base=2)
@@ -116,7 +116,7 @@ def report(rows: list[dict]) -> None:
     print(f"\n{'mode':>8} {'batching':>8} {'edges':>5} {'tokens/s':>9} {'x 1 edge':>8} {'p50 s':>6} {'p95 s':>6} "
           f"{'cloud busy':>10}")
     for r in rows:
-        print(f"{r['mode']:>8} {'on' if r['batching'] else 'off':>8} {r['edges']:>5} {r['tokens_per_s']:>9.1f} "
+        print(f"{r['mode']:>8} {r['batching']:>8} {r['edges']:>5} {r['tokens_per_s']:>9.1f} "
               f"{r['x_one_edge']:>8.2f} {r['p50_s']:>6.2f} {r['p95_s']:>6.2f} {r['cloud_busy']:>10.2f}")
 
 
@@ -146,7 +146,7 @@ def main():
     backbone = load_model(model, with_tokenizer=False).model
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
     rows = []
-    for batching in (True, False):
+    for batching in ("on", "off"):
         svc = BackboneService(copy.deepcopy(backbone), {TOKEN: "bench"},
                               CloudConfig(batching=batching, max_sessions_per_client=64, max_streams_per_client=64,
                                           max_steps_per_client=64, max_steps_per_second=1000.0))
@@ -157,7 +157,7 @@ def main():
                 for n in map(int, args.edges.split(",")):
                     r = run_config(f"127.0.0.1:{port}", model, mode, n, args.steps)
                     rows.append({"mode": mode, "batching": batching, "edges": n, **r})
-                    print(f"{mode:>8} batching {'on ' if batching else 'off'} {n} edges: "
+                    print(f"{mode:>8} batching {batching:<3} {n} edges: "
                           f"{r['tokens_per_s']:7.1f} tokens/s, p50 {r['p50_s']:.2f}s, p95 {r['p95_s']:.2f}s, "
                           f"cloud busy {r['cloud_busy']:.2f}", flush=True)
         finally:
@@ -171,7 +171,7 @@ def main():
                                            (mode, batching, n)), None)
     head = {}
     for mode in args.modes.split(","):
-        on4, off4 = pick(mode, True, 4), pick(mode, False, 4)
+        on4, off4 = pick(mode, "on", 4), pick(mode, "off", 4)
         if on4 and off4:
             head[f"{mode}_4_edges_x_one_batching_on"] = round(on4["x_one_edge"], 3)
             head[f"{mode}_4_edges_on_over_off"] = round(on4["tokens_per_s"] / off4["tokens_per_s"], 3)

@@ -4,16 +4,20 @@
 
 Same machine, same batches, same LoRA placement (split: q,v on the edge blocks 0 and L-1; carried and DLoRA: q,v on
 every block), measured side by side in one run with the steps interleaved (A, B, A, B ...) so that background load
-hits both alike. The cloud runs in this process on its own threads, as in `tandem demo`. The first two steps of each
-are warm-up and not counted. Ends with one JSON line.
+hits both alike. The cloud is its own process (`tandem cloud serve`, as in a deployment: edge and cloud share no
+interpreter lock; run in one process, the cloud's compute measured up to 30 % slower, bench/step_profile.py). The
+first two steps of each are warm-up and not counted. Ends with one JSON line.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import tasks as T  # noqa: E402
-from cloud.rpc import BackboneService, make_server  # noqa: E402
 from edge.trainer import EdgeConfig, build_edge  # noqa: E402
 from tests.reference import peft_local as ref  # noqa: E402
 from model.load import load_model  # noqa: E402
@@ -30,24 +33,45 @@ from model.load import load_model  # noqa: E402
 TOKEN = "bench-token-0123456789abcdef"
 
 
+def start_cloud(model: str):
+    """`tandem cloud serve` in its own process on a free port, serving once it listens."""
+    tmp = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
+    tokens = tmp / "tokens.json"
+    tokens.write_text(json.dumps({"bench": TOKEN}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "cloud", "serve", "--model", model, "--tokens",
+                             str(tokens), "--port", str(port)], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        if proc.poll() is not None:
+            raise SystemExit(f"the cloud exited with {proc.returncode}")
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the cloud did not listen within 600 s")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--steps", type=int, default=22)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--modes", default="none,carried,edge", help="--cloud-lora values to time (default: all three)")
     args = ap.parse_args()
     loaded = load_model(args.model)
     tok = loaded.tokenizer or T.tiny_tokenizer()
     task = T.TASKS["sst2"]
     items = T.encode(task, T.load_split("sst2", "train")[:args.steps * args.batch_size], tok)
     batches = list(T.batches(task, items, args.batch_size, tok.pad_token_id or 0, seed=0))[:args.steps]
-    svc = BackboneService(copy.deepcopy(loaded.model), {TOKEN: "bench"})
-    server, port = make_server(svc, "127.0.0.1:0")
-    server.start()
+    cloud, port = start_cloud(args.model)
 
     rows = {}
     names = {"none": "split (frozen cloud)", "carried": "carried (all blocks)", "edge": "DLoRA (all blocks)"}
-    for mode in names:
+    for mode in args.modes.split(","):
         em, _, link = build_edge(EdgeConfig.of(cloud=f"127.0.0.1:{port}", token=TOKEN, model=args.model,
                                                cloud_lora=mode), loaded=copy.deepcopy(loaded))
         pm = ref.peft_model(copy.deepcopy(loaded.model), em.lora)
@@ -77,7 +101,8 @@ def main():
         rows[names[mode]] = {"split_s": statistics.median(split_t), "local_peft_s": statistics.median(local_t),
                       "ratio": statistics.median(split_t) / statistics.median(local_t),
                       "mb_per_step": statistics.mean(bytes_step) / 1e6}
-    server.stop(0)
+    cloud.terminate()
+    cloud.wait(60)
     print(f"\n{'path':<22}{'step s':>9}{'local PEFT s':>14}{'ratio':>8}{'MB/step':>10}")
     for name, r in rows.items():
         print(f"{name:<22}{r['split_s']:>9.3f}{r['local_peft_s']:>14.3f}{r['ratio']:>8.2f}{r['mb_per_step']:>10.1f}")

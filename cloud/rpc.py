@@ -71,8 +71,10 @@ class BackboneService:
         block0 = self.segment.blocks[0]
         self.cost = StepCostLimit(config, sum(p.numel() for p in block0.parameters()), model.config.hidden_size)
         self.compute = futures.ThreadPoolExecutor(config.compute_threads, thread_name_prefix="tandem-step")
-        self.batcher = (StepBatcher(self.segment, config.batch_window, config.batch_max_tokens) if config.batching
-                        else None)
+        if config.batching not in ("auto", "on", "off"):
+            raise ValueError(f"batching must be auto, on or off, got {config.batching!r}")
+        batch = config.batching == "on" or (config.batching == "auto" and p.device.type == "cuda")
+        self.batcher = StepBatcher(self.segment, config.batch_window, config.batch_max_tokens) if batch else None
         self.capture = None
         if config.capture_dir:  # an audit: loud, and only where the operator points
             from privacy.audit.capture import Capture

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Literal
 
 import grpc
 
@@ -45,7 +46,9 @@ class CloudConfig:
     max_steps_per_client: int = 2  # steps of one client computing at once (more wait their turn)
     max_steps_per_second: float = 50.0  # step starts per second of one client
     compute_threads: int = 32  # threads that run steps' compute (a DLoRA step holds one while the edge answers)
-    batching: bool = True  # run steps without LoRA exchanges (split, carried) of many sessions as one batch
+    # run steps without LoRA exchanges (split, carried) of many sessions as one batch: on, off, or auto = on when the
+    # backbone is on a GPU (on CPU, bench/multi_tenant.py measured unbatched steps in parallel threads faster)
+    batching: Literal["auto", "on", "off"] = "auto"
     batch_window: float = 0.005  # seconds a batch waits for more steps (and for its gradients) when the cloud is idle
     batch_max_tokens: int = 65536  # padded tokens of one batch
     capture_dir: str | None = None  # audits only: record every message of every step here (privacy/audit/capture.py)

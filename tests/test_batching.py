@@ -142,7 +142,8 @@ def test_a_stalled_gradient_delays_no_one_and_still_gets_its_backward(tiny):
 def test_an_edge_that_stalls_in_a_batched_step_over_grpc_does_not_hold_up_another(tiny):
     """Over gRPC: a raw client takes `hidden` and never sends its gradient; a real edge in the same cloud keeps
     training, each of its steps well inside its own 20 s RPC deadline and with no retry allowed."""
-    cloud = CloudHandle(tiny.model, CloudConfig(max_tokens_per_step=4096, step_timeout=60.0, batch_window=0.2))
+    cloud = CloudHandle(tiny.model, CloudConfig(max_tokens_per_step=4096, step_timeout=60.0, batching="on",
+                                                batch_window=0.2))
     try:
         from tests.test_service_errors import begin, open_session, stub_for
         stub, md, channel = stub_for(cloud, "bob")
@@ -163,15 +164,15 @@ def test_an_edge_that_stalls_in_a_batched_step_over_grpc_does_not_hold_up_anothe
 
 def test_batching_off_runs_each_step_alone_with_the_same_losses(tiny):
     losses = {}
-    for batching in (True, False):
+    for batching in ("on", "off"):
         cloud = CloudHandle(tiny.model, CloudConfig(max_tokens_per_step=4096, step_timeout=5.0, batching=batching))
         try:
             em, _, link = make_edge(cloud, tiny, cloud_lora="carried")
             losses[batching] = train_edge_steps(em, sst2_batches(4))
             link.close()
-            assert (cloud.service.batcher is None) == (not batching)
-            if batching:
+            assert (cloud.service.batcher is None) == (batching == "off")
+            if batching == "on":
                 assert cloud.service.batcher.jobs_run == 4
         finally:
             cloud.stop()
-    assert max(abs(a - b) / abs(b) for a, b in zip(losses[True], losses[False])) <= 1e-5
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses["on"], losses["off"])) <= 1e-5
