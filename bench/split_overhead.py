@@ -5,8 +5,9 @@
 Same machine, same batches, same LoRA placement (split: q,v on the edge blocks 0 and L-1; carried and DLoRA: q,v on
 every block), measured side by side in one run with the steps interleaved (A, B, A, B ...) so that background load
 hits both alike. The cloud is its own process (`tandem cloud serve`, as in a deployment: edge and cloud share no
-interpreter lock; run in one process, the cloud's compute measured up to 30 % slower, bench/step_profile.py). The
-first two steps of each are warm-up and not counted. Ends with one JSON line.
+interpreter lock; run in one process, the cloud's compute measured up to 30 % slower, bench/step_profile.py);
+`--in-process` runs it on threads of this process instead, as `tandem demo` does. The first two steps of each are
+warm-up and not counted. Ends with one JSON line.
 """
 from __future__ import annotations
 
@@ -61,13 +62,20 @@ def main():
     ap.add_argument("--steps", type=int, default=22)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--modes", default="none,carried,edge", help="--cloud-lora values to time (default: all three)")
+    ap.add_argument("--in-process", action="store_true", help="the cloud on threads of this process")
     args = ap.parse_args()
     loaded = load_model(args.model)
     tok = loaded.tokenizer or T.tiny_tokenizer()
     task = T.TASKS["sst2"]
     items = T.encode(task, T.load_split("sst2", "train")[:args.steps * args.batch_size], tok)
     batches = list(T.batches(task, items, args.batch_size, tok.pad_token_id or 0, seed=0))[:args.steps]
-    cloud, port = start_cloud(args.model)
+    if args.in_process:
+        from cloud.rpc import BackboneService, make_server
+        svc = BackboneService(copy.deepcopy(loaded.model), {TOKEN: "bench"})
+        server, port = make_server(svc, "127.0.0.1:0")
+        server.start()
+    else:
+        cloud, port = start_cloud(args.model)
 
     rows = {}
     names = {"none": "split (frozen cloud)", "carried": "carried (all blocks)", "edge": "DLoRA (all blocks)"}
@@ -101,12 +109,17 @@ def main():
         rows[names[mode]] = {"split_s": statistics.median(split_t), "local_peft_s": statistics.median(local_t),
                       "ratio": statistics.median(split_t) / statistics.median(local_t),
                       "mb_per_step": statistics.mean(bytes_step) / 1e6}
-    cloud.terminate()
-    cloud.wait(60)
+    if args.in_process:
+        server.stop(0).wait()
+        svc.stop()
+    else:
+        cloud.terminate()
+        cloud.wait(60)
     print(f"\n{'path':<22}{'step s':>9}{'local PEFT s':>14}{'ratio':>8}{'MB/step':>10}")
     for name, r in rows.items():
         print(f"{name:<22}{r['split_s']:>9.3f}{r['local_peft_s']:>14.3f}{r['ratio']:>8.2f}{r['mb_per_step']:>10.1f}")
     print(json.dumps({"model": args.model, "steps_timed": args.steps - 2, "batch_size": args.batch_size,
+                      "cloud": "in-process" if args.in_process else "own process",
                       **{k.split(" ")[0].lower() + "_over_local_peft": round(v["ratio"], 3) for k, v in rows.items()},
                       **{k.split(" ")[0].lower() + "_mb_per_step": round(v["mb_per_step"], 2) for k, v in rows.items()}}))
 

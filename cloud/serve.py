@@ -35,8 +35,7 @@ class ServeConfig:
     max_steps_per_second: float = 50.0  # step starts per second of one client
     compute_threads: int = 32  # threads that run steps' compute
     max_message_mb: int = 256  # largest gRPC message
-    batching: Literal["auto", "on", "off"] = "auto"  # split and carried steps of many edges as one forward and
-    # one backward; auto: on when --device is a GPU (on CPU unbatched parallel steps measured faster)
+    batching: Literal["auto", "on", "off"] = "auto"  # many edges' split/carried steps as one batch; auto: on a GPU
     batch_window: float = 0.005  # seconds a batch waits for more steps (and for its gradients) when the cloud is idle
     batch_max_tokens: int = 65536  # padded tokens of one batch
     capture_dir: str | None = None  # audits only: record every message the cloud receives and sends in this folder
