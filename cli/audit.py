@@ -206,6 +206,9 @@ def make_setup(args, exs: list) -> Setup:
         raise ValueError(f"the capture's hidden states are {width} wide but --model {args.model} has hidden size "
                          f"{model.config.hidden_size}: give the cloud's backbone")
     k = args.k if args.k is not None else (cfg.k if cfg is not None else None)
+    if k is None:  # the cut the session was opened with, as the cloud recorded it
+        from privacy.audit.capture import session_settings
+        k = (session_settings(args.capture, exs[0].session) or {}).get("k")
     setup = Setup(model, tok, k, args.run, cfg)
     if cfg is not None:
         from privacy.audit.truth import RunData
@@ -238,7 +241,7 @@ def run(args) -> dict:
     setup = make_setup(args, exs)
     explicit = args.attacks != ",".join(ATTACKS)
     if explicit and setup.k is None and any(a in TK.ATTACKS for a in args.attack_list):
-        raise ValueError("the token attacks need the cut, which the capture does not record: give --k or --run")
+        raise ValueError("the token attacks need the cut, which this capture does not record: give --k or --run")
     rows = []
     for sid in dict.fromkeys(ex.session for ex in exs):
         rows += audit_session(setup, sid, [ex for ex in exs if ex.session == sid], args.attack_list, args)

@@ -125,6 +125,11 @@ class BackboneService:
             await context.abort(e.code, e.message)
         log.info("session %s opened by %s: cut %s, LoRA blocks %d%s", sess.id, quote(client), sess.cut,
                  len(sess.lora_blocks), " (carried)" if sess.carried else "")
+        if self.capture is not None:
+            self.capture.session_opened(sess.id, dict(
+                k=request.edge_bottom_blocks, m=request.edge_top_blocks, lora_targets=sess.targets,
+                lora_blocks=sess.lora_blocks, carried=sess.carried, lora_rank=sess.lora_rank,
+                lora_scaling=sess.lora_scaling, wire_up=sess.wire_up, wire_down=sess.wire_down))
         return pb.OpenSessionReply(session_id=sess.id, first_cloud_block=sess.cut.cloud.start,
                                    last_cloud_block=sess.cut.cloud.stop - 1, hidden_size=self.model.config.hidden_size,
                                    max_tokens_per_step=self.config.max_tokens_per_step,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cloud.sessions import CloudConfig
-from privacy.audit.capture import MAGIC, Capture, exchanges, read_capture
+from privacy.audit.capture import MAGIC, Capture, exchanges, read_capture, session_settings
 from protocol import pb
 from protocol.step import StepPlan
 from protocol.tensors import decode, encode
@@ -52,7 +52,11 @@ def test_the_capture_holds_every_message_that_crossed(capturing_cloud, tiny, tmp
     folder = tmp_path / "capture"
     assert mode_of(folder) == 0o700
     files = sorted(folder.iterdir())
-    assert [f.name for f in files] == [f"{sid}.capture"] and mode_of(files[0]) == 0o600
+    assert [f.name for f in files] == [f"{sid}.capture", f"{sid}.session.json"]
+    assert all(mode_of(f) == 0o600 for f in files)
+    settings = session_settings(folder, sid)
+    assert (settings["k"], settings["m"], settings["carried"]) == (1, 1, mode == "carried")
+    assert settings["lora_blocks"] == em.cloud.lora_blocks
     records = list(read_capture(folder))
     for d, counted in (("up", stats.bytes_received), ("down", stats.bytes_sent)):
         captured = sum(r.wire_bytes for r in records if r.direction == d)

@@ -3,6 +3,7 @@ command line with and without the run's folder; bad input is one line and exit s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -91,7 +92,8 @@ def test_audit_of_the_capture_alone_says_what_it_cannot_score(trained, capsys):
     _, default = audit(capsys, capture)
     assert {x["attack"] for x in default["results"]} == {"dictionary", "in-context", "label-norm", "label-cosine",
                                                          "adapter"}
-    assert all("positions" not in x for x in default["results"] if x["attack"] == "dictionary")  # no k: skipped
+    assert default["k"] == 1  # the cut, from the settings the cloud recorded when the session opened
+    assert all(x["positions"] > 0 for x in default["results"] if x["attack"] == "dictionary")
 
 
 def test_audit_of_a_carried_run_reads_the_adapter_it_was_handed(tiny, tmp_path, capsys):
@@ -107,7 +109,11 @@ def test_bad_audit_input_is_one_line(trained, capsys, tmp_path):
     base = ["audit", "--model", "tiny-llama"]
     refused(capsys, [*base, str(tmp_path / "missing")], r"no capture at .*missing")
     refused(capsys, [*base, str(capture), "--attacks", "dictionary,magic"], r"unknown attack 'magic'; --attacks takes")
-    refused(capsys, [*base, str(capture), "--attacks", "dictionary"], r"need the cut.*--k or --run")
+    bare = tmp_path / "bare"  # a capture without the session's settings (the file next to it removed)
+    bare.mkdir()
+    for f in Path(capture).glob("*.capture"):
+        (bare / f.name).write_bytes(f.read_bytes())
+    refused(capsys, [*base, str(bare), "--attacks", "dictionary"], r"need the cut.*--k or --run")
     refused(capsys, [*base, str(capture), "--run", str(tmp_path)], r"holds no run: no config.json")
     (tmp_path / "x.capture").write_bytes(b"garbage")
     refused(capsys, [*base, str(tmp_path)], r"is not a Tandem capture")

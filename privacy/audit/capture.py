@@ -14,6 +14,9 @@ name one stream (the evaluation passes, the micro-batches of one step and a repl
 quoted by the client before the cloud has checked them, so only the cloud's own form (32 hex digits) names a file;
 any other id is recorded, cut to 64 characters, in `unknown-sessions.capture`.
 
+Beside it, `<session id>.session.json` (0600) holds the settings the session was opened with (the cut, the LoRA
+sites, the wire dtypes, the carried rank and scaling): `session_settings` reads them back.
+
 `read_capture(file or folder)` yields the records back as `Record`s, reading headers only: a record reads and
 parses its message from the file when asked (`message`, `inner`).
 `exchanges(records)` groups them into one `Exchange` per stream.
@@ -21,6 +24,7 @@ parses its message from the file when asked (`message`, `inner`).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -39,6 +43,7 @@ log = logging.getLogger("tandem.audit")
 MAGIC = b"TANDEM-CAPTURE-1\n"
 HEADER = struct.Struct("<BBQIHI")
 SUFFIX = ".capture"
+SETTINGS = ".session.json"
 UNKNOWN = "unknown-sessions"
 _DIRECTIONS = (UP, DOWN)
 _KINDS = {UP: UP_KINDS, DOWN: DOWN_KINDS}
@@ -59,6 +64,12 @@ class Capture:
         name = session_id if _SESSION_ID.fullmatch(session_id) else UNKNOWN
         return self.folder / f"{name}{SUFFIX}"
 
+    def session_opened(self, session_id: str, settings: dict) -> None:
+        """The settings of a session the cloud opened (its id is the cloud's own), next to its messages."""
+        data = json.dumps(settings, sort_keys=True).encode()
+        with self._lock:
+            _append(self.folder / f"{session_id}{SETTINGS}", data, magic=b"")
+
     def record(self, session_id: str, step: int, direction: str, message) -> None:
         """Append one message (an EdgeMessage going up, a CloudMessage going down) of `session_id`'s step."""
         data, kind = message.SerializeToString(), message.WhichOneof("kind")
@@ -73,13 +84,20 @@ class Capture:
             _append(path, head + sid + data)
 
 
-def _append(path: Path, data: bytes) -> None:
+def session_settings(path: str | Path, session_id: str) -> dict | None:
+    """The settings `session_opened` recorded for `session_id` beside the capture at `path` (a file or its folder)."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    f = folder / f"{session_id}{SETTINGS}"
+    return json.loads(f.read_text()) if _SESSION_ID.fullmatch(session_id) and f.is_file() else None
+
+
+def _append(path: Path, data: bytes, magic: bytes = MAGIC) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         if hasattr(os, "fchmod"):
             os.fchmod(fd, 0o600)  # whatever the umask or an older file's mode
         if os.fstat(fd).st_size == 0:
-            data = MAGIC + data
+            data = magic + data
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
