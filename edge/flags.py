@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import re
+import threading
 import types
 import typing
 from dataclasses import dataclass
@@ -38,8 +40,20 @@ class Flag:
     group: str | None  # the group field it belongs to (None: a top-level field)
 
 
+_SOURCE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
 def _comments(cls) -> dict[str, str]:
-    """The trailing `# comment` of each field's line in the class source (and its dataclass bases')."""
+    """The trailing `# comment` of each field's line in the class source (and its dataclass bases'), read once per
+    class under a lock: `inspect.getsource` parses the module, and CPython 3.11's parser is not safe to run from two
+    threads at once (the demo's edge threads build their configs together: "AST constructor recursion depth
+    mismatch")."""
+    with _SOURCE_LOCK:
+        return _read_comments(cls)
+
+
+def _read_comments(cls) -> dict[str, str]:
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
