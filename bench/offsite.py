@@ -12,13 +12,13 @@ before the model is loaded (imports done, training data tokenized): the model's 
 (activations, gradients, optimizer state). The high-water mark is reset (/proc/self/clear_refs) after loading, so
 loading transients do not count.
 
-    python bench/offsite.py --drop 0.65 --distill-steps 200 --mode lora --steps 150 --out runs/offsite
+    python bench/offsite.py --out runs/offsite [--more-tasks mrpc]    (defaults: BuildConfig's and TuneConfig's)
 
-Ends by printing one line holding a JSON object of the headline figures (also written to OUT/offsite.json).
-"""
+Ends by printing one line holding a JSON object of the headline figures (also written to OUT/offsite.json)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -37,18 +37,16 @@ from emulator.build import BuildConfig, build  # noqa: E402
 from emulator.bundle import (ADAPTER_FORMAT, BUNDLE_FORMAT, Layout, compact_config, load_bundle,  # noqa: E402
                              verify_dir)
 from emulator.onnx_export import export_onnx, max_abs_diff, session  # noqa: E402
-from emulator.plug import format_table, load_adapter, offsite_table  # noqa: E402
+from emulator.plug import differences, format_table, load_adapter, offsite_table  # noqa: E402
 from emulator.transport import open_sealed_dir, seal_dir  # noqa: E402
-from emulator.tune import TuneConfig, make_adapter, median, task_data, train_adapter, tune  # noqa: E402
+from emulator.tune import TuneConfig, make_adapter, median, task_data, train_adapter, trained_blocks, tune  # noqa: E402
 from model.load import load_model  # noqa: E402
 from privacy.security.seal import generate_identity, load_identity, load_public  # noqa: E402
 
 
 def status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+    return next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines()
+                if ln.startswith(field + ":"))
 
 
 def reset_peak() -> None:
@@ -63,7 +61,11 @@ def child(args) -> None:
     from transformers import AutoModelForCausalLM
     bundle = Path(args.bundle)
     manifest = verify_dir(bundle, BUNDLE_FORMAT)
-    tok = load_tokenizer(bundle / "tokenizer") if (bundle / "tokenizer").is_dir() else T.tiny_tokenizer()
+    tok = T.tiny_tokenizer()
+    if (bundle / "tokenizer").is_dir():  # as load_bundle reads it, without loading the weights before the baseline
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(str(bundle / "tokenizer"))
+        tok.pad_token = tok.pad_token or tok.eos_token
     data = task_data(args.task, tok, 1)
     with torch.device("meta"):  # import the model's code now, so that only weights and tuning count below
         AutoModelForCausalLM.from_config(compact_config(manifest["config"], Layout.from_json(manifest["layout"])))
@@ -75,7 +77,8 @@ def child(args) -> None:
     reset_peak()
     loaded_kb = status_kb("VmRSS")
     torch.manual_seed(0)
-    adapter = make_adapter(emu.model, emu.adapter_positions, args.mode, cfg)
+    adapter = make_adapter(emu.model, [emu.layout.position(b) for b in trained_blocks(emu.layout, args.train_blocks)],
+                           args.mode, cfg)
     rec = train_adapter(adapter, data.task, data.train, cfg, data.pad_id)
     peak_kb = status_kb("VmHWM")
     print(json.dumps({"variant": args.child, "blocks": emu.model.config.num_hidden_layers,
@@ -85,22 +88,15 @@ def child(args) -> None:
                       "tuning_mb": (peak_kb - loaded_kb) / 1024}))
 
 
-def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def measure(args, bundles: dict[str, Path]) -> dict:
     """Run the variants' subprocesses alternately, `rounds` times each; medians over rounds."""
     runs: dict[str, list[dict]] = {v: [] for v in bundles}
     for r in range(args.rounds):
         for variant, bundle in bundles.items():
             cmd = [sys.executable, __file__, "--child", variant, "--bundle", str(bundle), "--task", args.task,
-                   "--mode", args.mode, "--batch-size", str(args.batch_size), "--measure-steps",
-                   str(args.measure_steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                   "--mode", args.mode, "--train-blocks", args.train_blocks, "--batch-size", str(args.batch_size),
+                   "--measure-steps", str(args.measure_steps), "--warmup", str(args.warmup), "--threads",
+                   str(args.threads)]
             t0 = time.perf_counter()
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs[variant].append(json.loads(out.strip().splitlines()[-1]))
@@ -133,19 +129,19 @@ def onnx_check(model, out_dir: Path, tokenizer, data) -> float:
 
 
 def parse_args() -> argparse.Namespace:
+    b, t = BuildConfig(), TuneConfig()  # the defaults are the library's (emulator/build.py, emulator/tune.py)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--task", default="sst2")
-    p.add_argument("--bottom", type=int, default=2)
-    p.add_argument("--top", type=int, default=2)
-    p.add_argument("--drop", type=float, default=0.65)
-    p.add_argument("--distill-steps", type=int, default=200)
-    p.add_argument("--distill-lr", type=float, default=3e-4)
-    p.add_argument("--mode", default="lora", choices=["full", "lora"])
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-examples", type=int, default=500)
+    p.add_argument("--task", default=t.task, help="the task of the table and of the cost measurement")
+    p.add_argument("--more-tasks", default="", help="comma-separated tasks that get a table of their own too "
+                                                    "(same bundle, their own adapter), e.g. mrpc")
+    for name, value in (("bottom", b.bottom), ("top", b.top), ("drop", b.drop), ("distill-steps", b.distill_steps),
+                        ("distill-lr", b.distill_lr), ("distill-warmup", b.distill_warmup),
+                        ("distill-schedule", b.distill_schedule), ("mode", t.mode), ("train-blocks", t.train_blocks),
+                        ("steps", t.steps),
+                        ("batch-size", t.batch_size), ("eval-examples", t.eval_examples)):
+        p.add_argument("--" + name, type=type(value), default=value)
+    p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--measure-steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="cost subprocesses per variant, alternated")
@@ -172,35 +168,38 @@ def cloud_build(args, out: Path, keys: Path, cloud):
     loaded = load_model(args.model)
     tok = loaded.tokenizer or T.tiny_tokenizer()  # tiny test models have none
     bcfg = BuildConfig(model=args.model, bottom=args.bottom, top=args.top, drop=args.drop,
-                       distill_steps=args.distill_steps, distill_lr=args.distill_lr)
+                       distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+                       distill_warmup=args.distill_warmup, distill_schedule=args.distill_schedule)
     manifest = build(bcfg, out / "cloud" / "bundle", loaded=loaded)
     seal_dir(out / "cloud" / "bundle", out / "cloud" / "bundle.sealed", BUNDLE_FORMAT, cloud, load_public(keys, "owner"))
     # the full-model variant of the cost measurement: same loader, nothing dropped, nothing distilled
-    build(BuildConfig(model=args.model, bottom=args.bottom, top=args.top, drop=0.0), out / "cloud" / "full_bundle",
-          loaded=loaded)
+    build(BuildConfig(model=args.model, bottom=args.bottom, top=args.top, drop=0.0, distill_steps=0,
+                      alignment_batches=0, quality_task=""), out / "cloud" / "full_bundle", loaded=loaded)
     return loaded, tok, manifest
 
 
-def owner_tune(args, out: Path, keys: Path, owner) -> dict:
+def owner_tune(args, out: Path, keys: Path, owner, task: str) -> dict:
     """Step 2: the data owner opens and verifies the bundle, tunes the adapter, seals it back to the cloud."""
-    print("[2/5] data owner: verify the bundle, tune the adapter through the emulator", flush=True)
-    open_sealed_dir(out / "cloud" / "bundle.sealed", out / "owner" / "bundle", BUNDLE_FORMAT,
-                    load_public(keys, "cloud"), owner)
-    tcfg = TuneConfig(task=args.task, mode=args.mode, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
-                      eval_examples=args.eval_examples, eval_before=False, eval_after=False)
-    tuned = tune(tcfg, out / "owner" / "bundle", out / "owner" / "adapter")
-    seal_dir(out / "owner" / "adapter", out / "owner" / "adapter.sealed", ADAPTER_FORMAT, owner,
-             load_public(keys, "cloud"))
+    print(f"[2/5] data owner: verify the bundle, tune the adapter through the emulator ({task})", flush=True)
+    if not (out / "owner" / "bundle").exists():
+        open_sealed_dir(out / "cloud" / "bundle.sealed", out / "owner" / "bundle", BUNDLE_FORMAT,
+                        load_public(keys, "cloud"), owner)
+    tcfg = TuneConfig(task=task, mode=args.mode, train_blocks=args.train_blocks, lr=args.lr, steps=args.steps,
+                      batch_size=args.batch_size, eval_examples=args.eval_examples, eval_before=False, eval_after=False)
+    mine = out / "owner" / task
+    tuned = tune(tcfg, out / "owner" / "bundle", mine / "adapter")
+    seal_dir(mine / "adapter", mine / "adapter.sealed", ADAPTER_FORMAT, owner, load_public(keys, "cloud"))
     return tuned
 
 
-def cloud_plug(args, out: Path, keys: Path, cloud, loaded, tok) -> dict:
+def cloud_plug(args, out: Path, keys: Path, cloud, full, tok, task: str) -> dict:
     """Step 3: the cloud opens and verifies the adapter, plugs it in, evaluates the paper's table."""
-    print("[3/5] cloud: verify the adapter, plug it in, evaluate the table", flush=True)
-    open_sealed_dir(out / "owner" / "adapter.sealed", out / "cloud" / "adapter", ADAPTER_FORMAT,
+    print(f"[3/5] cloud: verify the adapter, plug it in, evaluate the table ({task})", flush=True)
+    mine = out / "cloud" / task
+    open_sealed_dir(out / "owner" / task / "adapter.sealed", mine / "adapter", ADAPTER_FORMAT,
                     load_public(keys, "owner"), cloud)
-    return offsite_table(loaded.model, tok, load_bundle(out / "cloud" / "bundle"),
-                         load_adapter(out / "cloud" / "adapter"), args.task, args.eval_examples)
+    return offsite_table(full, tok, load_bundle(out / "cloud" / "bundle"), load_adapter(mine / "adapter"), task,
+                         args.eval_examples)
 
 
 def onnx_step(args, out: Path, loaded, tok, tuned: dict, plugged) -> dict:
@@ -217,27 +216,51 @@ def onnx_step(args, out: Path, loaded, tok, tuned: dict, plugged) -> dict:
 
 
 def tune_and_plug(args, out: Path, keys: Path, cloud, owner, loaded, tok, results: dict) -> None:
-    """Steps 2-4 (the table and the ONNX check), recorded into `results`."""
-    tuned = owner_tune(args, out, keys, owner)
-    res = cloud_plug(args, out, keys, cloud, loaded, tok)
-    plugged = res.pop("_plugged")
-    results["table"] = res
-    print(format_table(res), flush=True)
-    if not args.skip_onnx:
-        results["onnx_max_abs_diff"] = onnx_step(args, out, loaded, tok, tuned, plugged)
-    del plugged, tuned
+    """Steps 2-4 for each task (the table; the ONNX check on the first), recorded into `results`."""
+    results["tables"] = {}
+    for task in [args.task] + [t for t in args.more_tasks.split(",") if t]:
+        tuned = owner_tune(args, out, keys, owner, task)
+        # the reference run tunes the full model in place: each task gets the untouched model
+        res = cloud_plug(args, out, keys, cloud, copy.deepcopy(loaded.model), tok, task)
+        plugged = res.pop("_plugged")
+        results["tables"][task] = res
+        print(format_table(res), flush=True)
+        if task == args.task and not args.skip_onnx:
+            results["onnx_max_abs_diff"] = onnx_step(args, out, loaded, tok, tuned, plugged)
+        del plugged, tuned
+        gc.collect()
+
+
+def sizes(out: Path) -> dict:
+    """What travels to the data owner, in MB: the bundle's weights, the whole bundle folder, the sealed file."""
+    b = out / "cloud" / "bundle"
+    return {"weights_mb": (b / "weights.safetensors").stat().st_size / 1e6, "sealed_mb":
+            (out / "cloud" / "bundle.sealed").stat().st_size / 1e6,
+            "bundle_mb": sum(f.stat().st_size for f in b.rglob("*") if f.is_file()) / 1e6}
+
+
+def table_figures(res: dict) -> dict:
+    """A task's rows as a flat dict: the accuracy of each row and the two differences the paper reads."""
+    both = {**res["rows"], **differences(res["rows"])}
+    return {k.replace(" - ", "_minus_").replace(" ", "_").replace("-", "_"): round(v, 4) for k, v in both.items()}
 
 
 def headline(args, manifest: dict, results: dict, cost: dict) -> dict:
     """The headline figures, printed as the run's last line."""
-    rows = results.get("table", {}).get("rows", {})
-    return {"model": args.model, "task": args.task, "dev_examples": results.get("table", {}).get("dev_examples"),
-            "mode": args.mode, "drop_ratio": manifest["drop_ratio"], "distill_steps": args.distill_steps,
-            "tune_steps": args.steps, "gradient_alignment": manifest["gradient_alignment"]["bundle"],
+    tables, q = results.get("tables", {}), manifest.get("quality", {})
+    first = tables.get(args.task, {})
+    return {"model": args.model, "task": args.task, "dev_examples": first.get("dev_examples"),
+            "mode": args.mode, "drop_ratio": manifest["drop_ratio"], "kept_blocks": len(manifest["layout"]["emulator"]),
+            "distill_steps": args.distill_steps, "tune_steps": args.steps,
+            "gradient_alignment": manifest["gradient_alignment"].get("bundle"),
             "bundle_parameters_ratio": round(manifest["parameters"]["bundle"] / manifest["parameters"]["full"], 3),
-            **{k.replace(" ", "_").replace("-", "_"): round(v, 4) for k, v in rows.items()},
+            **(table_figures(first) if first else {}),
+            "more_tasks": {t: table_figures(r) for t, r in tables.items() if t != args.task},
             "step_time_ratio": round(cost["step_time_ratio"], 3),
             "peak_memory_ratio": round(cost["peak_memory_ratio"], 3),
+            **{k: round(v, 1) for k, v in results["sizes"].items()},
+            "quality": {"zero_shot_gap": q.get("zero_shot", {}).get("gap"), "distillation_error":
+                        q.get("distillation_error"), "perplexity_ratio": q.get("language_model", {}).get("perplexity_ratio")},
             "onnx_max_abs_diff": max(results["onnx_max_abs_diff"].values()) if "onnx_max_abs_diff" in results
             else None, "seconds": results["seconds"]}
 
@@ -255,8 +278,11 @@ def main() -> None:
     keys = out / "keys"
     cloud, owner = make_identities(keys)
     loaded, tok, manifest = cloud_build(args, out, keys, cloud)
-    results: dict = {"config": vars(args), "bundle": {k: manifest[k] for k in ("layout", "drop_ratio", "distillation",
-                                                                                "parameters")}}
+    results: dict = {"config": vars(args), "sizes": sizes(out),
+                      "bundle": {k: manifest[k] for k in ("layout", "drop_ratio", "distillation", "parameters",
+                                                          "quality")}}
+    print(table(["bundle", "MB"], [[k.removesuffix("_mb"), f"{v:.1f}"] for k, v in results["sizes"].items()]),
+          flush=True)
     if not args.skip_table:
         tune_and_plug(args, out, keys, cloud, owner, loaded, tok, results)
     del loaded

@@ -1,7 +1,7 @@
 """Build an offsite-tuning bundle on the cloud: adapter blocks + a compressed, frozen emulator of the middle.
 
     full model:  [b0 b1] [b2 b3 b4 b5 ... b26 b27] [b28 b29]     (SmolLM2: 30 blocks)
-    bundle:      [b0 b1] [b2 b5 b8 ... b24 b27]    [b28 b29]     adapter = 2 bottom + 2 top, drop 0.65: 9 of 26 kept
+    bundle:      [b0 b1] [b2 b5 b8 ... b24 b27]    [b28 b29]     adapter = 2 bottom + 2 top, drop 0.6: 10 of 26 kept
 
 The emulator keeps middle blocks uniformly (the paper's layer drop: evenly spaced, the first and last middle block
 always kept). Optionally it is distilled toward the full middle on public text (WikiText-2): the bottom adapter's
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import tasks as T
+from emulator import quality
 from emulator.bundle import BUNDLE_FORMAT, WEIGHTS, Layout, compact_model, full_state_for, renumber, write_manifest
 from emulator.tune import hidden
 from model.load import DTYPES, fingerprint, load_model
@@ -31,13 +32,18 @@ class BuildConfig:
     model: str = "smollm2"
     bottom: int = 2  # adapter blocks at the bottom
     top: int = 2  # adapter blocks at the top
-    drop: float = 0.65  # fraction of the middle blocks dropped (SmolLM2: 0.65 keeps 9 of 26, tuning at ~0.5x time)
-    distill_steps: int = 0  # 0: no distillation
+    drop: float = 0.6  # fraction of the middle blocks dropped (SmolLM2: 0.6 keeps 10 of 26; see bench/offsite.py)
+    distill_steps: int = 0  # 0: no distillation (bench/offsite_sweep.py: on SmolLM2 it lowered the plug-in)
     distill_lr: float = 3e-4
     distill_batch: int = 8
     distill_seq: int = 64
+    distill_warmup: int = 0  # distillation steps of linear warmup
+    distill_schedule: str = "constant"  # after the warmup: "constant", "linear" or "cosine" (model.training.fit)
+    distill_max_grad_norm: float | None = None  # gradient clipping during distillation (None: none)
     distill_eval_batches: int = 4  # held-out WikiText-2 batches to measure the emulator's error before and after
     alignment_batches: int = 2  # held-out WikiText-2 batches for the gradient alignment check (0: skip)
+    quality_task: str = "sst2"  # public task whose zero-shot gap (full vs emulator) the manifest records ('': none)
+    quality_examples: int = 100  # its first dev examples measured
     dtype: str = "float32"  # how the weights are stored in the bundle
     seed: int = 0
     progress: bool = True
@@ -71,17 +77,25 @@ def wikitext_items(tokenizer, split: str, seq: int) -> list[dict]:
 class MiddlePair:
     """The full model's middle (teacher) and the emulator (student), fed the same bottom-adapter output."""
 
-    def __init__(self, full, emu, layout: Layout):
+    def __init__(self, full, emu, layout: Layout, cache: dict | None = None):
         self.full, self.layout = full, layout
         first = len(layout.bottom)
         self.student = BlockRun(emu, range(first, first + len(layout.emulator)))
+        self.cache = cache  # teacher pairs by batch, shared by emulators of the same adapter (a size sweep)
 
     @torch.no_grad()
     def inputs_and_targets(self, batch: T.Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(bottom adapter output, full middle output), read off one forward pass of the full model."""
+        key = (len(self.layout.bottom), len(self.layout.top), batch.input_ids.numpy().tobytes(),
+               batch.attention_mask.numpy().tobytes())
+        if self.cache is not None and key in self.cache:
+            return self.cache[key]
         states = self.full.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                            output_hidden_states=True).hidden_states  # states[i] = input of block i
-        return states[len(self.layout.bottom)], states[self.layout.num_layers - len(self.layout.top)]
+        pair = states[len(self.layout.bottom)], states[self.layout.num_layers - len(self.layout.top)]
+        if self.cache is not None:
+            self.cache[key] = pair
+        return pair
 
     def loss(self, h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The paper's squared error taken relative to the target's size, plus the same per token.
@@ -98,11 +112,26 @@ class MiddlePair:
         return whole + per_token
 
 
-def distill(full, emu, layout: Layout, tokenizer, cfg: BuildConfig) -> dict:
+def dev_batches(tokenizer, cfg: BuildConfig) -> list[T.Batch]:
+    """The held-out WikiText-2 batches the emulator's error and quality are measured on."""
+    pad = getattr(tokenizer, "pad_token_id", 0) or 0
+    dev = wikitext_items(tokenizer, "dev", cfg.distill_seq)
+    return [b for b, _ in zip(T.batches(T.TASKS["wikitext2"], dev, cfg.distill_batch, pad),
+                              range(cfg.distill_eval_batches))]
+
+
+@torch.no_grad()
+def held_out_error(pair: MiddlePair, batches: list[T.Batch]) -> float:
+    """`MiddlePair.loss` of the emulator as it is now, averaged over `batches`."""
+    return sum(pair.loss(*pair.inputs_and_targets(b), b.attention_mask).item() for b in batches) / max(1, len(batches))
+
+
+def distill(full, emu, layout: Layout, tokenizer, cfg: BuildConfig, teacher_cache: dict | None = None) -> dict:
     """Train the emulator's blocks (only those) to reproduce the full middle's output on WikiText-2 (`fit` on the
-    regression loss `MiddlePair.loss`; the held-out error is that loss, not a task score, so it is measured here)."""
+    regression loss `MiddlePair.loss`; the held-out error is that loss, not a task score, so it is measured here).
+    `teacher_cache` (a dict) keeps the full model's targets per batch for the next emulator distilled with it."""
     torch.manual_seed(cfg.seed)
-    pair = MiddlePair(full, emu, layout)
+    pair = MiddlePair(full, emu, layout, teacher_cache)
     params = [p for p in pair.student.parameters()]
     for p in emu.parameters():
         p.requires_grad_(False)
@@ -111,19 +140,13 @@ def distill(full, emu, layout: Layout, tokenizer, cfg: BuildConfig) -> dict:
     pad = getattr(tokenizer, "pad_token_id", 0) or 0
     task = T.TASKS["wikitext2"]
     train = wikitext_items(tokenizer, "train", cfg.distill_seq)
-    dev = wikitext_items(tokenizer, "dev", cfg.distill_seq)
-    dev_batches = [b for b, _ in zip(T.batches(task, dev, cfg.distill_batch, pad), range(cfg.distill_eval_batches))]
-    dev_pairs = [(pair.inputs_and_targets(b), b.attention_mask) for b in dev_batches]
-
-    @torch.no_grad()
-    def held_out() -> float:
-        return sum(pair.loss(h, y, m).item() for (h, y), m in dev_pairs) / max(1, len(dev_pairs))
-
-    before = held_out()
+    held_out = dev_batches(tokenizer, cfg)
+    before = held_out_error(pair, held_out)
     t0 = time.perf_counter()
     losses = fit(lambda batch: pair.loss(*pair.inputs_and_targets(batch), batch.attention_mask), params,
                  endless_batches(task, train, cfg.distill_batch, pad, cfg.seed),
-                 FitOptions(steps=cfg.distill_steps, lr=cfg.distill_lr,
+                 FitOptions(steps=cfg.distill_steps, lr=cfg.distill_lr, warmup_steps=cfg.distill_warmup,
+                            schedule=cfg.distill_schedule, max_grad_norm=cfg.distill_max_grad_norm,
                             progress="distill" if cfg.progress else None)).losses
     for p in emu.parameters():
         p.requires_grad_(False)
@@ -131,9 +154,10 @@ def distill(full, emu, layout: Layout, tokenizer, cfg: BuildConfig) -> dict:
             "objective": "sum|e - t|^2 / sum|t|^2 + mean_tokens(|e - t|^2 / |t|^2), e = emulator(h), "
                          "t = full_middle(h), h = bottom adapter output",
             "steps": cfg.distill_steps, "lr": cfg.distill_lr, "batch": cfg.distill_batch, "seq": cfg.distill_seq,
+            "warmup": cfg.distill_warmup, "schedule": cfg.distill_schedule, "max_grad_norm": cfg.distill_max_grad_norm,
             "first_loss": losses[0] if losses else None,
             "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-            "held_out_error_before": before, "held_out_error_after": held_out(),
+            "held_out_error_before": before, "held_out_error_after": held_out_error(pair, held_out),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -170,6 +194,13 @@ def gradient_alignment(full, emu, layout: Layout, tokenizer, batches: int = 2, s
             for b in layout.adapter}
 
 
+def measure_quality(full, emu, layout: Layout, tokenizer, cfg: BuildConfig) -> dict:
+    """The manifest's `quality` record (emulator/quality.py): zero-shot gap, perplexity ratio, distillation error."""
+    batches = dev_batches(tokenizer, cfg)
+    error = held_out_error(MiddlePair(full, emu, layout), batches)
+    return quality.measure(full, emu, tokenizer, batches, error, cfg.quality_task or None, cfg.quality_examples)
+
+
 def build(cfg: BuildConfig, out_dir: str | Path, *, loaded=None) -> dict:
     """Make the bundle folder `out_dir` (weights, tokenizer, manifest). Returns the manifest."""
     from safetensors.torch import save_file
@@ -188,6 +219,7 @@ def build(cfg: BuildConfig, out_dir: str | Path, *, loaded=None) -> dict:
         record = distill(full, emu, layout, tok_, cfg)
     if cfg.alignment_batches:
         alignment["bundle"] = gradient_alignment(full, emu, layout, tok_, cfg.alignment_batches)
+    quality = measure_quality(full, emu, layout, tok_, cfg)
     # The emulator's (possibly distilled) blocks replace the originals; the adapter blocks are the full model's.
     to_full = dict(enumerate(layout.kept))
     state = {renumber(k, to_full): v.detach().to(DTYPES[cfg.dtype]).contiguous()
@@ -203,6 +235,7 @@ def build(cfg: BuildConfig, out_dir: str | Path, *, loaded=None) -> dict:
                 "source": {"model": cfg.model, "fingerprint": fingerprint(full)},
                 "config": config, "layout": layout.to_json(), "drop_ratio": round(layout.drop_ratio, 4),
                 "requested_drop": cfg.drop, "distillation": record, "gradient_alignment": alignment,
+                "quality": quality,
                 "dtype": cfg.dtype,
                 "parameters": {"bundle": sum(t.numel() for t in state.values()),
                                "full": sum(p.numel() for p in full.parameters())}}

@@ -1,7 +1,7 @@
 """`tandem offsite ...`: offsite tuning from the command line (also `python -m emulator.cli ...`).
 
     tandem offsite keygen --keys keys --name cloud          (once per party; hand out the .pub files)
-    tandem offsite build  --out cloud --keys keys --me cloud --to owner --drop 0.65 --distill-steps 200
+    tandem offsite build  --out cloud --keys keys --me cloud --to owner --drop 0.6
                           -> cloud/bundle/ (the cloud keeps it), cloud/bundle.sealed (goes to the data owner)
     tandem offsite tune   --sealed bundle.sealed --keys keys --me owner --from cloud --out owner --task sst2
                           -> owner/bundle/, owner/adapter/, owner/adapter.sealed (goes back), owner/metrics.json

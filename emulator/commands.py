@@ -71,6 +71,14 @@ def cmd_build(args) -> None:
         d = manifest["distillation"]
         rows.append(["distillation", f"{d['steps']} steps, held-out error {d['held_out_error_before']:.4g} -> "
                                      f"{d['held_out_error_after']:.4g}"])
+    q = manifest.get("quality") or {}
+    if "zero_shot" in q:
+        z = q["zero_shot"]
+        rows.append(["zero-shot", f"{z['task']} dev ({z['examples']}): full {100 * z['full']:.1f}%, emulator "
+                                  f"{100 * z['emulator']:.1f}% (gap {100 * z['gap']:+.1f} pt)"])
+    if "language_model" in q:
+        rows.append(["perplexity", f"emulator / full {q['language_model']['perplexity_ratio']:.3g} (WikiText-2 dev); "
+                                   f"distillation error {q['distillation_error']:.4g}"])
     align = manifest["gradient_alignment"]
     if align:
         fmt = lambda a: " ".join(f"{b}:{c:.2f}" for b, c in a.items())  # noqa: E731

@@ -60,8 +60,10 @@ def check_binding(adapter: ReturnedAdapter, bundle_manifest: dict, full=None) ->
     """Refuse an adapter tuned on another bundle, or a full model other than the one the bundle was cut from."""
     if adapter.manifest["bundle"] != manifest_digest(bundle_manifest):
         raise BundleError("the adapter was tuned on a different bundle than this one (bundle digest mismatch)")
-    if sorted(adapter.blocks) != sorted(bundle_manifest["layout"]["bottom"] + bundle_manifest["layout"]["top"]):
-        raise BundleError(f"the adapter's blocks {adapter.blocks} are not the bundle's adapter blocks")
+    bundle_adapter = set(bundle_manifest["layout"]["bottom"] + bundle_manifest["layout"]["top"])
+    if not adapter.blocks or not set(adapter.blocks) <= bundle_adapter:
+        raise BundleError(f"the adapter's blocks {adapter.blocks} are not among the bundle's adapter blocks "
+                          f"{sorted(bundle_adapter)}")
     if full is not None and fingerprint(full) != bundle_manifest["source"]["fingerprint"]:
         raise BundleError("this full model is not the one the bundle was cut from (fingerprint mismatch)")
 
@@ -89,10 +91,11 @@ def plug(full, adapter: ReturnedAdapter, bundle_manifest: dict, copy_model: bool
 
 def reference_config(adapter: ReturnedAdapter, task: str, eval_examples: int, steps: int | None = None,
                      progress: bool = True) -> TuneConfig:
-    """Full-model fine-tuning with the data owner's settings (mode, lr, steps, batch, LoRA shape)."""
+    """Full-model fine-tuning with the data owner's settings (mode, blocks, lr, steps, batch, LoRA shape)."""
     tr, lora = adapter.manifest["training"], adapter.manifest.get("lora") or {}
     cfg = TuneConfig(task=task, mode=adapter.manifest["mode"], lr=tr["lr"], steps=steps if steps is not None
-                     else tr["steps"], batch_size=tr["batch_size"], eval_examples=eval_examples, progress=progress)
+                     else tr["steps"], batch_size=tr["batch_size"], eval_examples=eval_examples, progress=progress,
+                     train_blocks=adapter.manifest.get("train_blocks", "both"))
     if lora:
         cfg.lora_r, cfg.lora_alpha, cfg.lora_targets = lora["r"], lora["alpha"], tuple(lora["targets"])
     return cfg
@@ -108,7 +111,7 @@ def offsite_table(full, tokenizer, emulated: Emulated, adapter: ReturnedAdapter,
     check_binding(adapter, emulated.manifest, full)
     data = task_data(task, tokenizer, eval_examples, train_file, dev_file)
     acc = lambda m: accuracy(m, data.task, data.dev, data.pad_id, data.label_ids, eval_batch_size)  # noqa: E731
-    res: dict = {"task": task, "dev_examples": len(data.dev), "mode": adapter.manifest["mode"],
+    res: dict = {"task": task, "dev_examples": len(data.dev), "mode": adapter.manifest["mode"], "tuned": adapter.blocks,
                  "layout": emulated.manifest["layout"], "drop_ratio": emulated.manifest["drop_ratio"],
                  "distillation": emulated.manifest["distillation"], "rows": {}}
     rows = res["rows"]
@@ -124,7 +127,7 @@ def offsite_table(full, tokenizer, emulated: Emulated, adapter: ReturnedAdapter,
     if reference_steps != 0:
         cfg = reference_config(adapter, task, eval_examples, reference_steps, progress)
         torch.manual_seed(cfg.seed)
-        ref = make_adapter(full, list(emulated.layout.adapter), cfg.mode, cfg)
+        ref = make_adapter(full, adapter.blocks, cfg.mode, cfg)  # the blocks the owner tuned
         record = train_adapter(ref, data.task, data.train, cfg, data.pad_id, desc="full fine-tuning")
         rows["full fine-tuning"] = acc(full)
         res["reference_training"] = {k: v for k, v in record.items() if k not in ("losses", "step_seconds")}
@@ -139,12 +142,24 @@ ROW_NOTES = {"full model zero-shot": "the backbone as it is",
              "full fine-tuning": "same adapter tuned on the full model (reference)"}
 
 
+def differences(rows: dict) -> dict:
+    """What the paper reads off its table: plug-in against full fine-tuning (the method's cost in accuracy) and
+    against the emulator fine-tuned (what the data owner gains from the cloud; positive when the emulator is worse)."""
+    out = {}
+    if "plug-in" in rows and "full fine-tuning" in rows:
+        out["plug-in - full fine-tuning"] = rows["plug-in"] - rows["full fine-tuning"]
+    if "plug-in" in rows and "emulator fine-tuned" in rows:
+        out["plug-in - emulator fine-tuned"] = rows["plug-in"] - rows["emulator fine-tuned"]
+    return out
+
+
 def format_table(res: dict) -> str:
     """The paper's table for one task, and the data owner's tuning cost next to full-model tuning."""
     from cli.report import table
     rows = [[name, f"{100 * a:.1f}%", ROW_NOTES.get(name, "")] for name, a in res["rows"].items()]
+    rows += [[name, f"{100 * d:+.1f} pt", ""] for name, d in differences(res["rows"]).items()]
     out = [f"{res['task']} dev ({res['dev_examples']} examples), adapter {res['mode']}, "
-           f"blocks {res['layout']['bottom']}+{res['layout']['top']}, emulator {len(res['layout']['emulator'])} of "
+           f"blocks {res['layout']['bottom']}+{res['layout']['top']} (tuned: {res.get('tuned')}), emulator {len(res['layout']['emulator'])} of "
            f"{len(res['layout']['emulator']) / (1 - res['drop_ratio']):.0f} middle blocks (drop {res['drop_ratio']:.2f})"
            f", distillation: {_distill_note(res['distillation'])}",
            table(["", "accuracy", ""], rows)]

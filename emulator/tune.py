@@ -1,7 +1,9 @@
 """Tune the adapter on the data owner's side, through the frozen emulator, on data that never leaves the device.
 
 The data owner's model is the bundle's compact model: adapter blocks + emulator. Only the adapter trains, either
-whole blocks (mode "full", as in the paper) or LoRA on them (mode "lora"); everything else is frozen. Training and
+whole blocks (mode "full", as in the paper) or LoRA on them (mode "lora"), on both ends (the default, as in the
+paper) or on the top blocks alone (`train_blocks="top"`, the paper code's `--freeze_bottom`); everything else is
+frozen. Training and
 evaluation follow the split trainer (`edge/trainer.py`): the task's prompt, cross-entropy of the answer token at the
 answer position, AdamW, and accuracy as the argmax over the label words' logits, so the numbers are comparable.
 
@@ -32,6 +34,7 @@ class TuneConfig:
     train_file: str | None = None  # the data owner's own data (TSV/CSV/JSONL); default: the shared set
     dev_file: str | None = None
     mode: str = "lora"  # "lora": LoRA on the adapter blocks; "full": train the adapter blocks whole
+    train_blocks: str = "both"  # adapter blocks that train: "both" ends, or "top" (the bottom adapter stays as it is)
     lr: float | None = None  # default by mode: DEFAULT_LR
     steps: int = 150
     batch_size: int = 8
@@ -84,6 +87,13 @@ class Adapter:
         self.handles = []
         merge_lora(self.model, self.lora.peft_state_dict(), self.lora.cfg.scaling, {b: b for b in self.positions})
         self.lora = None
+
+
+def trained_blocks(layout, which: str) -> tuple[int, ...]:
+    """The adapter blocks (full-model numbers) that train: all of them ("both") or the top ones ("top")."""
+    if which not in ("both", "top"):
+        raise ValueError(f"train_blocks must be 'both' or 'top', got {which!r}")
+    return tuple(layout.adapter if which == "both" else layout.top)
 
 
 def make_adapter(model, positions: list[int], mode: str, cfg: TuneConfig) -> Adapter:
@@ -226,7 +236,8 @@ def save_adapter(out_dir: str | Path, adapter: Adapter, emulated: Emulated, cfg:
     else:
         save_file(state, str(out / "adapter.safetensors"), metadata={"format": "pt"})
     summary = {k: v for k, v in record.items() if k not in ("losses", "step_seconds")}
-    manifest = {"format": ADAPTER_FORMAT, "mode": adapter.mode, "lora": lora, "blocks": list(layout.adapter),
+    manifest = {"format": ADAPTER_FORMAT, "mode": adapter.mode, "lora": lora, "train_blocks": cfg.train_blocks,
+                "blocks": sorted(to_full[p] for p in adapter.positions),
                 "bundle": manifest_digest(emulated.manifest), "source": emulated.manifest["source"],
                 "task": cfg.task, "training": summary}
     return write_manifest(out, manifest)
@@ -245,7 +256,8 @@ def tune(cfg: TuneConfig, bundle_dir: str | Path, out_dir: str | Path, *, emulat
         metrics["emulator_zero_shot"] = accuracy(emulated.model, data.task, data.dev, data.pad_id, data.label_ids,
                                                  cfg.eval_batch_size)
     torch.manual_seed(cfg.seed)
-    adapter = make_adapter(emulated.model, emulated.adapter_positions, cfg.mode, cfg)
+    positions = [emulated.layout.position(b) for b in trained_blocks(emulated.layout, cfg.train_blocks)]
+    adapter = make_adapter(emulated.model, positions, cfg.mode, cfg)
     record = train_adapter(adapter, data.task, data.train, cfg, data.pad_id)
     record["peak_rss_mb"] = peak_rss_mb()
     if cfg.eval_after:

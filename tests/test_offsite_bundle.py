@@ -25,7 +25,8 @@ def tiny():
 @pytest.fixture(scope="module")
 def bundle(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("b") / "bundle"
-    build(BuildConfig(model="tiny-llama", bottom=1, top=1, drop=0.5, progress=False), out, loaded=tiny)
+    build(BuildConfig(model="tiny-llama", bottom=1, top=1, drop=0.5, distill_steps=0, progress=False), out,
+          loaded=tiny)  # layer drop alone: the distilled default is tested in test_offsite_defaults.py
     return out
 
 
@@ -66,8 +67,8 @@ def test_bundle_holds_exactly_the_kept_blocks(bundle, tiny):
 
 
 def test_gradient_alignment_is_one_without_drop(tiny, tmp_path):
-    manifest = build(BuildConfig(model="tiny-llama", bottom=1, top=1, drop=0.0, progress=False), tmp_path / "b",
-                     loaded=tiny)
+    manifest = build(BuildConfig(model="tiny-llama", bottom=1, top=1, drop=0.0, distill_steps=0, progress=False),
+                     tmp_path / "b", loaded=tiny)
     assert manifest["gradient_alignment"] == {"bundle": {"0": pytest.approx(1.0, abs=1e-4),
                                                          "5": pytest.approx(1.0, abs=1e-4)}}
 

@@ -202,3 +202,24 @@ def test_merge_lora_is_w_plus_scaling_b_a(name, targets, scaling):
         torch.testing.assert_close(w, expected.get(key, before[key]), rtol=0, atol=1e-5 if key in expected else 0)
     assert [type(m).__name__ for m in model.modules()] == kinds and not hasattr(model, "peft_config")
     assert not frozen.requires_grad and model.get_input_embeddings().weight.requires_grad  # as they were
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_top_only_tuning_leaves_the_bottom_adapter_and_plugs_exactly(tiny, undropped, data, tmp_path, mode):
+    """train_blocks="top": only the top adapter block trains and travels; the cloud's reference tunes the same block;
+    with nothing dropped the plugged model is the owner's model."""
+    m = tune(config(data, mode, train_blocks="top"), undropped, tmp_path / "adapter")
+    adapter = load_adapter(tmp_path / "adapter")
+    assert adapter.blocks == [5] and adapter.manifest["train_blocks"] == "top"
+    assert {block_of(k) for k in adapter.tensors} == {5}
+    ids = torch.randint(3, 300, (2, 13))
+    plugged = plug(tiny.model, adapter, load_bundle(undropped).manifest)
+    assert torch.allclose(logits(plugged, ids), logits(m["_adapter"].model, ids), atol=1e-5)
+    full = copy.deepcopy(tiny.model)
+    res = offsite_table(full, T.tiny_tokenizer(), load_bundle(undropped), adapter, eval_examples=16, reference_steps=2,
+                        progress=False, train_file=str(data / "train.tsv"), dev_file=str(data / "dev.tsv"))
+    assert res["tuned"] == [5] and res["rows"]["plug-in"] == res["rows"]["emulator fine-tuned"]
+    changed = {block_of(k) for k, v in tiny.model.state_dict().items() if not torch.equal(v, full.state_dict()[k])}
+    assert changed == ({5} if mode == "full" else set())
+    with pytest.raises(ValueError, match="train_blocks"):
+        tune(config(data, mode, train_blocks="middle"), undropped, tmp_path / "other")
