@@ -56,6 +56,39 @@ def start_cloud(model: str):
     raise SystemExit("the cloud did not listen within 600 s")
 
 
+def time_mode(model: str, loaded, port: int, mode: str, batches, task) -> dict:
+    """One mode's steps interleaved with local PEFT's on the same batches; medians after two warm-up steps."""
+    em, _, link = build_edge(EdgeConfig.of(cloud=f"127.0.0.1:{port}", token=TOKEN, model=model,
+                                           cloud_lora=mode), loaded=copy.deepcopy(loaded))
+    pm = ref.peft_model(copy.deepcopy(loaded.model), em.lora)
+    head = pm.base_model.model.get_output_embeddings()
+    opt_s = torch.optim.AdamW(em.lora.parameters(), lr=1e-3)
+    opt_l = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+    split_t, local_t, bytes_step = [], [], []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        opt_s.zero_grad()
+        loss, _ = em.loss(b)
+        loss.backward()
+        opt_s.step()
+        t1 = time.perf_counter()
+        opt_l.zero_grad()
+        loss_l, _ = T.loss_from_hidden(task, ref.hidden(pm, b), b, head)
+        loss_l.backward()
+        opt_l.step()
+        t2 = time.perf_counter()
+        if i >= 2:
+            split_t.append(t1 - t0)
+            local_t.append(t2 - t1)
+            bytes_step.append(em.cloud.last_traffic.bytes_up + em.cloud.last_traffic.bytes_down)
+        print(f"{mode:>7} step {i:2d}: split {t1 - t0:6.3f}s  local PEFT {t2 - t1:6.3f}s  "
+              f"loss {loss.item():.4f} vs {loss_l.item():.4f}", flush=True)
+    link.close()
+    return {"split_s": statistics.median(split_t), "local_peft_s": statistics.median(local_t),
+            "ratio": statistics.median(split_t) / statistics.median(local_t),
+            "mb_per_step": statistics.mean(bytes_step) / 1e6}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
@@ -80,35 +113,7 @@ def main():
     rows = {}
     names = {"none": "split (frozen cloud)", "carried": "carried (all blocks)", "edge": "DLoRA (all blocks)"}
     for mode in args.modes.split(","):
-        em, _, link = build_edge(EdgeConfig.of(cloud=f"127.0.0.1:{port}", token=TOKEN, model=args.model,
-                                               cloud_lora=mode), loaded=copy.deepcopy(loaded))
-        pm = ref.peft_model(copy.deepcopy(loaded.model), em.lora)
-        head = pm.base_model.model.get_output_embeddings()
-        opt_s = torch.optim.AdamW(em.lora.parameters(), lr=1e-3)
-        opt_l = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
-        split_t, local_t, bytes_step = [], [], []
-        for i, b in enumerate(batches):
-            t0 = time.perf_counter()
-            opt_s.zero_grad()
-            loss, _ = em.loss(b)
-            loss.backward()
-            opt_s.step()
-            t1 = time.perf_counter()
-            opt_l.zero_grad()
-            loss_l, _ = T.loss_from_hidden(task, ref.hidden(pm, b), b, head)
-            loss_l.backward()
-            opt_l.step()
-            t2 = time.perf_counter()
-            if i >= 2:
-                split_t.append(t1 - t0)
-                local_t.append(t2 - t1)
-                bytes_step.append(em.cloud.last_traffic.bytes_up + em.cloud.last_traffic.bytes_down)
-            print(f"{mode:>7} step {i:2d}: split {t1 - t0:6.3f}s  local PEFT {t2 - t1:6.3f}s  "
-                  f"loss {loss.item():.4f} vs {loss_l.item():.4f}", flush=True)
-        link.close()
-        rows[names[mode]] = {"split_s": statistics.median(split_t), "local_peft_s": statistics.median(local_t),
-                      "ratio": statistics.median(split_t) / statistics.median(local_t),
-                      "mb_per_step": statistics.mean(bytes_step) / 1e6}
+        rows[names[mode]] = time_mode(args.model, loaded, port, mode, batches, task)
     if args.in_process:
         server.stop(0).wait()
         svc.stop()
