@@ -86,6 +86,11 @@ class EdgeBranchLinear(nn.Module):
         return out + self.branches.delta(self.block, self.target, x, self.widths).to(out.dtype)
 
 
+def carried_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * B A x for carried weights A [r, in], B [out, r], computed in the weights' dtype."""
+    return F.linear(F.linear(x.to(a.dtype), a), b) * scaling
+
+
 class CarriedLoRALinear(nn.Module):
     """A frozen cloud linear plus a LoRA whose weights came with the step: base(x) + scaling * B A x."""
 
@@ -95,7 +100,7 @@ class CarriedLoRALinear(nn.Module):
 
     def forward(self, x):
         out = self.base(x)
-        return out + (F.linear(F.linear(x.to(self.a.dtype), self.a), self.b) * self.scaling).to(out.dtype)
+        return out + carried_delta(x, self.a, self.b, self.scaling).to(out.dtype)
 
 
 class CarriedLoRA:
