@@ -16,6 +16,7 @@ from cloud.compute import CarriedLoRA, CloudSegment, StepBranches
 from cloud.sessions import CloudError, Session, quote
 from cloud.stream import CloudStream
 from protocol import pb
+from protocol.step import carried_sites
 from protocol.tensors import encode
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -45,7 +46,7 @@ def carried_lora(begin, sess: Session, segment: CloudSegment, active: list[int],
                  like: torch.Tensor) -> CarriedLoRA:
     """The LoRA weights that came with `begin`, checked (one per target of each active block, in that order, of
     rank r) and decoded as autograd leaves."""
-    want = [(b, t) for b in active for t in sess.targets]
+    want = carried_sites(active, sess.targets)
     if len(begin.lora_weights) != len(want):
         raise CloudError(INVALID, f"begin carries {len(begin.lora_weights)} LoRA weights; the active blocks and "
                          f"targets need {len(want)}")

@@ -22,7 +22,7 @@ from edge.link import CloudLink, StepFailed
 from model.lora import LoRASet
 from model.sites import site_groups
 from protocol import pb
-from protocol.step import Traffic
+from protocol.step import Traffic, carried_sites
 from protocol.tensors import WireError, decode, encode
 
 
@@ -147,17 +147,13 @@ class RemoteCloud(nn.Module):
         """Carried mode: A and B of every target of every active block, in that order (what begin carries)."""
         if not self.carried:
             return []
-        out = []
-        for b in self.active_blocks():
-            for t in self.targets:
-                site = self.lora.site(b, t)
-                out.append(pb.LoraWeights(block=b, target=t, a=encode(site.lora_A.weight, self.wire_up),
-                                          b=encode(site.lora_B.weight, self.wire_up)))
-        return out
+        sites = [(b, t, self.lora.site(b, t)) for b, t in carried_sites(self.active_blocks(), self.targets)]
+        return [pb.LoraWeights(block=b, target=t, a=encode(s.lora_A.weight, self.wire_up),
+                               b=encode(s.lora_B.weight, self.wire_up)) for b, t, s in sites]
 
     def add_carried_grads(self, grads) -> None:
         """Carried mode: add the cloud's dL/dA and dL/dB to the weights' gradients, checked against what was sent."""
-        want = [(b, t) for b in self.active_blocks() for t in self.targets] if self.carried else []
+        want = carried_sites(self.active_blocks(), self.targets) if self.carried else []
         if [(g.block, g.target) for g in grads] != want:
             raise StepFailed(None, f"the cloud returned {len(grads)} LoRA gradients; expected {len(want)}, "
                                    "one per target of each active block, in order")

@@ -39,6 +39,12 @@ DOWN_KINDS = ("lora_request", "hidden", "lora_grad_request", "input_grad")  # Cl
 LORA_KINDS = ("lora_request", "lora_reply", "lora_grad_request", "lora_grad_reply")  # carry block and group
 
 
+def carried_sites(active_blocks, targets) -> list[tuple[int, str]]:
+    """The carried mode's (block, target) pairs in the order `Begin.lora_weights` and `InputGrad.lora_grads` hold
+    them: every target of each active block, blocks ascending."""
+    return [(b, t) for b in active_blocks for t in targets]
+
+
 @dataclass(frozen=True)
 class Expected:
     """One message of a step: its kind, direction and, for the LoRA exchanges, the block and input group."""

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 from model.sites import site_groups
 from protocol import pb, wire_size
-from protocol.step import UP_KINDS, StepPlan, Traffic
+from protocol.step import UP_KINDS, StepPlan, Traffic, carried_sites
 from protocol.tensors import WIRE_DTYPES, payload_bytes, tensor_payload
 from sim.shape import ModelShape
 
@@ -160,7 +160,7 @@ def step_traffic(shape: ModelShape, setup: WireSetup, batch: int, seq: int, step
             return ()
         r = setup.lora_rank
         return (("carried", tuple((v(b), t, (r, shape.linear(t)[0]), (shape.linear(t)[1], r))
-                                  for b in active for t in setup.lora_targets)),)
+                                  for b, t in carried_sites(active, setup.lora_targets))),)
 
     def args(m) -> tuple:  # (scalar fields, tensor shape(s), wire dtype) of message m
         if m.kind == "begin":
