@@ -37,7 +37,7 @@ ROWS = [("split (frozen cloud)", dict(cloud_lora="none")),
 def local_peft_accuracy(loaded, args) -> tuple[float, float]:
     """Reference: PEFT LoRA q,v on all blocks, trained locally on the same batches; (dev accuracy, seconds)."""
     from tests.reference import peft_local as ref
-    from model.lora import LoRAConfig, LoRASet
+    from model.tuners.lora import LoRAConfig, LoRASet
     t0 = time.perf_counter()
     model = copy.deepcopy(loaded.model)
     lora = LoRASet(model, LoRAConfig(blocks=list(range(model.config.num_hidden_layers))))

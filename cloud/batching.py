@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cloud.compute import CarriedLoRA, CloudSegment, carried_delta
+from cloud.compute import CarriedLoRA, CloudSegment
+from model.tuners.lora import lora_delta
 
 log = logging.getLogger("tandem.cloud")
 
@@ -72,7 +73,7 @@ class RowsLoRALinear(nn.Module):
                 parts.append(out.new_zeros((stop - start, *out.shape[1:])))
             else:
                 a, b, scaling = piece
-                parts.append(carried_delta(x[start:stop], a, b, scaling).to(out.dtype))
+                parts.append(lora_delta(x[start:stop], a, b, scaling).to(out.dtype))
         return out + torch.cat(parts)
 
 

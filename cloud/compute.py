@@ -10,8 +10,9 @@ which blocks and sites are adapted and builds the wrapper (`wrap`):
   StepBranches / EdgeBranchLinear    DLoRA: the branch is computed on the edge, reached through an `exchange`
                                      (`LoRAExchange`: over gRPC the cloud's half of the Step stream, cloud/stream.py;
                                      in a test a local LoRA). The cloud never holds the LoRA weights.
-  CarriedLoRA / CarriedLoRALinear    carried mode: the weights came with the step; the branch is computed here on
-                                     autograd leaves whose gradients go back to the edge. Nothing outlives the step.
+  CarriedLoRA / CarriedLoRALinear,   carried mode: the weights (LoRA, DoRA, (IA)³) came with the step; the site is
+  CarriedDoRALinear,                 computed here, with model/tuners/' math, on autograd leaves whose gradients go
+  CarriedIA3Linear                   back to the edge. Nothing outlives the step.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import copy
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.segments import family_of, linear_dims
+from model.tuners.ia3 import ia3_forward
+from model.tuners.lora import dora_delta, lora_delta
 
 
 class LoRAExchange(Protocol):
@@ -86,11 +88,6 @@ class EdgeBranchLinear(nn.Module):
         return out + self.branches.delta(self.block, self.target, x, self.widths).to(out.dtype)
 
 
-def carried_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """scaling * B A x for carried weights A [r, in], B [out, r], computed in the weights' dtype."""
-    return F.linear(F.linear(x.to(a.dtype), a), b) * scaling
-
-
 class CarriedLoRALinear(nn.Module):
     """A frozen cloud linear plus a LoRA whose weights came with the step: base(x) + scaling * B A x."""
 
@@ -100,19 +97,53 @@ class CarriedLoRALinear(nn.Module):
 
     def forward(self, x):
         out = self.base(x)
-        return out + carried_delta(x, self.a, self.b, self.scaling).to(out.dtype)
+        return out + lora_delta(x, self.a, self.b, self.scaling).to(out.dtype)
+
+
+class CarriedDoRALinear(nn.Module):
+    """A frozen cloud linear plus a DoRA whose A, B and magnitude came with the step (model/tuners/lora.py)."""
+
+    def __init__(self, base: nn.Module, weight: torch.Tensor, a, b, magnitude, scaling: float):
+        super().__init__()
+        self.base, self.weight, self.a, self.b, self.magnitude, self.scaling = base, weight, a, b, magnitude, scaling
+
+    def forward(self, x):
+        out = self.base(x)
+        bias = getattr(self.base, "bias", None)
+        base_out = out - bias if bias is not None else out
+        return out + dora_delta(x, base_out, self.weight, self.a, self.b, self.magnitude, self.scaling).to(out.dtype)
+
+
+class CarriedIA3Linear(nn.Module):
+    """A frozen cloud linear rescaled by an (IA)³ vector that came with the step (model/tuners/ia3.py)."""
+
+    def __init__(self, base: nn.Module, scale: torch.Tensor, feedforward: bool):
+        super().__init__()
+        self.base, self.scale, self.feedforward = base, scale, feedforward
+
+    def forward(self, x):
+        return ia3_forward(self.base, x, self.scale, self.feedforward)
 
 
 class CarriedLoRA:
-    """The carried LoRA of one step: (block, site) -> (A [r, in], B [out, r]), autograd leaves when training."""
+    """The carried weights of one step: (block, site) -> the tensors of protocol/step.py CARRIED_PARAMS[method], in
+    that order ((A, B) for LoRA, (A, B, m) for DoRA, (l,) for (IA)³), autograd leaves when training."""
 
-    def __init__(self, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], scaling: float):
-        self.weights, self.scaling = weights, scaling
+    def __init__(self, weights: dict[tuple[int, str], tuple[torch.Tensor, ...]], scaling: float,
+                 method: str = "lora", feedforward=(), base_weight=None):
+        self.weights, self.scaling, self.method = weights, scaling, method
+        self.feedforward = set(feedforward)
+        self.base_weight = base_weight  # DoRA: a base linear -> its weight as [out, in]
         self.active = {b for b, _ in weights}
         self.sites = list(dict.fromkeys(s for _, s in weights))
 
     def wrap(self, base: nn.Module, block: int, site: str, widths: dict[str, int]) -> nn.Module:
-        return CarriedLoRALinear(base, *self.weights[block, site], self.scaling)
+        w = self.weights[block, site]
+        if self.method == "ia3":
+            return CarriedIA3Linear(base, w[0], site in self.feedforward)
+        if self.method == "dora":
+            return CarriedDoRALinear(base, self.base_weight(base), *w, self.scaling)
+        return CarriedLoRALinear(base, *w, self.scaling)
 
 
 def with_submodules(module: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
@@ -150,6 +181,10 @@ class CloudSegment:
                     continue
                 self._paths[b, s] = self.family.site_path(s)
                 self._widths[b][s] = linear_dims(module)[1]
+
+    def base_weight(self, lin: nn.Module) -> torch.Tensor:
+        """A base linear's weight as [out, in] (GPT-2's Conv1D holds it as [in, out]); DoRA's norm needs it."""
+        return lin.weight.T if self.family.fan_in_fan_out else lin.weight
 
     def site_dims(self, b: int, site: str) -> tuple[int, int]:
         """(in, out) features of a site of block b."""

@@ -41,6 +41,7 @@ from model.segments import cut_of
 from model.sites import FAMILY_OF, site_groups
 from privacy.security.tokens import AuthError, check_token
 from protocol import PROTOCOL_VERSION, pb
+from protocol.step import CARRIED_PARAMS
 from protocol.tensors import WIRE_DTYPES
 
 log = logging.getLogger("tandem.cloud")
@@ -124,12 +125,14 @@ class BackboneService:
         except CloudError as e:
             await context.abort(e.code, e.message)
         log.info("session %s opened by %s: cut %s, LoRA blocks %d%s", sess.id, quote(client), sess.cut,
-                 len(sess.lora_blocks), " (carried)" if sess.carried else "")
+                 len(sess.lora_blocks), f" (carried {sess.carried})" if sess.carried else "")
         if self.capture is not None:
             self.capture.session_opened(sess.id, dict(
                 k=request.edge_bottom_blocks, m=request.edge_top_blocks, lora_targets=sess.targets,
-                lora_blocks=sess.lora_blocks, carried=sess.carried, lora_rank=sess.lora_rank,
-                lora_scaling=sess.lora_scaling, wire_up=sess.wire_up, wire_down=sess.wire_down))
+                lora_blocks=sess.lora_blocks, carried=bool(sess.carried), carried_method=sess.carried,
+                lora_rank=sess.lora_rank,
+                lora_scaling=sess.lora_scaling, feedforward=list(sess.feedforward), wire_up=sess.wire_up,
+                wire_down=sess.wire_down))
         return pb.OpenSessionReply(session_id=sess.id, first_cloud_block=sess.cut.cloud.start,
                                    last_cloud_block=sess.cut.cloud.stop - 1, hidden_size=self.model.config.hidden_size,
                                    max_tokens_per_step=self.config.max_tokens_per_step,
@@ -159,17 +162,32 @@ class BackboneService:
             raise CloudError(INVALID, "LoRA blocks given without LoRA targets")
         if any(b not in cut.cloud for b in blocks):
             raise CloudError(INVALID, f"LoRA blocks are not all cloud blocks {cut.cloud.start}..{cut.cloud.stop - 1}")
-        carried = dict(carried=request.carried_lora and bool(blocks))
-        if carried["carried"]:
-            narrowest = min(min(self.segment.site_dims(b, t)) for b in blocks for t in targets)
-            if not 1 <= request.lora_rank <= narrowest:
-                raise CloudError(INVALID, f"carried LoRA rank {request.lora_rank} is not within 1..{narrowest}")
-            if not math.isfinite(request.lora_scaling) or not 0 < abs(request.lora_scaling) <= 1e4:
-                raise CloudError(INVALID, f"carried LoRA scaling {request.lora_scaling} is not finite, nonzero "
-                                 "and at most 1e4 in size")
-            carried.update(lora_rank=request.lora_rank, lora_scaling=request.lora_scaling)
+        carried = self._carried_fields(request, blocks, targets)
         return dict(cut=cut, wire_up=request.wire_dtype_up, wire_down=request.wire_dtype_down, targets=targets,
                     lora_blocks=blocks, groups=groups if blocks and not carried["carried"] else (), **carried)
+
+    def _carried_fields(self, request, blocks: list[int], targets: list[str]) -> dict:
+        """The carried method's session fields, checked: the method, LoRA's rank and scaling, (IA)³'s feed-forward
+        targets."""
+        method = request.carried_method or "lora"
+        if request.feedforward_targets and not (request.carried_lora and method == "ia3"):
+            raise CloudError(INVALID, "feedforward_targets belong to carried ia3 sessions only")
+        if not (request.carried_lora and blocks):
+            return dict(carried="")
+        if method not in CARRIED_PARAMS:
+            raise CloudError(INVALID, f"carried method {quote(method)} is not one of {', '.join(CARRIED_PARAMS)}")
+        if method == "ia3":
+            feedforward = tuple(dict.fromkeys(request.feedforward_targets))
+            if stray := [t for t in feedforward if t not in targets]:
+                raise CloudError(INVALID, f"feed-forward targets {quote(','.join(stray))} are not lora_targets")
+            return dict(carried=method, feedforward=feedforward)
+        narrowest = min(min(self.segment.site_dims(b, t)) for b in blocks for t in targets)
+        if not 1 <= request.lora_rank <= narrowest:
+            raise CloudError(INVALID, f"carried LoRA rank {request.lora_rank} is not within 1..{narrowest}")
+        if not math.isfinite(request.lora_scaling) or not 0 < abs(request.lora_scaling) <= 1e4:
+            raise CloudError(INVALID, f"carried LoRA scaling {request.lora_scaling} is not finite, nonzero "
+                             "and at most 1e4 in size")
+        return dict(carried=method, lora_rank=request.lora_rank, lora_scaling=request.lora_scaling)
 
     async def CloseSession(self, request, context):
         try:

@@ -64,9 +64,11 @@ class Session:
     targets: list[str]
     lora_blocks: list[int]
     groups: tuple = ()  # DLoRA: input groups of `targets`, in execution order (model/sites.py); else ()
-    carried: bool = False  # carried mode: the LoRA weights of `lora_blocks` come with each step's begin
-    lora_rank: int = 0  # carried: r of those weights
-    lora_scaling: float = 0.0  # carried: alpha / r
+    carried: str = ""  # carried mode: the method ("lora", "dora", "ia3") whose weights of `lora_blocks` come with
+    # each step's begin; "": not carried
+    lora_rank: int = 0  # carried LoRA, DoRA: r of those weights
+    lora_scaling: float = 0.0  # carried LoRA, DoRA: alpha / r (rsLoRA: alpha / sqrt(r))
+    feedforward: tuple = ()  # carried (IA)³: the targets scaled at their input
     last_used: float = field(default_factory=time.monotonic)
     steps: int = 0
     bytes_received: int = 0

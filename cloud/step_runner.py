@@ -16,10 +16,12 @@ from cloud.compute import CarriedLoRA, CloudSegment, StepBranches
 from cloud.sessions import CloudError, Session, quote
 from cloud.stream import CloudStream
 from protocol import pb
-from protocol.step import carried_sites
+from protocol.step import CARRIED_PARAMS, carried_shapes, carried_sites
 from protocol.tensors import encode
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+SITE_FIELDS = ("a", "b", "magnitude", "scale")  # pb.SiteWeights' tensors
+NAMES = {"a": "LoRA A", "b": "LoRA B", "magnitude": "DoRA magnitude", "scale": "(IA)³ scale"}
 
 
 def check_begin(begin, sess: Session, H: int, cost: StepCostLimit, stream: CloudStream, dtype, device):
@@ -44,20 +46,22 @@ def check_begin(begin, sess: Session, H: int, cost: StepCostLimit, stream: Cloud
 
 def carried_lora(begin, sess: Session, segment: CloudSegment, active: list[int], stream: CloudStream,
                  like: torch.Tensor) -> CarriedLoRA:
-    """The LoRA weights that came with `begin`, checked (one per target of each active block, in that order, of
-    rank r) and decoded as autograd leaves."""
+    """The site weights that came with `begin`, checked (one per target of each active block, in that order, with
+    exactly the fields and shapes of the session's carried method) and decoded as autograd leaves."""
     want = carried_sites(active, sess.targets)
     if len(begin.lora_weights) != len(want):
-        raise CloudError(INVALID, f"begin carries {len(begin.lora_weights)} LoRA weights; the active blocks and "
+        raise CloudError(INVALID, f"begin carries {len(begin.lora_weights)} site weights; the active blocks and "
                          f"targets need {len(want)}")
-    weights, r = {}, sess.lora_rank
+    weights, method = {}, sess.carried
     for i, (w, (b, t)) in enumerate(zip(begin.lora_weights, want)):
         if (w.block, w.target) != (b, t):
             raise CloudError(INVALID, f"lora_weights[{i}] is for {w.block}/{quote(w.target)}; expected {b}/{t}")
-        n_in, n_out = segment.site_dims(b, t)
-        weights[b, t] = (stream.decode(w.a, [r, n_in], like, f"LoRA A {b}/{t}").requires_grad_(begin.train),
-                         stream.decode(w.b, [n_out, r], like, f"LoRA B {b}/{t}").requires_grad_(begin.train))
-    return CarriedLoRA(weights, sess.lora_scaling)
+        shapes = carried_shapes(method, sess.lora_rank, *segment.site_dims(b, t), t in sess.feedforward)
+        if stray := [f for f in SITE_FIELDS if f not in shapes and w.HasField(f)]:
+            raise CloudError(INVALID, f"lora_weights[{i}] sets {', '.join(stray)}, which carried {method} has not")
+        weights[b, t] = tuple(stream.decode(getattr(w, f), shape, like, f"{NAMES[f]} {b}/{t}")
+                              .requires_grad_(begin.train) for f, shape in shapes.items())
+    return CarriedLoRA(weights, sess.lora_scaling, method, sess.feedforward, segment.base_weight)
 
 
 def step_sites(begin, sess: Session, segment: CloudSegment, active: list[int], stream: CloudStream, like):
@@ -70,11 +74,12 @@ def step_sites(begin, sess: Session, segment: CloudSegment, active: list[int], s
 
 
 def carried_grads(sites, wire: int) -> list:
-    """dL/dA and dL/dB of the carried weights, in begin's order."""
+    """The gradients of the carried weights, in begin's order."""
     if not isinstance(sites, CarriedLoRA):
         return []
-    return [pb.LoraWeights(block=b, target=t, a=encode(_grad(a), wire), b=encode(_grad(w_b), wire))
-            for (b, t), (a, w_b) in sites.weights.items()]
+    return [pb.SiteWeights(block=b, target=t, **{f: encode(_grad(w), wire)
+                                                 for f, w in zip(CARRIED_PARAMS[sites.method], ws)})
+            for (b, t), ws in sites.weights.items()]
 
 
 def _grad(t: torch.Tensor) -> torch.Tensor:
@@ -85,11 +90,12 @@ def run_step(segment: CloudSegment, sess: Session, begin, stream: CloudStream, c
              batcher: StepBatcher | None = None) -> tuple:
     """Run the step; returns (last message, cloud compute seconds). The last message (hidden for a forward-only
     step, input_grad for a train step) is counted but not yet sent: the caller frees the session first. With a
-    batcher, a step without LoRA exchanges runs in a batch with other sessions' steps (cloud/batching.py)."""
+    batcher, a frozen or carried-LoRA step runs in a batch with other sessions' steps (cloud/batching.py); DLoRA,
+    carried DoRA and (IA)³ steps run alone."""
     p = next(segment.model.parameters())
     hidden, mask, active = check_begin(begin, sess, segment.model.config.hidden_size, cost, stream, p.dtype, p.device)
     sites = step_sites(begin, sess, segment, active, stream, hidden)
-    if batcher is not None and not isinstance(sites, StepBranches):
+    if batcher is not None and (sites is None or isinstance(sites, CarriedLoRA) and sites.method == "lora"):
         return run_batched(batcher, sess, begin, stream, Job(sess.cut.cloud, hidden, mask, sites, begin.train))
     t0, w0 = time.perf_counter(), stream.wait_seconds
     with torch.set_grad_enabled(begin.train):

@@ -14,6 +14,7 @@ from edge.flags import build
 from edge.killrevive import KRConfig
 from edge.link import LinkConfig
 from model.load import DTYPES
+from model.tuners import METHODS
 from protocol.step import CloudLoRA
 from protocol.tensors import Wire
 
@@ -32,12 +33,28 @@ class DataConfig:
 class LoRAOptions:
     cloud: CloudLoRA = field(default="none", metadata={
         "flag": "cloud_lora", "help": "none: the cloud blocks are frozen (split); edge: DLoRA, their LoRA computed on "
-                                      "the edge; carried: their LoRA weights ride each step, gradients come back"})
+                                      "the edge; carried: their LoRA (or DoRA, (IA)³) weights ride each step, "
+                                      "gradients come back"})
     r: int = 8  # LoRA rank
     alpha: int = 16  # LoRA scale numerator (the update is scaled by alpha / r)
     dropout: float = 0.0  # dropout on the LoRA input
     targets: tuple[str, ...] = ()  # linear layers that get LoRA, named as PEFT names them (default: the family's)
     freeze_a: bool = False  # FFA-LoRA: train B only (federated averaging of B is then exact)
+    dora: bool = False  # DoRA: a magnitude vector per site (PEFT's use_dora); not with --cloud-lora edge
+    rslora: bool = False  # rsLoRA: scale by alpha / sqrt(r) (PEFT's use_rslora)
+
+
+@dataclass
+class PeftOptions:
+    method: str = field(default="lora", metadata={
+        "flag": "peft", "choices": tuple(METHODS),
+        "help": "the PEFT method: lora (LoRA, --lora-dora, --lora-rslora), ia3 ((IA)³ scaling vectors), prompt "
+                "(prompt tuning), ptuning (P-tuning's prompt encoder); model/tuners/"})
+    ia3_targets: tuple[str, ...] = ()  # (IA)³: linears rescaled, named as PEFT names them (default: PEFT's for the model)
+    ia3_feedforward: tuple[str, ...] = ()  # (IA)³: of those, the ones scaled at their input (default: PEFT's)
+    prompt_tokens: int = 20  # prompt, ptuning: virtual tokens prepended to every input
+    prompt_init_text: str | None = None  # prompt: start the virtual tokens from this text's embeddings (default: random)
+    ptuning_hidden: int | None = None  # ptuning: hidden size of the prompt encoder's MLP (default: the model's)
 
 
 @dataclass
@@ -82,6 +99,7 @@ class EdgeConfig:
     m: int = 1  # blocks at the top of the model that run on the edge
     wire_up: Wire = "fp32"  # dtype of what the edge sends (hidden states, gradients)
     wire_down: Wire = "fp32"  # dtype of what the cloud sends back
+    peft: PeftOptions = field(default_factory=PeftOptions, metadata={"title": "PEFT method"})
     lora: LoRAOptions = field(default_factory=LoRAOptions, metadata={"prefix": "lora", "title": "LoRA"})
     kr: KRConfig = field(default_factory=KRConfig, metadata={"prefix": "kr", "title": "Kill & Revive (DLoRA)"})
     noise: NoiseConfig = field(default_factory=NoiseConfig,

@@ -105,7 +105,7 @@ def open_model(cfg: EdgeConfig, adapter: str | None, *, local: bool = False, loa
 
 
 def _open_local(cfg: EdgeConfig, adapter: str | None, loaded, tok, n_blocks: int) -> Tuned:
-    from model.lora import LoRAConfig, LoRASet
+    from model.tuners.lora import LoRAConfig, LoRASet
     from model.segments import BlockRun, family_of
     model = loaded.model
     family = family_of(model)

@@ -70,13 +70,16 @@ class CloudLink:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
     def open(self, *, fingerprint: str, k: int, m: int, wire_up: int, wire_down: int, lora_targets=(),
-             lora_blocks=(), carried: bool = False, lora_rank: int = 0,
-             lora_scaling: float = 0.0) -> pb.OpenSessionReply:
+             lora_blocks=(), carried: str = "", lora_rank: int = 0, lora_scaling: float = 0.0,
+             feedforward_targets=()) -> pb.OpenSessionReply:
+        """Open a session; `carried` names the carried method ("lora", "dora", "ia3"; "" = not carried)."""
         self._request = pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION, model_fingerprint=fingerprint,
                                               edge_bottom_blocks=k, edge_top_blocks=m, wire_dtype_up=wire_up,
                                               wire_dtype_down=wire_down, lora_targets=list(lora_targets),
-                                              lora_blocks=list(lora_blocks), carried_lora=carried,
-                                              lora_rank=lora_rank, lora_scaling=lora_scaling)
+                                              lora_blocks=list(lora_blocks), carried_lora=bool(carried),
+                                              lora_rank=lora_rank, lora_scaling=lora_scaling,
+                                              carried_method=carried,
+                                              feedforward_targets=list(feedforward_targets))
         return self.reopen()
 
     def reopen(self) -> pb.OpenSessionReply:

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from edge.link import CloudLink, StepFailed
-from model.lora import LoRASet
 from model.sites import site_groups
 from protocol import pb
 from protocol.step import Traffic, carried_sites
@@ -124,15 +123,17 @@ class _CloudFn(torch.autograd.Function):
 
 
 class RemoteCloud(nn.Module):
-    """Stands in for the cloud blocks in the edge's model. `lora` holds the LoRA of cloud blocks (DLoRA) or None."""
+    """Stands in for the cloud blocks in the edge's model. `lora` holds the trainable weights of cloud blocks (DLoRA's
+    or the carried mode's LoRA, DoRA, (IA)³), or None (frozen)."""
 
-    def __init__(self, link: CloudLink, wire_up: int, wire_down: int, lora: LoRASet | None = None,
-                 lora_blocks=(), targets=(), carried: bool = False):
+    def __init__(self, link: CloudLink, wire_up: int, wire_down: int, lora=None, lora_blocks=(), targets=(),
+                 carried: str | None = None):
         super().__init__()
         self.link, self.wire_up, self.wire_down = link, wire_up, wire_down
         self.lora_blocks = list(lora_blocks)
         self.targets = list(targets)
-        self.carried = carried and lora is not None  # the weights ride the step; no LoRA exchange
+        # the carried method ("lora", "dora", "ia3"): the weights ride the step, no exchange; None: DLoRA or frozen
+        self.carried = carried if lora is not None else None
         # DLoRA: input group -> its targets, in execution order, exactly as the cloud and the simulator group them
         self.groups = site_groups(lora.family.name, self.targets) if lora is not None and not self.carried else ()
         self.lora = lora
@@ -143,24 +144,26 @@ class RemoteCloud(nn.Module):
     def active_blocks(self) -> list[int]:
         return [b for b in self.lora_blocks if b not in self.killed]
 
-    def carried_weights(self) -> list:
-        """Carried mode: A and B of every target of every active block, in that order (what begin carries)."""
+    def _carried(self) -> list[tuple[int, str, dict]]:
+        """(block, target, SiteWeights field -> parameter) of every carried site, in the wire's order."""
         if not self.carried:
             return []
-        sites = [(b, t, self.lora.site(b, t)) for b, t in carried_sites(self.active_blocks(), self.targets)]
-        return [pb.LoraWeights(block=b, target=t, a=encode(s.lora_A.weight, self.wire_up),
-                               b=encode(s.lora_B.weight, self.wire_up)) for b, t, s in sites]
+        return [(b, t, self.lora.site(b, t).carried()) for b, t in carried_sites(self.active_blocks(), self.targets)]
+
+    def carried_weights(self) -> list:
+        """Carried mode: the parameters of every target of every active block, in that order (what begin carries)."""
+        return [pb.SiteWeights(block=b, target=t, **{k: encode(p, self.wire_up) for k, p in params.items()})
+                for b, t, params in self._carried()]
 
     def add_carried_grads(self, grads) -> None:
-        """Carried mode: add the cloud's dL/dA and dL/dB to the weights' gradients, checked against what was sent."""
-        want = carried_sites(self.active_blocks(), self.targets) if self.carried else []
-        if [(g.block, g.target) for g in grads] != want:
-            raise StepFailed(None, f"the cloud returned {len(grads)} LoRA gradients; expected {len(want)}, "
+        """Carried mode: add the cloud's gradients to the weights' `.grad`, checked against what was sent."""
+        sites = self._carried()
+        if [(g.block, g.target) for g in grads] != [(b, t) for b, t, _ in sites]:
+            raise StepFailed(None, f"the cloud returned {len(grads)} site gradients; expected {len(sites)}, "
                                    "one per target of each active block, in order")
-        for g, (b, t) in zip(grads, want):
-            site = self.lora.site(b, t)
-            for p, msg in ((site.lora_A.weight, g.a), (site.lora_B.weight, g.b)):
-                grad = self.decode(msg, list(p.shape), p)
+        for g, (_, _, params) in zip(grads, sites):
+            for field, p in params.items():
+                grad = self.decode(getattr(g, field), list(p.shape), p)
                 p.grad = grad if p.grad is None else p.grad + grad
 
     def lora_grads(self) -> dict:

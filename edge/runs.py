@@ -27,6 +27,7 @@ from pathlib import Path
 from edge.config import EdgeConfig
 from edge.flags import build, flags_of
 from model.training import CheckpointError
+from model.tuners import METHODS
 
 EXISTING = ("refuse", "resume", "overwrite")  # what a run does with a folder that holds one
 RUN_FILES = ("checkpoint.pt", "adapter", "metrics.json")  # any of these: the folder holds a run
@@ -169,10 +170,39 @@ def _span(blocks) -> str:
 
 
 def load_adapter(lora, path: str | Path) -> None:
-    """Load the PEFT adapter in `path` into `lora` (a model.lora.LoRASet) if it fits exactly; else RunError."""
+    """Load the PEFT adapter in `path` into `lora` (the --peft method's set, model/tuners/) if it fits exactly; else
+    RunError naming what differs."""
     config, state = read_adapter(path)
+    ours = lora.peft_config()
+    kind = str(getattr(ours.peft_type, "value", ours.peft_type))
+    if config.get("peft_type", kind) != kind:
+        theirs = next((m.name for m in METHODS.values() if m.peft_type == config.get("peft_type")), config["peft_type"])
+        raise RunError(f"the adapter in {path} does not fit this edge: it is {config['peft_type']} (--peft {theirs}), "
+                       f"this edge trains {kind}")
+    diff = _lora_differences(config, lora) if kind == "LORA" else []
+    for key, flag in (("num_virtual_tokens", "--prompt-tokens"),):
+        if key in config and config[key] != getattr(ours, key, config[key]):
+            diff.append(f"{flag} {config[key]} (here {getattr(ours, key)})")
+    ours_keys = set(lora.peft_state_dict())
+    theirs = {k.replace(".default.", ".") for k in state}
+    if not diff and ours_keys != theirs:
+        diff.append(f"{len(theirs - ours_keys)} weights this edge has no place for and {len(ours_keys - theirs)} it "
+                    "lacks")
+    if diff:
+        raise RunError(f"the adapter in {path} does not fit this edge: it has {'; '.join(diff)}")
+    try:
+        lora.load_peft_state_dict(state)
+    except (KeyError, ValueError) as e:
+        raise RunError(f"the adapter in {path} does not fit this edge: {e}") from None
+
+
+def _lora_differences(config: dict, lora) -> list[str]:
+    """The LoRA settings in which a LoRA adapter's config differs from `lora`'s, as the flags that set them."""
     c = lora.cfg
     diff = []
+    for key, flag, here in (("use_dora", "--lora-dora", c.use_dora), ("use_rslora", "--lora-rslora", c.use_rslora)):
+        if bool(config.get(key, False)) != here:
+            diff.append(f"{flag if config.get(key) else '--no-' + flag[2:]} (here {'on' if here else 'off'})")
     if config.get("r", c.r) != c.r:
         diff.append(f"--lora-r {config['r']} (here {c.r})")
     if config.get("lora_alpha", c.alpha) != c.alpha:
@@ -183,17 +213,7 @@ def load_adapter(lora, path: str | Path) -> None:
     if blocks is not None and blocks != sorted(c.blocks):
         diff.append(f"LoRA on blocks {_span(blocks)} (here {_span(c.blocks)}: set --cloud-lora, --k and --m as "
                     "the run that trained it)")
-    ours = set(lora.peft_state_dict())
-    theirs = {k.replace(".default.", ".") for k in state}
-    if not diff and ours != theirs:
-        diff.append(f"{len(theirs - ours)} LoRA weights this edge has no place for and {len(ours - theirs)} it "
-                    "lacks")
-    if diff:
-        raise RunError(f"the adapter in {path} does not fit this edge: it has {'; '.join(diff)}")
-    try:
-        lora.load_peft_state_dict(state)
-    except (KeyError, ValueError) as e:
-        raise RunError(f"the adapter in {path} does not fit this edge: {e}") from None
+    return diff
 
 
 def adapter_blocks(path: str | Path) -> list[int] | None:

@@ -15,7 +15,6 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import get_args
 
 import torch
 from torch import nn
@@ -25,51 +24,55 @@ from edge import runs
 from edge.config import EdgeConfig
 from edge.data import check_data, load_items
 from edge.link import CloudLink
+from edge.methods import carried_method, check_method, trained_blocks, tuner_set
 from edge.records import (StepRecord, board_eval, board_step, open_board, run_summary, step_record, summarize,
                           traffic_postfix)
 from edge.remote import RemoteCloud
 from model.load import DTYPES, fingerprint, load_model
-from model.lora import LoRAConfig, LoRASet
 from model.segments import EdgeBottom, EdgeTop, cut_of, drop_blocks
 from model.training import Checkpoint, FitOptions, FitResult, endless_batches, evaluate as evaluate_hidden, fit
 from privacy.defences.noise import add_gaussian_noise, clip_rows, rms
 from privacy.security.files import write_atomic
-from protocol.step import CloudLoRA
 from protocol.tensors import wire_dtype
 
 
 class EdgeModel(nn.Module):
-    """The edge's whole model: bottom, the cloud stand-in, top. `lora` holds every trainable weight."""
+    """The edge's whole model: bottom, the cloud stand-in, top. `lora` holds every trainable weight: the --peft
+    method's set (model/tuners/: a LoRASet, IA3Set or PromptSet)."""
 
-    def __init__(self, model, cfg: EdgeConfig, link: CloudLink | None):
+    def __init__(self, model, cfg: EdgeConfig, link: CloudLink | None, tokenizer=None):
         super().__init__()
         cut = cut_of(model, cfg.k, cfg.m)
         self.cut, self.task = cut, T.resolve_task(cfg.data.task, cfg.data.task_file)
-        local = [*cut.bottom, *cut.top]
-        remote_blocks = list(cut.cloud) if cfg.lora.cloud != "none" else []
-        lo = cfg.lora
-        self.lora = LoRASet(model, LoRAConfig(lo.r, lo.alpha, lo.dropout, tuple(lo.targets),
-                                              sorted(local + remote_blocks)))
+        local, remote_blocks = trained_blocks(cfg, cut)
+        self.lora = tuner_set(model, cfg, sorted(local + remote_blocks), tokenizer)
         self.lora.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
+        self.prompt = self.lora if hasattr(self.lora, "prepend") else None  # an input method: virtual tokens
         self.fingerprint = fingerprint(model)
         for p in model.parameters():
             p.requires_grad_(False)
-        self.lora.attach(model, local)
+        if self.prompt is None:
+            self.lora.attach(model, local)
         drop_blocks(model, cut.cloud)  # the edge never holds the cloud's weights
         self.bottom, self.top = EdgeBottom(model, cut), EdgeTop(model, cut)
-        self.cloud = RemoteCloud(link, wire_dtype(cfg.wire_up), wire_dtype(cfg.wire_down),
-                                 self.lora if remote_blocks else None, remote_blocks, self.lora.cfg.targets,
-                                 carried=cfg.lora.cloud == "carried")
+        targets = self.lora.cfg.targets if remote_blocks else ()
+        self.cloud = RemoteCloud(link, wire_dtype(cfg.wire_up), wire_dtype(cfg.wire_down), self.lora if remote_blocks else None,
+                                 remote_blocks, targets, carried=carried_method(cfg) if cfg.lora.cloud == "carried"
+                                 else None)
         self.noise_sigma, self.noise_clip = cfg.noise.sigma, cfg.noise.clip
 
     def hidden(self, batch: T.Batch) -> torch.Tensor:
-        h = self.bottom(batch.input_ids, batch.attention_mask)
+        h, mask = self.bottom.token_embeds(batch.input_ids), batch.attention_mask
+        if self.prompt is not None:  # prompt, ptuning: the virtual tokens go first (as PEFT puts them before the
+            h, mask = self.prompt.prepend(h, mask)  # positions); the cloud sees them too
+        h = self.bottom(None, mask, token_embeds=h)
         if self.noise_clip is not None:  # what leaves the device is clipped, then noised (privacy/defences/noise.py)
             h = clip_rows(h, self.noise_clip)
         if self.noise_sigma > 0:  # sigma relative to the RMS of what is sent, over real tokens
-            h = add_gaussian_noise(h, self.noise_sigma * rms(h.detach(), batch.attention_mask))
-        h = self.cloud(h, batch.attention_mask)
-        return self.top(h, batch.attention_mask)
+            h = add_gaussian_noise(h, self.noise_sigma * rms(h.detach(), mask))
+        h = self.cloud(h, mask)
+        h = self.top(h, mask)
+        return h if self.prompt is None else h[:, self.prompt.num_virtual:]  # the real tokens' positions
 
     def loss(self, batch: T.Batch):
         return T.loss_from_hidden(self.task, self.hidden(batch), batch, self.top.lm_head)
@@ -87,25 +90,16 @@ class TrainResult:
 
 def build_edge(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None):
     """Check the data, load the model, cut it, connect and open a session. Returns (edge_model, tokenizer, link)."""
-    check_mode(cfg)
+    check_method(cfg)
     task = check_data(cfg)  # data errors before the model loads or a session opens
     torch.manual_seed(cfg.optim.seed)
     loaded = loaded or load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
     tokenizer = loaded.tokenizer or T.tiny_tokenizer()
     T.check_tokens(task, tokenizer)  # label words tell apart for this tokenizer: before the session too
     link = link or CloudLink(link_config(cfg))
-    em = EdgeModel(loaded.model, cfg, link)
+    em = EdgeModel(loaded.model, cfg, link, tokenizer)
     open_session(em, cfg)
     return em, tokenizer, link
-
-
-def check_mode(cfg: EdgeConfig) -> None:
-    """--cloud-lora and the LoRA options that go with it, before anything loads."""
-    if cfg.lora.cloud not in get_args(CloudLoRA):
-        raise ValueError(f"--cloud-lora must be one of {', '.join(get_args(CloudLoRA))}, got {cfg.lora.cloud!r}")
-    if cfg.lora.cloud == "carried" and cfg.lora.dropout > 0:
-        raise ValueError("--cloud-lora carried runs the cloud blocks' LoRA on the cloud, which applies no dropout: "
-                         "give --lora-dropout 0, or use --cloud-lora edge")
 
 
 def link_config(cfg: EdgeConfig):
@@ -119,7 +113,11 @@ def link_config(cfg: EdgeConfig):
 
 
 def open_session(em: EdgeModel, cfg: EdgeConfig):
-    carried = dict(carried=True, lora_rank=em.lora.cfg.r, lora_scaling=em.lora.cfg.scaling) if em.cloud.carried else {}
+    carried = {}
+    if em.cloud.carried == "ia3":
+        carried = dict(carried="ia3", feedforward_targets=em.lora.cfg.feedforward)
+    elif em.cloud.carried:
+        carried = dict(carried=em.cloud.carried, lora_rank=em.lora.cfg.r, lora_scaling=em.lora.cfg.scaling)
     return em.cloud.link.open(fingerprint=em.fingerprint, k=cfg.k, m=cfg.m, wire_up=wire_dtype(cfg.wire_up),
                               wire_down=wire_dtype(cfg.wire_down),
                               lora_targets=em.lora.cfg.targets if em.cloud.lora_blocks else (),
@@ -184,6 +182,7 @@ def _train_and_evaluate(em: EdgeModel, tok, cfg: EdgeConfig, on_step, step_hook,
             p.requires_grad_("lora_A" not in name)
     train_items = load_items(cfg, tok, "train")
     dev_items = load_items(cfg, tok, "dev") if (cfg.eval.before or cfg.eval.after) else []
+    check_step_tokens(em, cfg, train_items, dev_items)  # before the first step: a step the cloud would refuse
     checkpoint = Checkpoint(cfg.out_dir) if cfg.out_dir else None
     metrics = {"config": cfg.public(), "cut": {"k": cfg.k, "m": cfg.m, "cloud_blocks": list(em.cut.cloud)},
                "trainable_parameters": sum(p.numel() for p in em.lora.parameters())}
@@ -212,6 +211,36 @@ def _train_and_evaluate(em: EdgeModel, tok, cfg: EdgeConfig, on_step, step_hook,
     metrics["steps"] = records
     metrics["summary"] = run_summary(records, em.cloud.lora_blocks)
     return metrics
+
+
+def check_step_tokens(em: EdgeModel, cfg: EdgeConfig, train_items: list[dict], dev_items: list[dict]) -> None:
+    """The largest step of training (--batch-size shuffled items, so the longest among them) and of evaluation
+    (--eval-batch-size items sorted by length) fits the cloud's max_tokens_per_step (its OpenSessionReply): batch x
+    (an input method's virtual tokens + the longest sequence). Else one line naming the flags to lower."""
+    session = getattr(em.cloud.link, "session", None)
+    limit = getattr(session, "max_tokens_per_step", 0)
+    if not limit:
+        return
+    V = em.prompt.num_virtual if em.prompt is not None else 0
+    shift = 1 if em.task.kind == "lm" else 0  # an LM window's last token is only a target
+
+    def largest(items: list[dict], size: int, ordered: bool) -> tuple[int, int]:
+        lengths = sorted(len(it["ids"]) - shift for it in items)
+        if not ordered:  # shuffled: a full batch may hold the longest
+            return min(size, len(lengths)), lengths[-1]
+        chunks = [lengths[i:i + size] for i in range(0, len(lengths), size)]
+        return max(((len(c), c[-1]) for c in chunks), key=lambda bt: bt[0] * (V + bt[1]))
+
+    for items, size, flag, ordered in ((train_items, cfg.optim.batch_size, "--batch-size", False),
+                                       (dev_items, cfg.eval.batch_size, "--eval-batch-size", True)):
+        if not items:
+            continue
+        B, T_ = largest(items, size, ordered)
+        if B * (V + T_) > limit:
+            seq = f"{V} virtual tokens (--prompt-tokens) + up to {T_} tokens" if V else f"up to {T_} tokens"
+            fix = f"lower --prompt-tokens or {flag}" if V else f"lower {flag}"
+            raise ValueError(f"a step of {B} sequences ({flag}) of {seq} sends {B * (V + T_)} tokens, more than "
+                             f"the cloud accepts ({limit} per step, its max_tokens_per_step): {fix}")
 
 
 def _fit(em: EdgeModel, cfg: EdgeConfig, items: list[dict], pad_id: int, checkpoint: Checkpoint | None,

@@ -21,7 +21,7 @@ import torch
 
 import tasks as T
 from emulator.bundle import ADAPTER_FORMAT, Emulated, block_of, load_bundle, manifest_digest, renumber, write_manifest
-from model.lora import LoRAConfig, LoRASet
+from model.tuners.lora import LoRAConfig, LoRASet
 from model.segments import family_of
 from model.training import FitOptions, endless_batches, evaluate, fit
 

@@ -71,8 +71,14 @@ class EdgeBottom(nn.Module):
         self.embedding = family_of(model).embedding(model)
         self.run = BlockRun(model, cut.bottom)
 
-    def forward(self, input_ids, attention_mask):
-        return self.run(self.run.family.embed(self.run._model[0], input_ids), attention_mask)
+    def token_embeds(self, input_ids):
+        """Token ids -> their embeddings, the model's `inputs_embeds` (an input PEFT method prepends to these)."""
+        return self.embedding(input_ids)
+
+    def forward(self, input_ids, attention_mask, token_embeds=None):
+        """Token ids (or their embeddings, `token_embeds`) -> the bottom blocks' output."""
+        h = self.token_embeds(input_ids) if token_embeds is None else token_embeds
+        return self.run(self.run.family.finish_embed(self.run._model[0], h), attention_mask)
 
 
 class EdgeTop(nn.Module):

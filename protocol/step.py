@@ -12,8 +12,9 @@ step ends after `hidden`):
     up    lora_grad_reply   }  reverse group order    dL/d x
     down  input_grad                                 dL/d(begin.hidden); the stream ends
 
-The carried mode (`--cloud-lora carried`) has no exchanges: `begin` carries the LoRA weights of the active cloud
-blocks (`lora_weights`) and `input_grad` returns their gradients (`lora_grads`), so its plan is frozen split's.
+The carried mode (`--cloud-lora carried`) has no exchanges: `begin` carries the trainable weights of the active cloud
+blocks (`lora_weights`: LoRA, DoRA or (IA)³ parameters) and `input_grad` returns their gradients (`lora_grads`), so
+its plan is frozen split's. Which pattern each PEFT method uses in each mode is `WIRE_PATTERNS`, below.
 
 `StepPlan.messages()` is that list for one step; it is the only place the order is written. `StepProtocol` walks it
 on either side of a live stream (the edge's link and the cloud's stream both feed every message they send or
@@ -37,6 +38,32 @@ UP, DOWN = "up", "down"  # up: edge -> cloud
 UP_KINDS = ("begin", "lora_reply", "output_grad", "lora_grad_reply")  # EdgeMessage.kind
 DOWN_KINDS = ("lora_request", "hidden", "lora_grad_request", "input_grad")  # CloudMessage.kind
 LORA_KINDS = ("lora_request", "lora_reply", "lora_grad_request", "lora_grad_reply")  # carry block and group
+
+
+# How each PEFT method crosses the cut, per --cloud-lora mode: the one declaration edge, cloud and simulator read.
+#   frozen       only the hidden state, the mask and their gradients cross (the method lives on the edge's blocks)
+#   input-only   the same messages; the sequence the cloud sees is longer by the method's virtual tokens
+#   edge-branch  DLoRA: the cloud sends each site group's input, the edge answers with the branch outputs
+#   carried      the sites' parameters ride `begin` (SiteWeights), their gradients `input_grad`
+WirePattern = Literal["frozen", "input-only", "edge-branch", "carried"]
+WIRE_PATTERNS: dict[str, dict[str, WirePattern]] = {
+    "lora": {"none": "frozen", "edge": "edge-branch", "carried": "carried"},
+    "ia3": {"none": "frozen", "carried": "carried"},  # a vector per site: cheaper carried than as a branch
+    "prompt": {"none": "input-only"},
+    "ptuning": {"none": "input-only"},
+}
+# carried: the SiteWeights fields set for each carried method (DoRA is LoRA with use_dora)
+CARRIED_PARAMS = {"lora": ("a", "b"), "dora": ("a", "b", "magnitude"), "ia3": ("scale",)}
+
+
+def carried_shapes(method: str, r: int, n_in: int, n_out: int, feedforward: bool = False) -> dict[str, list[int]]:
+    """The shape of each carried parameter of one site with `n_in` inputs and `n_out` outputs."""
+    if method == "ia3":
+        return {"scale": [1, n_in] if feedforward else [n_out, 1]}
+    shapes = {"a": [r, n_in], "b": [n_out, r]}
+    if method == "dora":
+        shapes["magnitude"] = [n_out]
+    return shapes
 
 
 def carried_sites(active_blocks, targets) -> list[tuple[int, str]]:

@@ -51,7 +51,7 @@ CARRIED_FIELD = {"begin": "lora_weights", "input_grad": "lora_grads"}  # carried
 def build(kind: str, fields: tuple, shapes, dtype: int):
     """A message of `kind` with the scalar `fields` ((name, value) pairs) set and its tensor field filled with
     zero bytes of `shapes` in wire `dtype` (Begin also gets its [B, T] bool mask; Hidden/InputGrad a cloud time).
-    A `carried` field is ((block, target, A shape, B shape), ...): the carried mode's LoraWeights."""
+    A `carried` field is ((block, target, A shape, B shape), ...): the carried mode's SiteWeights."""
     m = (pb.EdgeMessage if kind in UP_KINDS else pb.CloudMessage)()
     inner = getattr(m, kind)
     for name, value in fields:

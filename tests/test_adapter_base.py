@@ -12,7 +12,7 @@ import torch
 
 from model import load as L
 from model import smollm2 as S
-from model.lora import LoRAConfig, LoRASet
+from model.tuners.lora import LoRAConfig, LoRASet
 from tests.conftest import grpc_dlora_edge, randomize_lora_b
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ import copy
 import torch
 
 from cloud.compute import CloudSegment, StepBranches, with_submodules
-from model.lora import LoRAConfig, LoRASet
+from model.tuners.lora import LoRAConfig, LoRASet
 from model.segments import BlockRun
 from model.sites import site_groups
 from tests.conftest import randomize_lora_b

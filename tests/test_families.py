@@ -14,7 +14,7 @@ import torch
 
 import tasks as T
 from model.load import load_model
-from model.lora import LoRAConfig, LoRASet
+from model.tuners.lora import LoRAConfig, LoRASet
 from model.segments import BlockRun, EdgeBottom, EdgeTop, cut_of, family_of
 from model.sites import FAMILY_OF, SITES, site_names, target_names
 from tests.conftest import TOKENS, CloudHandle, randomize_lora_b, sst2_batches, train_edge_steps

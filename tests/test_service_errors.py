@@ -126,7 +126,7 @@ def test_carried_weights_are_checked(cloud, tiny):
         a = torch.randn(*a_shape)
         if nan:
             a[0, 0] = float("nan")
-        return [pb.LoraWeights(block=b, target=t, a=encode(a if (b, t) == (block, "q_proj") else torch.randn(4, H)),
+        return [pb.SiteWeights(block=b, target=t, a=encode(a if (b, t) == (block, "q_proj") else torch.randn(4, H)),
                                b=encode(torch.randn(H if t == "q_proj" else kv, 4)))
                 for b in (2, 3) for t in ("q_proj", "v_proj")]
 

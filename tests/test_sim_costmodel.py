@@ -97,7 +97,7 @@ def test_local_paths_send_nothing_and_remote_paths_send_exact_bytes():
     # carried: split's messages plus the LoRA of the 28 cloud blocks (q, v; r = 8, fp32) up and their gradients down
     lora = 28 * s.lora_params(8, ("q_proj", "v_proj")) * 4
     assert costs["carried"].round_trips == costs["split"].round_trips == 2
-    framing = costs["carried"].bytes_up - costs["split"].bytes_up - lora  # the active block list, 56 LoraWeights
+    framing = costs["carried"].bytes_up - costs["split"].bytes_up - lora  # the active block list, 56 SiteWeights
     assert 0 < framing < 28 + 56 * 50
     assert costs["carried"].cloud.flops > costs["split"].cloud.flops  # the cloud runs the carried LoRA
     assert 0 < costs["federated"].bytes_up < costs["split"].bytes_up

@@ -26,11 +26,11 @@ def real_step(shape, setup: WireSetup, B: int, T: int, step: int) -> list[tuple[
     active = list(setup.active())
     plan = StepPlan(True, tuple(active), setup.groups() if active else ())
     width = lambda t, side: shape.linear(t)[side]  # noqa: E731
-    def carried(wire):  # the carried mode's LoraWeights: A [r, in], B [out, r] per target of each active block
+    def carried(wire):  # the carried mode's SiteWeights: A [r, in], B [out, r] per target of each active block
         if not setup.carried:
             return []
         rank = setup.lora_rank
-        return [pb.LoraWeights(block=b, target=t, a=encode(r(rank, width(t, 0)), wire),
+        return [pb.SiteWeights(block=b, target=t, a=encode(r(rank, width(t, 0)), wire),
                                b=encode(r(width(t, 1), rank), wire)) for b in active for t in setup.lora_targets]
 
     out = []

@@ -41,7 +41,7 @@ from cloud.federation.traffic import MeteredGrid
 from protocol.federation import DeviceSettings
 from protocol.step import CloudLoRA
 from model.load import load_model
-from model.lora import LoRAConfig, LoRASet
+from model.tuners.lora import LoRAConfig, LoRASet
 from model.segments import cut_of
 
 

@@ -38,8 +38,13 @@ class Family(ABC):
         """The token embedding module."""
 
     def embed(self, model, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids -> the first block's input (families with learned positions or a scale add them here)."""
-        return self.embedding(model)(input_ids)
+        """Token ids -> the first block's input."""
+        return self.finish_embed(model, self.embedding(model)(input_ids))
+
+    def finish_embed(self, model, h: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (the model's `inputs_embeds`, virtual tokens included) -> the first block's input:
+        families with learned positions or a scale outside the embedding module add them here."""
+        return h
 
     @abstractmethod
     def final_norm(self, model) -> nn.Module:

@@ -15,9 +15,7 @@ class GemmaFamily(LlamaFamily):
     name = "gemma"
     model_types = ("gemma",)
 
-    def embed(self, model, input_ids):
-        emb = self.embedding(model)
-        h = emb(input_ids)
-        if not hasattr(emb, "embed_scale"):  # the scale is the model's forward's business: do as it does
+    def finish_embed(self, model, h):
+        if not hasattr(self.embedding(model), "embed_scale"):  # the scale is the model's forward's: do as it does
             h = h * torch.tensor(model.config.hidden_size ** 0.5, dtype=h.dtype)
         return h

@@ -21,9 +21,9 @@ class GPT2Family(Family):
     def embedding(self, model):
         return model.transformer.wte
 
-    def embed(self, model, input_ids):
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        return model.transformer.drop(model.transformer.wte(input_ids) + model.transformer.wpe(positions))
+    def finish_embed(self, model, h):
+        positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        return model.transformer.drop(h + model.transformer.wpe(positions))
 
     def final_norm(self, model):
         return model.transformer.ln_f

@@ -98,7 +98,7 @@ def relative_error(est: dict[Key, torch.Tensor], truth: dict[Key, torch.Tensor])
 
 
 def true_deltas(lora, groups, blocks) -> dict[Key, torch.Tensor]:
-    """ΔW = scaling * B A of the LoRA sites of `lora` (a model.lora.LoRASet) in `blocks` and `groups` (the
+    """ΔW = scaling * B A of the LoRA sites of `lora` (a model.tuners.lora.LoRASet) in `blocks` and `groups` (the
     session's input groups, StepPlan.groups): what the attack is scored against."""
     out = {}
     for key, site in lora.sites.items():

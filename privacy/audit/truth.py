@@ -148,7 +148,7 @@ def run_lora(run_dir: str | Path, cfg: EdgeConfig, model):
     """(the run's LoRA set holding its adapter/, that is its weights after the last update; the cloud blocks), or
     (None, []) for a split run (no LoRA on cloud blocks)."""
     from edge.runs import load_adapter
-    from model.lora import LoRAConfig, LoRASet
+    from model.tuners.lora import LoRAConfig, LoRASet
     from model.segments import cut_of
     if cfg.lora.cloud == "none":
         return None, []

@@ -37,7 +37,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scale: _Optional[bytes] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("protocol_version", "model_fingerprint", "edge_bottom_blocks", "edge_top_blocks", "wire_dtype_up", "wire_dtype_down", "lora_targets", "lora_blocks", "carried_lora", "lora_rank", "lora_scaling")
+    __slots__ = ("protocol_version", "model_fingerprint", "edge_bottom_blocks", "edge_top_blocks", "wire_dtype_up", "wire_dtype_down", "lora_targets", "lora_blocks", "carried_lora", "lora_rank", "lora_scaling", "carried_method", "feedforward_targets")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EDGE_BOTTOM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,8 @@ class OpenSessionRequest(_message.Message):
     CARRIED_LORA_FIELD_NUMBER: _ClassVar[int]
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     LORA_SCALING_FIELD_NUMBER: _ClassVar[int]
+    CARRIED_METHOD_FIELD_NUMBER: _ClassVar[int]
+    FEEDFORWARD_TARGETS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model_fingerprint: str
     edge_bottom_blocks: int
@@ -60,19 +62,25 @@ class OpenSessionRequest(_message.Message):
     carried_lora: bool
     lora_rank: int
     lora_scaling: float
-    def __init__(self, protocol_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., edge_bottom_blocks: _Optional[int] = ..., edge_top_blocks: _Optional[int] = ..., wire_dtype_up: _Optional[_Union[DType, str]] = ..., wire_dtype_down: _Optional[_Union[DType, str]] = ..., lora_targets: _Optional[_Iterable[str]] = ..., lora_blocks: _Optional[_Iterable[int]] = ..., carried_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., lora_scaling: _Optional[float] = ...) -> None: ...
+    carried_method: str
+    feedforward_targets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, protocol_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., edge_bottom_blocks: _Optional[int] = ..., edge_top_blocks: _Optional[int] = ..., wire_dtype_up: _Optional[_Union[DType, str]] = ..., wire_dtype_down: _Optional[_Union[DType, str]] = ..., lora_targets: _Optional[_Iterable[str]] = ..., lora_blocks: _Optional[_Iterable[int]] = ..., carried_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., lora_scaling: _Optional[float] = ..., carried_method: _Optional[str] = ..., feedforward_targets: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class LoraWeights(_message.Message):
-    __slots__ = ("block", "target", "a", "b")
+class SiteWeights(_message.Message):
+    __slots__ = ("block", "target", "a", "b", "magnitude", "scale")
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     A_FIELD_NUMBER: _ClassVar[int]
     B_FIELD_NUMBER: _ClassVar[int]
+    MAGNITUDE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
     block: int
     target: str
     a: Tensor
     b: Tensor
-    def __init__(self, block: _Optional[int] = ..., target: _Optional[str] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    magnitude: Tensor
+    scale: Tensor
+    def __init__(self, block: _Optional[int] = ..., target: _Optional[str] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ..., magnitude: _Optional[_Union[Tensor, _Mapping]] = ..., scale: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
     __slots__ = ("session_id", "first_cloud_block", "last_cloud_block", "hidden_size", "max_tokens_per_step", "ttl_seconds")
@@ -125,8 +133,8 @@ class Begin(_message.Message):
     hidden: Tensor
     attention_mask: Tensor
     active_blocks: _containers.RepeatedScalarFieldContainer[int]
-    lora_weights: _containers.RepeatedCompositeFieldContainer[LoraWeights]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., train: _Optional[bool] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., active_blocks: _Optional[_Iterable[int]] = ..., lora_weights: _Optional[_Iterable[_Union[LoraWeights, _Mapping]]] = ...) -> None: ...
+    lora_weights: _containers.RepeatedCompositeFieldContainer[SiteWeights]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., train: _Optional[bool] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., active_blocks: _Optional[_Iterable[int]] = ..., lora_weights: _Optional[_Iterable[_Union[SiteWeights, _Mapping]]] = ...) -> None: ...
 
 class LoraRequest(_message.Message):
     __slots__ = ("block", "x", "group")
@@ -189,8 +197,8 @@ class InputGrad(_message.Message):
     LORA_GRADS_FIELD_NUMBER: _ClassVar[int]
     grad: Tensor
     cloud_seconds: float
-    lora_grads: _containers.RepeatedCompositeFieldContainer[LoraWeights]
-    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ..., cloud_seconds: _Optional[float] = ..., lora_grads: _Optional[_Iterable[_Union[LoraWeights, _Mapping]]] = ...) -> None: ...
+    lora_grads: _containers.RepeatedCompositeFieldContainer[SiteWeights]
+    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ..., cloud_seconds: _Optional[float] = ..., lora_grads: _Optional[_Iterable[_Union[SiteWeights, _Mapping]]] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
     __slots__ = ("begin", "lora_reply", "output_grad", "lora_grad_reply")

@@ -10,7 +10,7 @@ import peft
 import torch
 
 import tasks as T
-from model.lora import LoRASet
+from model.tuners.lora import LoRASet
 from model.training import FitOptions, evaluate as evaluate_model, fit
 
 

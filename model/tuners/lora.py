@@ -1,4 +1,4 @@
-"""LoRA weights that live apart from the weights they adapt, saved in the PEFT format.
+"""LoRA (and its variants rsLoRA and DoRA): weights that live apart from the weights they adapt, in the PEFT format.
 
 Why not PEFT's own layers: PEFT wraps a base `nn.Linear` in place, so it needs the base weights in the same process.
 In DLoRA the edge holds the LoRA of blocks whose base weights stay on the cloud, so here a LoRA is a free-standing
@@ -6,6 +6,13 @@ module `delta(x) = scaling * B(A(dropout(x)))`, initialised exactly as PEFT does
 is either hooked onto a local `nn.Linear` or fed by the cloud over the wire. `save_peft`/`load_peft` write and read
 PEFT's files (`adapter_config.json` via `peft.LoraConfig`, `adapter_model.safetensors` with PEFT's key names), so
 `peft.PeftModel.from_pretrained(full_model, path)` loads what the edge trained.
+
+Variants, as PEFT's `LoraConfig` names them: `use_rslora` scales by alpha / sqrt(r) instead of alpha / r;
+`use_dora` (DoRA, Liu et al. 2024) adds a magnitude vector m [out] per site, initialised to the row norms of the base
+weight, and computes PEFT's `DoraLinearLayer` (`dora_delta`): the branch needs the base weight W, so DoRA runs
+where W is — on the edge's own blocks, or on the cloud with the weights carried (never DLoRA's edge-computed branch).
+The layer math (`lora_delta`, `dora_delta`) is written once here; the edge's hooks and the cloud's carried sites
+(cloud/compute.py) both call it.
 """
 from __future__ import annotations
 
@@ -14,9 +21,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.segments import family_of, linear_dims
+from model.tuners.base import find_key, load_adapter_state, save_adapter
 
 
 @dataclass
@@ -27,14 +36,34 @@ class LoRAConfig:
     # target strings as PEFT reads `target_modules`; () = the family's default (model/sites.py default_targets)
     targets: tuple[str, ...] = ()
     blocks: list[int] = field(default_factory=list)  # which blocks carry LoRA
+    use_rslora: bool = False  # rsLoRA: scale by alpha / sqrt(r)
+    use_dora: bool = False  # DoRA: a magnitude vector per site; needs the base weights where the branch runs
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * B A x for A [r, in], B [out, r], computed in the weights' dtype."""
+    return F.linear(F.linear(x.to(a.dtype), a), b) * scaling
+
+
+def dora_delta(x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               magnitude: torch.Tensor, scaling: float) -> torch.Tensor:
+    """What DoRA adds to the base output, as PEFT's `DoraLinearLayer.forward`: with the norm n = ||W + s B A|| of each
+    output row (not differentiated, as in the paper's section 4.3) and g = m / n,
+    (g - 1) * (W x) + g * s * B A x. `base_out` is W x without the bias; `weight` is W as [out, in]."""
+    x = x.to(a.dtype)
+    norm = torch.linalg.norm(weight.to(a.dtype) + scaling * (b @ a).detach(), dim=1).detach()
+    g = magnitude / norm
+    return (g - 1) * base_out.to(a.dtype) + g * lora_delta(x, a, b, scaling)
 
 
 class LoRA(nn.Module):
-    def __init__(self, in_features: int, out_features: int, cfg: LoRAConfig):
+    """The LoRA of one site. With `weight` (the base W as [out, in]) and cfg.use_dora, also DoRA's magnitude."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: LoRAConfig, weight: torch.Tensor | None = None):
         super().__init__()
         self.lora_A = nn.Linear(in_features, cfg.r, bias=False)
         self.lora_B = nn.Linear(cfg.r, out_features, bias=False)
@@ -42,9 +71,29 @@ class LoRA(nn.Module):
         self.scaling = cfg.scaling
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.lora_magnitude = None
+        if cfg.use_dora:  # B = 0 at the start, so ||W + s B A|| = ||W||
+            self.lora_magnitude = nn.Parameter(torch.linalg.norm(weight.detach().float(), dim=1))
 
     def forward(self, x):
+        """scaling * B A dropout(x): the branch alone (LoRA and rsLoRA; DLoRA's edge computes this)."""
         return self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+
+    def adapted(self, base: nn.Module, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The base linear's output `out` = base(x) with this site's adaptation added."""
+        if self.lora_magnitude is None:
+            return out + self(x).to(out.dtype)
+        bias = getattr(base, "bias", None)
+        base_out = out - bias if bias is not None else out
+        return out + dora_delta(self.dropout(x), base_out, weight, self.lora_A.weight, self.lora_B.weight,
+                                self.lora_magnitude, self.scaling).to(out.dtype)
+
+    def carried(self) -> dict[str, torch.Tensor]:
+        """The parameters the carried mode sends for this site, by their SiteWeights field (protocol/step.py)."""
+        out = {"a": self.lora_A.weight, "b": self.lora_B.weight}
+        if self.lora_magnitude is not None:
+            out["magnitude"] = self.lora_magnitude
+        return out
 
 
 def site_key(block: int, site: str) -> str:
@@ -71,10 +120,18 @@ class LoRASet(nn.Module):
         self.prefixes: dict[str, str] = {}
         self.sites = nn.ModuleDict()
         probe = self.family.blocks(shapes_from or model)
+        if cfg.use_dora and shapes_from is not None:
+            raise ValueError("DoRA needs the base weights of every adapted block, not only their shapes")
         for b in cfg.blocks:
             for s in self.site_names:
-                self.sites[_module_key(b, s)] = LoRA(*linear_dims(self.family.site_module(probe[b], s)), cfg)
+                lin = self.family.site_module(probe[b], s)
+                weight = self.weight(lin) if cfg.use_dora else None
+                self.sites[_module_key(b, s)] = LoRA(*linear_dims(lin), cfg, weight)
                 self.prefixes[site_key(b, s)] = f"{self.family.block_prefix(b)}.{self.family.site_path(s)}"
+
+    def weight(self, lin: nn.Module) -> torch.Tensor:
+        """A base linear's weight as [out, in] (GPT-2's Conv1D holds it as [in, out])."""
+        return lin.weight.T if self.family.fan_in_fan_out else lin.weight
 
     def site(self, block: int, site: str) -> LoRA:
         """The LoRA of one site: a site name, or any target string that names a single site."""
@@ -95,7 +152,8 @@ class LoRASet(nn.Module):
             for s in self.site_names:
                 lora = self.site(b, s)
                 lin = self.family.site_module(model_blocks[b], s)
-                handles.append(lin.register_forward_hook(lambda mod, inp, out, lora=lora: out + lora(inp[0]).to(out.dtype)))
+                handles.append(lin.register_forward_hook(
+                    lambda mod, inp, out, lora=lora: lora.adapted(mod, self.weight(mod), inp[0], out)))
         return handles
 
     # ---- PEFT format -------------------------------------------------------------------------------------------
@@ -105,22 +163,26 @@ class LoRASet(nn.Module):
             lora = self.site(*_split(key))
             out[f"base_model.model.{prefix}.lora_A.weight"] = lora.lora_A.weight.detach().cpu().contiguous()
             out[f"base_model.model.{prefix}.lora_B.weight"] = lora.lora_B.weight.detach().cpu().contiguous()
+            if lora.lora_magnitude is not None:
+                out[f"base_model.model.{prefix}.lora_magnitude_vector"] = lora.lora_magnitude.detach().cpu().contiguous()
         return out
 
     def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = []
         for key, prefix in self.prefixes.items():
             lora = self.site(*_split(key))
-            for part, lin in (("lora_A", lora.lora_A), ("lora_B", lora.lora_B)):
-                name = next((n for n in (f"base_model.model.{prefix}.{part}.weight",
-                                         f"base_model.model.{prefix}.{part}.default.weight") if n in state), None)
+            parts = [("lora_A.weight", lora.lora_A.weight), ("lora_B.weight", lora.lora_B.weight)]
+            if lora.lora_magnitude is not None:
+                parts.append(("lora_magnitude_vector", lora.lora_magnitude))
+            for part, param in parts:
+                name = find_key(state, prefix, part)
                 if name is None:
                     missing.append(f"{prefix}.{part}")
                     continue
-                if state[name].shape != lin.weight.shape:
-                    raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(lin.weight.shape)}")
+                if state[name].shape != param.shape:
+                    raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
                 with torch.no_grad():
-                    lin.weight.copy_(state[name])
+                    param.copy_(state[name])
         if missing:
             raise KeyError(f"adapter lacks {len(missing)} LoRA weights, e.g. {missing[:3]}")
 
@@ -131,31 +193,16 @@ class LoRASet(nn.Module):
                                target_modules=list(cfg.targets), layers_to_transform=sorted(cfg.blocks),
                                layers_pattern=self.family.layers_pattern,
                                fan_in_fan_out=self.family.fan_in_fan_out,
+                               use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
                                base_model_name_or_path=base_model_name or None,
                                task_type="CAUSAL_LM")
 
     def save_peft(self, path: str | Path, base_model_name: str = "") -> Path:
-        """adapter_config.json and adapter_model.safetensors in `path`, each written atomically (temporary file,
-        fsync, rename): a crash leaves every file whole, the old one or the new one. `base_model_name` is the model
-        spec trained on; the config names it as model/load.py `adapter_base_name` resolves it (an absolute folder,
-        SmolLM2's HF folder), so `AutoPeftModelForCausalLM.from_pretrained(path)` finds the base from anywhere."""
-        import tempfile
-        from safetensors.torch import save
-        from model.load import adapter_base_name
-        from privacy.security.files import write_atomic
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        base = adapter_base_name(base_model_name)
-        with tempfile.TemporaryDirectory(prefix=".adapter_config.", dir=path) as tmp:  # PEFT's own JSON, then moved
-            self.peft_config(base).save_pretrained(tmp)
-            config = (Path(tmp) / "adapter_config.json").read_bytes()
-        write_atomic(path / "adapter_config.json", config)
-        write_atomic(path / "adapter_model.safetensors", save(self.peft_state_dict(), metadata={"format": "pt"}))
-        return path
+        """adapter_config.json and adapter_model.safetensors in `path` (model/tuners/base.py `save_adapter`)."""
+        return save_adapter(path, self.peft_config, self.peft_state_dict(), base_model_name)
 
     def load_peft(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
-        self.load_peft_state_dict(load_file(str(Path(path) / "adapter_model.safetensors")))
+        self.load_peft_state_dict(load_adapter_state(path))
 
 
 def _split(key: str) -> tuple[int, str]:

@@ -1,0 +1,95 @@
+"""Which PEFT method the edge trains (--peft) and where: the options checked before anything loads, then the set of
+trainable weights built from the full model (model/tuners/).
+
+A site method (lora, ia3) adapts the edge's own blocks and, with --cloud-lora edge or carried, the cloud's; an input
+method (prompt, ptuning) trains virtual tokens in front of the input and leaves every block frozen.
+"""
+from __future__ import annotations
+
+from typing import get_args
+
+from edge.config import EdgeConfig
+from edge.flags import flags_of
+from model.tuners import METHODS
+from protocol.step import CloudLoRA
+
+
+def check_method(cfg: EdgeConfig) -> None:
+    """--peft, --cloud-lora and the options that go with them, each mistake as one line naming the fix."""
+    method, mode = cfg.peft.method, cfg.lora.cloud
+    if method not in METHODS:
+        raise ValueError(f"--peft must be one of {', '.join(METHODS)}, got {method!r}")
+    if mode not in get_args(CloudLoRA):
+        raise ValueError(f"--cloud-lora must be one of {', '.join(get_args(CloudLoRA))}, got {mode!r}")
+    modes = METHODS[method].cloud_modes
+    if mode not in modes:
+        raise ValueError(f"--peft {method} takes --cloud-lora {' or '.join(modes)}, not {mode}" + {
+            "ia3": " ((IA)³ vectors are far cheaper carried than computed as a branch on the edge)",
+            "prompt": " (prompt tuning trains nothing in the cloud's blocks)",
+            "ptuning": " (P-tuning trains nothing in the cloud's blocks)"}.get(method, ""))
+    _check_foreign_options(cfg)
+    if mode == "carried" and cfg.lora.dropout > 0:
+        raise ValueError("--cloud-lora carried runs the cloud blocks' LoRA on the cloud, which applies no dropout: "
+                         "give --lora-dropout 0, or use --cloud-lora edge")
+    if cfg.lora.dora and mode == "edge":
+        raise ValueError("--lora-dora needs the base weights where its branch runs, and with --cloud-lora edge the "
+                         "edge has not the cloud's: use --cloud-lora carried or none")
+    if method != "lora" and cfg.kr.enabled:
+        raise ValueError("--kr (Kill & Revive) switches LoRA blocks on and off: it takes --peft lora only")
+    if method in ("prompt", "ptuning") and cfg.peft.prompt_tokens < 1:
+        raise ValueError(f"--prompt-tokens must be at least 1, got {cfg.peft.prompt_tokens}")
+    if method == "ptuning" and cfg.peft.prompt_init_text is not None:
+        raise ValueError("--prompt-init-text is prompt tuning's (--peft prompt); P-tuning's encoder makes the tokens")
+
+
+def _check_foreign_options(cfg: EdgeConfig) -> None:
+    """An option of other methods than --peft's, set to other than its default, is refused."""
+    method = cfg.peft.method
+    owners: dict[str, list[str]] = {}
+    for m in METHODS.values():
+        for dest in m.options:
+            owners.setdefault(dest, []).append(m.name)
+    defaults = EdgeConfig()
+    for fl in flags_of(EdgeConfig):
+        names = owners.get(fl.dest, [method])
+        if method not in names and _value(cfg, fl.path) != _value(defaults, fl.path):
+            raise ValueError(f"--{fl.dest.replace('_', '-')} is an option of --peft {' and '.join(names)}, not of "
+                             f"--peft {method}")
+
+
+def _value(cfg, path):
+    for name in path:
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def trained_blocks(cfg: EdgeConfig, cut) -> tuple[list[int], list[int]]:
+    """(the edge's blocks the method adapts, the cloud's blocks it adapts): an input method adapts none."""
+    if METHODS[cfg.peft.method].kind == "input":
+        return [], []
+    return [*cut.bottom, *cut.top], list(cut.cloud) if cfg.lora.cloud != "none" else []
+
+
+def tuner_set(model, cfg: EdgeConfig, blocks: list[int], tokenizer=None):
+    """The method's set of trainable weights for `blocks`, built from the full model (DoRA's magnitudes start from
+    the base weights' norms, a prompt's tokens from the embedding)."""
+    lo, pe = cfg.lora, cfg.peft
+    if pe.method == "lora":
+        from model.tuners.lora import LoRAConfig, LoRASet
+        return LoRASet(model, LoRAConfig(lo.r, lo.alpha, lo.dropout, tuple(lo.targets), blocks, lo.rslora, lo.dora))
+    if pe.method == "ia3":
+        from model.tuners.ia3 import IA3Config, IA3Set
+        return IA3Set(model, IA3Config(tuple(pe.ia3_targets), tuple(pe.ia3_feedforward), blocks))
+    from model.tuners.prompt import PromptConfig, PromptSet
+    return PromptSet(model, PromptConfig(pe.method, pe.prompt_tokens, pe.prompt_init_text, pe.ptuning_hidden),
+                     tokenizer)
+
+
+def carried_method(cfg: EdgeConfig) -> str:
+    """The session's carried_method (protocol/step.py CARRIED_PARAMS)."""
+    if cfg.peft.method == "lora":
+        return "dora" if cfg.lora.dora else "lora"
+    return cfg.peft.method
+
+
+__all__ = ["check_method", "trained_blocks", "tuner_set", "carried_method"]

@@ -1,0 +1,47 @@
+"""The PEFT methods Tandem trains (`--peft`), one file each with the same shape as PEFT's tuners: the config, the
+layer math, and the set of every trainable weight of one model with how it attaches and saves in PEFT's format.
+
+    method    file         PEFT type       what it trains                               FedAvg
+    lora      lora.py      LORA            B A per site (rsLoRA scaling, DoRA magnitude)  yes (B only exact: FFA)
+    ia3       ia3.py       IA3             a scaling vector per site                    yes (vectors average)
+    prompt    prompt.py    PROMPT_TUNING   virtual token embeddings before the input    yes (the embeddings)
+    ptuning   prompt.py    P_TUNING        a prompt encoder that makes them             yes (encoder weights)
+
+How each crosses the cut in each --cloud-lora mode is declared once, in protocol/step.py `WIRE_PATTERNS`. Every
+set has `parameters()`, `peft_config(base_name)`, `peft_state_dict()`, `load_peft_state_dict(state)`,
+`save_peft(path, base_name)`; a site method (lora, ia3) also `attach(model, blocks)` and `site(block, name)`, whose
+`carried()` gives the SiteWeights fields the carried mode sends; an input method (prompt, ptuning) `prepend`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocol.step import WIRE_PATTERNS
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    peft_type: str  # peft.PeftType's name
+    kind: str  # "sites": it adapts linears of blocks; "input": it prepends virtual tokens
+    options: tuple[str, ...]  # its own flags (their dests); giving one with another method is an error
+    fedavg: str  # what averaging the clients' weights means for it
+
+    @property
+    def cloud_modes(self) -> dict[str, str]:
+        """--cloud-lora mode -> the wire pattern it uses (protocol/step.py)."""
+        return WIRE_PATTERNS[self.name]
+
+
+LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_freeze_a", "lora_dora", "lora_rslora")
+PROMPT_OPTIONS = ("prompt_tokens", "prompt_init_text")
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("lora", "LORA", "sites", LORA_OPTIONS,
+           "averaging A and B is not averaging B A; with --lora-freeze-a (FFA-LoRA) it is exact"),
+    Method("ia3", "IA3", "sites", ("ia3_targets", "ia3_feedforward"),
+           "exact for one site's scale, an average of vectors applied multiplicatively"),
+    Method("prompt", "PROMPT_TUNING", "input", PROMPT_OPTIONS, "the virtual token embeddings average as vectors"),
+    Method("ptuning", "P_TUNING", "input", (*PROMPT_OPTIONS, "ptuning_hidden"),
+           "the encoder's weights average (its output is not their average's output)"),
+)}

@@ -1,0 +1,51 @@
+"""What every tuner shares: writing an adapter folder in the PEFT format, and naming parameters as PEFT does.
+
+A tuner's set (LoRASet, IA3Set, PromptSet) gives its `peft_config(base_name)` and `peft_state_dict()`; this file
+writes them where `peft.PeftModel.from_pretrained(full_model, path)` reads them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def save_adapter(path: str | Path, peft_config: Callable[[str], object], state: dict[str, torch.Tensor],
+                 base_model_name: str = "") -> Path:
+    """adapter_config.json (PEFT's own JSON, from `peft_config(base)`) and adapter_model.safetensors in `path`, each
+    written atomically (temporary file, fsync, rename): a crash leaves every file whole, the old one or the new one.
+    `base_model_name` is the model spec trained on; the config names it as model/load.py `adapter_base_name` resolves
+    it (an absolute folder, SmolLM2's HF folder), so `AutoPeftModelForCausalLM.from_pretrained(path)` finds the base
+    from anywhere."""
+    import tempfile
+    from safetensors.torch import save
+    from model.load import adapter_base_name
+    from privacy.security.files import write_atomic
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    base = adapter_base_name(base_model_name)
+    with tempfile.TemporaryDirectory(prefix=".adapter_config.", dir=path) as tmp:  # PEFT's own JSON, then moved
+        peft_config(base).save_pretrained(tmp)
+        config = (Path(tmp) / "adapter_config.json").read_bytes()
+    write_atomic(path / "adapter_config.json", config)
+    write_atomic(path / "adapter_model.safetensors", save(state, metadata={"format": "pt"}))
+    return path
+
+
+def load_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def peft_key(module_prefix: str, name: str) -> str:
+    """PEFT's key of a parameter `name` of the module at `module_prefix` (adapter name removed, as PEFT saves)."""
+    return f"base_model.model.{module_prefix}.{name}"
+
+
+def find_key(state: dict, module_prefix: str, name: str) -> str | None:
+    """The key of `name` in a PEFT state dict, as saved (no adapter name) or as a live model holds it (`lora_A.default
+    .weight`, `ia3_l.default`, `lora_magnitude_vector.default.weight`)."""
+    head, _, tail = name.rpartition(".")
+    forms = [name, f"{head}.default.{tail}" if head else f"{name}.default", f"{name}.default.weight"]
+    return next((k for k in (peft_key(module_prefix, f) for f in forms) if k in state), None)
