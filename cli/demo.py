@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge.config import Wire
+from model.tuners import METHODS
 from protocol.step import CloudLoRA
 
 
@@ -34,6 +35,7 @@ class DemoConfig:
     steps: int = 80  # training steps per client
     batch_size: int = 8  # training examples per step
     cloud_lora: CloudLoRA = "carried"  # carried: LoRA weights ride each step; edge: DLoRA; none: frozen split
+    peft: str = field(default="lora", metadata={"choices": tuple(METHODS)})  # the PEFT method (model/tuners/)
     k: int = 1  # blocks at the bottom of the model that run on the edge
     m: int = 1  # blocks at the top of the model that run on the edge
     lr: float = 1e-3  # AdamW learning rate
@@ -53,6 +55,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from model.load import load_model
     from privacy.security.tokens import make_tokens
 
+    from edge.methods import check_method
+    check_method(edge_config(cfg, 0, "127.0.0.1:0", "", None))  # a bad --peft / --cloud-lora: before anything loads
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -90,7 +94,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     cloud.stop()
     if errors:
         raise errors[0]
-    for n in names[1:]:
+    for n in names[1:] if zero_shot_is_shared(cfg) else ():
         results[n]["eval_before"] = dict(results[names[0]]["eval_before"], shared_with=names[0])
     return report(cfg, results, time.perf_counter() - t_start)
 
@@ -104,8 +108,14 @@ def edge_config(cfg: DemoConfig, i: int, address: str, token: str, tls_dir: str 
                          lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed + i,
                          wire_up=cfg.wire_up, wire_down=cfg.wire_down, eval_examples=cfg.eval_examples,
                          out_dir=str(Path(cfg.out) / name), device=cfg.device,
-                         eval_before=i == 0,  # zero-shot is the base model's (LoRA B starts at 0): measured once
+                         eval_before=i == 0 or not zero_shot_is_shared(cfg), peft=cfg.peft,
                          dtype=cfg.dtype, name=name, checkpoint_every=0, progress_row=i)
+
+
+def zero_shot_is_shared(cfg: DemoConfig) -> bool:
+    """A site method starts as the base model (LoRA's B = 0, (IA)³'s vectors = 1): one zero-shot evaluation serves
+    every client. An input method's random virtual tokens change the model before training: each client's own."""
+    return METHODS[cfg.peft].kind == "sites"
 
 
 def report(cfg: DemoConfig, results: dict[str, dict], wall: float) -> dict:
@@ -117,7 +127,7 @@ def report(cfg: DemoConfig, results: dict[str, dict], wall: float) -> dict:
     print_client_table(runs)
     summary = {"config": asdict(cfg), "wall_seconds": wall, "clients": results}
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))
-    print(f"mode: {MODE_NAMES[cfg.cloud_lora]}")
+    print(f"mode: {MODE_NAMES[cfg.cloud_lora]}, --peft {cfg.peft}")
     plot_losses(runs, out / "loss.png", f"{cfg.task}: {MODE_NAMES[cfg.cloud_lora]}, through the cloud")
     print(f"\nmetrics: {out / 'metrics.json'}   loss curve: {out / 'loss.png'}   adapters: "
           f"{', '.join(str(out / n / 'adapter') for n in names)}")
@@ -125,5 +135,5 @@ def report(cfg: DemoConfig, results: dict[str, dict], wall: float) -> dict:
                     "acc_after": m.get("eval_after", {}).get("accuracy"),
                     "bytes_up_per_step": m["summary"]["bytes_up_per_step"],
                     "bytes_down_per_step": m["summary"]["bytes_down_per_step"]} for n, m in runs}
-    print(json.dumps({"wall_seconds": round(wall, 1), "mode": cfg.cloud_lora, "clients": headline}))
+    print(json.dumps({"wall_seconds": round(wall, 1), "mode": cfg.cloud_lora, "peft": cfg.peft, "clients": headline}))
     return summary

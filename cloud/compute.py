@@ -52,8 +52,10 @@ class StepBranches:
     """The DLoRA branches of one step: the active blocks, the session's input groups, and the group outputs that
     have been fetched but not yet added (q and v share one input, so one exchange serves both)."""
 
-    def __init__(self, exchange: LoRAExchange, active_blocks, groups: tuple[tuple[str, tuple[str, ...]], ...]):
+    def __init__(self, exchange: LoRAExchange, active_blocks, groups: tuple[tuple[str, tuple[str, ...]], ...],
+                 on_output: bool = False):
         self.exchange = exchange
+        self.on_output = on_output  # the branch reads the site's output (bottleneck adapters), not its input
         self.active = set(active_blocks)
         self.groups = groups
         self.group_of = {t: g for g, ts in groups for t in ts}
@@ -69,7 +71,7 @@ class StepBranches:
 
 
     def wrap(self, base: nn.Module, block: int, site: str, widths: dict[str, int]) -> nn.Module:
-        return EdgeBranchLinear(base, block, site, self, widths)
+        return EdgeBranchLinear(base, block, site, self, widths, self.on_output)
 
     @property
     def sites(self):
@@ -77,15 +79,18 @@ class StepBranches:
 
 
 class EdgeBranchLinear(nn.Module):
-    """A frozen cloud linear plus a branch computed on the edge: base(x) + branches.delta(block, target, x)."""
+    """A frozen cloud linear plus a branch computed on the edge: y + branches.delta(block, target, x) for y = base(x)
+    (LoRA), or y + branches.delta(block, target, y) with `on_output` (a bottleneck adapter after the linear)."""
 
-    def __init__(self, base: nn.Module, block: int, target: str, branches: StepBranches, widths: dict[str, int]):
+    def __init__(self, base: nn.Module, block: int, target: str, branches: StepBranches, widths: dict[str, int],
+                 on_output: bool = False):
         super().__init__()
         self.base, self.block, self.target, self.branches, self.widths = base, block, target, branches, widths
+        self.on_output = on_output
 
     def forward(self, x):
         out = self.base(x)
-        return out + self.branches.delta(self.block, self.target, x, self.widths).to(out.dtype)
+        return out + self.branches.delta(self.block, self.target, out if self.on_output else x, self.widths).to(out.dtype)
 
 
 class CarriedLoRALinear(nn.Module):

@@ -164,7 +164,8 @@ class BackboneService:
             raise CloudError(INVALID, f"LoRA blocks are not all cloud blocks {cut.cloud.start}..{cut.cloud.stop - 1}")
         carried = self._carried_fields(request, blocks, targets)
         return dict(cut=cut, wire_up=request.wire_dtype_up, wire_down=request.wire_dtype_down, targets=targets,
-                    lora_blocks=blocks, groups=groups if blocks and not carried["carried"] else (), **carried)
+                    lora_blocks=blocks, groups=groups if blocks and not carried["carried"] else (),
+                    branch_on_output=request.branch_on_output and bool(blocks) and not carried["carried"], **carried)
 
     def _carried_fields(self, request, blocks: list[int], targets: list[str]) -> dict:
         """The carried method's session fields, checked: the method, LoRA's rank and scaling, (IA)³'s feed-forward

@@ -69,6 +69,7 @@ class Session:
     lora_rank: int = 0  # carried LoRA, DoRA: r of those weights
     lora_scaling: float = 0.0  # carried LoRA, DoRA: alpha / r (rsLoRA: alpha / sqrt(r))
     feedforward: tuple = ()  # carried (IA)³: the targets scaled at their input
+    branch_on_output: bool = False  # DLoRA-style branches that read the site's output (bottleneck adapters)
     last_used: float = field(default_factory=time.monotonic)
     steps: int = 0
     bytes_received: int = 0

@@ -70,7 +70,7 @@ def step_sites(begin, sess: Session, segment: CloudSegment, active: list[int], s
         return None
     if sess.carried:
         return carried_lora(begin, sess, segment, active, stream, like)
-    return StepBranches(stream, active, sess.groups)
+    return StepBranches(stream, active, sess.groups, sess.branch_on_output)
 
 
 def carried_grads(sites, wire: int) -> list:

@@ -106,6 +106,9 @@ def open_model(cfg: EdgeConfig, adapter: str | None, *, local: bool = False, loa
 
 def _open_local(cfg: EdgeConfig, adapter: str | None, loaded, tok, n_blocks: int) -> Tuned:
     from model.tuners.lora import LoRAConfig, LoRASet
+    if cfg.peft.method != "lora":
+        raise ValueError(f"--local runs LoRA adapters only: run the --peft {cfg.peft.method} adapter through the cloud "
+                         "(without --local)")
     from model.segments import BlockRun, family_of
     model = loaded.model
     family = family_of(model)

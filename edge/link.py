@@ -71,7 +71,7 @@ class CloudLink:
 
     def open(self, *, fingerprint: str, k: int, m: int, wire_up: int, wire_down: int, lora_targets=(),
              lora_blocks=(), carried: str = "", lora_rank: int = 0, lora_scaling: float = 0.0,
-             feedforward_targets=()) -> pb.OpenSessionReply:
+             feedforward_targets=(), branch_on_output: bool = False) -> pb.OpenSessionReply:
         """Open a session; `carried` names the carried method ("lora", "dora", "ia3"; "" = not carried)."""
         self._request = pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION, model_fingerprint=fingerprint,
                                               edge_bottom_blocks=k, edge_top_blocks=m, wire_dtype_up=wire_up,
@@ -79,7 +79,8 @@ class CloudLink:
                                               lora_blocks=list(lora_blocks), carried_lora=bool(carried),
                                               lora_rank=lora_rank, lora_scaling=lora_scaling,
                                               carried_method=carried,
-                                              feedforward_targets=list(feedforward_targets))
+                                              feedforward_targets=list(feedforward_targets),
+                                              branch_on_output=branch_on_output)
         return self.reopen()
 
     def reopen(self) -> pb.OpenSessionReply:

@@ -25,6 +25,7 @@ def check_method(cfg: EdgeConfig) -> None:
     if mode not in modes:
         raise ValueError(f"--peft {method} takes --cloud-lora {' or '.join(modes)}, not {mode}" + {
             "ia3": " ((IA)³ vectors are far cheaper carried than computed as a branch on the edge)",
+            "adapter": " (a bottleneck adapter on a cloud block runs as a branch on the edge: --cloud-lora edge)",
             "prompt": " (prompt tuning trains nothing in the cloud's blocks)",
             "ptuning": " (P-tuning trains nothing in the cloud's blocks)"}.get(method, ""))
     _check_foreign_options(cfg)
@@ -80,6 +81,9 @@ def tuner_set(model, cfg: EdgeConfig, blocks: list[int], tokenizer=None):
     if pe.method == "ia3":
         from model.tuners.ia3 import IA3Config, IA3Set
         return IA3Set(model, IA3Config(tuple(pe.ia3_targets), tuple(pe.ia3_feedforward), blocks))
+    if pe.method == "adapter":
+        from model.tuners.adapter import AdapterConfig, AdapterSet
+        return AdapterSet(model, AdapterConfig(pe.adapter_reduction, tuple(pe.adapter_targets), blocks))
     from model.tuners.prompt import PromptConfig, PromptSet
     return PromptSet(model, PromptConfig(pe.method, pe.prompt_tokens, pe.prompt_init_text, pe.ptuning_hidden),
                      tokenizer)

@@ -48,7 +48,7 @@ class _Exchange:
     def _answer_lora(self, msg, like: torch.Tensor) -> None:
         r = self.remote
         sites = [r.lora.site(msg.block, t) for t in dict(r.groups)[msg.group]]
-        x_shape = list(like.shape[:-1]) + [sites[0].lora_A.in_features]  # mlp_out's input is [B, T, I]
+        x_shape = list(like.shape[:-1]) + [sites[0].in_features]  # mlp_out's input is [B, T, I]
         x = r.decode(msg.x, x_shape, like).requires_grad_(self.train)
         with torch.set_grad_enabled(self.train):
             outs = [site(x) for site in sites]

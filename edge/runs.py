@@ -173,16 +173,17 @@ def load_adapter(lora, path: str | Path) -> None:
     """Load the PEFT adapter in `path` into `lora` (the --peft method's set, model/tuners/) if it fits exactly; else
     RunError naming what differs."""
     config, state = read_adapter(path)
-    ours = lora.peft_config()
-    kind = str(getattr(ours.peft_type, "value", ours.peft_type))
+    kind = lora.peft_type
     if config.get("peft_type", kind) != kind:
         theirs = next((m.name for m in METHODS.values() if m.peft_type == config.get("peft_type")), config["peft_type"])
         raise RunError(f"the adapter in {path} does not fit this edge: it is {config['peft_type']} (--peft {theirs}), "
                        f"this edge trains {kind}")
     diff = _lora_differences(config, lora) if kind == "LORA" else []
-    for key, flag in (("num_virtual_tokens", "--prompt-tokens"),):
-        if key in config and config[key] != getattr(ours, key, config[key]):
-            diff.append(f"{flag} {config[key]} (here {getattr(ours, key)})")
+    here = {"num_virtual_tokens": getattr(lora, "num_virtual", None),
+            "reduction_factor": getattr(lora.cfg, "reduction_factor", None)}
+    for key, flag in (("num_virtual_tokens", "--prompt-tokens"), ("reduction_factor", "--adapter-reduction")):
+        if key in config and here[key] is not None and config[key] != here[key]:
+            diff.append(f"{flag} {config[key]} (here {here[key]})")
     ours_keys = set(lora.peft_state_dict())
     theirs = {k.replace(".default.", ".") for k in state}
     if not diff and ours_keys != theirs:

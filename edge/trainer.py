@@ -118,6 +118,8 @@ def open_session(em: EdgeModel, cfg: EdgeConfig):
         carried = dict(carried="ia3", feedforward_targets=em.lora.cfg.feedforward)
     elif em.cloud.carried:
         carried = dict(carried=em.cloud.carried, lora_rank=em.lora.cfg.r, lora_scaling=em.lora.cfg.scaling)
+    elif em.cloud.lora_blocks and getattr(em.lora, "branch_on_output", False):
+        carried = dict(branch_on_output=True)  # bottleneck adapters: the cloud sends each site's output
     return em.cloud.link.open(fingerprint=em.fingerprint, k=cfg.k, m=cfg.m, wire_up=wire_dtype(cfg.wire_up),
                               wire_down=wire_dtype(cfg.wire_down),
                               lora_targets=em.lora.cfg.targets if em.cloud.lora_blocks else (),

@@ -6,6 +6,11 @@
     Instructions     what a device reads: DeviceSettings, what the strategy adds per round, and its node config
 
 Keys are the field names in kebab-case (`cut_bottom` -> `cut-bottom`), in both directions.
+
+Each round's arrays are the PEFT method's trainable weights in the form `exchange` names: PEFT's state dict of the
+method (what `save_peft` writes: LoRA's A and B, DoRA's magnitudes, (IA)³'s vectors, prompt tuning's virtual tokens),
+except for P-tuning, whose PEFT form is only the prompt encoder's output: its devices exchange the encoder's own
+weights (`PromptSet.state_dict()`), and only the federation's final adapter is written in PEFT's form.
 """
 from __future__ import annotations
 
@@ -29,9 +34,17 @@ class DeviceSettings:
     cut_bottom: int = 1  # k: blocks at the bottom of the edge
     cut_top: int = 1  # m: blocks at the top of the edge
     cloud_lora: CloudLoRA = "edge"  # edge: DLoRA (LoRA in every block, on the device); carried; none: split
+    peft: str = "lora"  # the PEFT method every device trains: lora, ia3, prompt, ptuning (model/tuners/)
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 16  # LoRA scale numerator (the update is scaled by alpha / r)
     lora_targets: str = "q_proj,v_proj"  # comma-separated linear layers that get LoRA
+    lora_dora: bool = False  # LoRA: DoRA, a magnitude vector per site (PEFT's use_dora); not with cloud-lora edge
+    lora_rslora: bool = False  # LoRA: rsLoRA, the update scaled by alpha / sqrt(r) (PEFT's use_rslora)
+    ia3_targets: str = ""  # (IA)³: comma-separated linears rescaled (empty: PEFT's default for the model)
+    ia3_feedforward: str = ""  # (IA)³: of those, the ones scaled at their input (empty: PEFT's default)
+    prompt_tokens: int = 20  # prompt, ptuning: virtual tokens prepended to every input
+    prompt_init_text: str = ""  # prompt: the virtual tokens start from this text's embeddings (empty: random)
+    ptuning_hidden: int = 0  # ptuning: hidden size of the prompt encoder's MLP (0: the model's)
     local_steps: int = 4  # training steps per device per round
     batch_size: int = 8  # training examples per step
     lr: float = 2e-3  # AdamW learning rate on the devices
@@ -66,10 +79,39 @@ class DeviceSettings:
         """lora-targets as a tuple."""
         return tuple(t for t in self.lora_targets.split(",") if t)
 
+    @property
+    def exchange(self) -> str:
+        """What a round's arrays hold (module docstring): "peft", the method's PEFT state dict, or "encoder",
+        P-tuning's prompt encoder weights."""
+        return "encoder" if self.peft == "ptuning" else "peft"
+
     def record(self, **override) -> ConfigRecord:
         """The device settings (DeviceSettings' fields, not a subclass's) as a round's ConfigRecord."""
         return ConfigRecord({kebab(f.name): override.get(f.name, getattr(self, f.name))
                              for f in fields(DeviceSettings)})
+
+
+def csv(text: str) -> tuple[str, ...]:
+    """A comma-separated setting as a tuple."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def exchanged_state(tuners, settings: DeviceSettings) -> dict:
+    """A method's set of trainable weights (model/tuners/: LoRASet, IA3Set, PromptSet) in a round's form."""
+    if settings.exchange == "encoder":
+        return {k: v.detach().cpu().contiguous() for k, v in tuners.state_dict().items()}
+    return tuners.peft_state_dict()
+
+
+def load_exchanged(tuners, state: Mapping, settings: DeviceSettings) -> None:
+    """Put a round's arrays (tensors, in `exchanged_state`'s form) into a method's set."""
+    if settings.exchange == "encoder":
+        if set(state) != set(tuners.state_dict()):
+            raise ValueError(f"the P-tuning round carries the prompt encoder's weights; these arrays are not this "
+                             f"encoder's: {sorted(set(state) ^ set(tuners.state_dict()))[:3]}")
+        tuners.load_state_dict(dict(state))
+    else:
+        tuners.load_peft_state_dict(dict(state))
 
 
 @dataclass

@@ -49,6 +49,7 @@ WirePattern = Literal["frozen", "input-only", "edge-branch", "carried"]
 WIRE_PATTERNS: dict[str, dict[str, WirePattern]] = {
     "lora": {"none": "frozen", "edge": "edge-branch", "carried": "carried"},
     "ia3": {"none": "frozen", "carried": "carried"},  # a vector per site: cheaper carried than as a branch
+    "adapter": {"none": "frozen", "edge": "edge-branch"},  # the branch reads the site's output (branch_on_output)
     "prompt": {"none": "input-only"},
     "ptuning": {"none": "input-only"},
 }

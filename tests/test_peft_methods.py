@@ -99,6 +99,8 @@ BAD = {  # flags -> the fix the one line names
     (("peft", "prompt"), ("prompt_tokens", 0)): "--prompt-tokens must be at least 1",
     (("peft", "ptuning"), ("prompt_init_text", "great")): "--prompt-init-text is prompt tuning's",
     (("peft", "ia3"), ("kr", True)): "--kr (Kill & Revive) switches LoRA blocks",
+    (("peft", "adapter"), ("cloud_lora", "carried")): "--peft adapter takes --cloud-lora none or edge",
+    (("adapter_reduction", 8),): "--adapter-reduction is an option of --peft adapter, not of --peft lora",
 }
 
 
@@ -114,3 +116,53 @@ def test_a_target_the_family_lacks_is_refused_before_any_step(cloud, tiny):
         make_edge(cloud, tiny, peft="ia3", ia3_targets=("c_attn",))
     with pytest.raises(ValueError, match="not among the \\(IA\\)³ targets"):
         make_edge(cloud, tiny, peft="ia3", ia3_targets=("k_proj",), ia3_feedforward=("down_proj",))
+
+
+def local_adapter_losses(tiny, blocks, state, batches) -> list[float]:
+    """Tandem's own bottleneck adapters on the whole model, in one process (the yardstick: no library has them)."""
+    from model.training import FitOptions, fit
+    from model.tuners.adapter import AdapterConfig, AdapterSet
+    model = copy.deepcopy(tiny.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = AdapterSet(model, AdapterConfig(blocks=blocks))
+    adapters.load_peft_state_dict(state)
+    adapters.attach(model, blocks)
+    def hidden(b):
+        return model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+    run = fit(lambda b: T.loss_from_hidden(T.TASKS["sst2"], hidden(b), b, model.get_output_embeddings())[0],
+              list(adapters.parameters()), batches, FitOptions(steps=len(batches), lr=LR))
+    return run.losses
+
+
+@pytest.mark.parametrize("cloud_lora", ["none", "edge"])
+def test_bottleneck_adapters_match_a_local_run_and_reload(cloud, tiny, tmp_path, cloud_lora):
+    """Adapters after o_proj and down_proj: 20 split steps (DLoRA-style branches on the cloud's blocks with --cloud-lora
+    edge: the cloud sends each site's output) give the losses of the same adapters trained in one process on the
+    full model; the saved folder loads back and reproduces the edge's logits."""
+    from model.tuners.adapter import AdapterConfig, AdapterSet
+    em, _, link = make_edge(cloud, tiny, peft="adapter", cloud_lora=cloud_lora)
+    perturb(em.lora, std=0.02)
+    blocks = em.lora.cfg.blocks
+    assert blocks == ([0, 5] if cloud_lora == "none" else list(range(6)))
+    batches = sst2_batches(STEPS)
+    ref_losses = local_adapter_losses(tiny, blocks, em.lora.peft_state_dict(), batches)
+    split_losses = train_edge_steps(em, batches, LR)
+    rel = [abs(a - b) / abs(b) for a, b in zip(split_losses, ref_losses)]
+    assert max(rel) <= 1e-4, rel
+    assert split_losses[-1] < split_losses[0]
+    if cloud_lora == "edge":  # two groups per cloud block (attn_out, mlp_out), each a request and a reply both ways
+        assert em.cloud.last_traffic.messages_down == 2 + 2 * 2 * len(em.cloud.lora_blocks)
+
+    em.lora.save_peft(tmp_path / "adapter", "tiny-llama")
+    model = copy.deepcopy(tiny.model)
+    again = AdapterSet(model, AdapterConfig(blocks=blocks))
+    again.load_peft(tmp_path / "adapter")
+    again.attach(model, blocks)
+    em.eval()
+    with torch.no_grad():
+        for b in batches[:3]:
+            full = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            rows = torch.arange(len(b))
+            assert (edge_logits(em, b) - full[rows, b.answer_pos]).abs().max().item() <= 1e-4
+    link.close()

@@ -2,9 +2,10 @@
 layer math, and the set of every trainable weight of one model with how it attaches and saves in PEFT's format.
 
     method    file         PEFT type       what it trains                               FedAvg
-    lora      lora.py      LORA            B A per site (rsLoRA scaling, DoRA magnitude)  yes (B only exact: FFA)
-    ia3       ia3.py       IA3             a scaling vector per site                    yes (vectors average)
-    prompt    prompt.py    PROMPT_TUNING   virtual token embeddings before the input    yes (the embeddings)
+    lora      lora.py      LORA            B A per site (rsLoRA scaling, DoRA magnitude)  yes (exact in B A: FFA)
+    ia3       ia3.py       IA3             a scaling vector per site                    yes (exact)
+    adapter   adapter.py   (none: Tandem's) a bottleneck MLP after attention and the MLP    yes (weights average)
+    prompt    prompt.py    PROMPT_TUNING   virtual token embeddings before the input    yes (exact)
     ptuning   prompt.py    P_TUNING        a prompt encoder that makes them             yes (encoder weights)
 
 How each crosses the cut in each --cloud-lora mode is declared once, in protocol/step.py `WIRE_PATTERNS`. Every
@@ -38,10 +39,16 @@ PROMPT_OPTIONS = ("prompt_tokens", "prompt_init_text")
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lora", "LORA", "sites", LORA_OPTIONS,
-           "averaging A and B is not averaging B A; with --lora-freeze-a (FFA-LoRA) it is exact"),
+           "averaging A and B is not averaging B A; with --lora-freeze-a (FFA-LoRA) it is exact, except for DoRA, "
+           "whose adapted weight m (W + s B A) / ||W + s B A|| is not linear in B and m"),
     Method("ia3", "IA3", "sites", ("ia3_targets", "ia3_feedforward"),
-           "exact for one site's scale, an average of vectors applied multiplicatively"),
-    Method("prompt", "PROMPT_TUNING", "input", PROMPT_OPTIONS, "the virtual token embeddings average as vectors"),
+           "exact per site: the adapted weight (W scaled by the vector) is linear in the vector, so the mean vector "
+           "gives the mean adapted weight"),
+    Method("adapter", "BOTTLENECK", "sites", ("adapter_reduction", "adapter_targets"),
+           "the adapters' weights average (their nonlinear output is not the average's output)"),
+    Method("prompt", "PROMPT_TUNING", "input", PROMPT_OPTIONS,
+           "exact: the virtual token embeddings are the parameters, and average as vectors"),
     Method("ptuning", "P_TUNING", "input", (*PROMPT_OPTIONS, "ptuning_hidden"),
-           "the encoder's weights average (its output is not their average's output)"),
+           "the encoder's weights average (devices exchange them, not PEFT's saved tokens); the encoder's output, "
+           "the virtual tokens, is not the mean of the devices' outputs"),
 )}

@@ -67,6 +67,8 @@ class IA3Set(nn.Module):
     """Every (IA)³ vector of one model: sites (block, site) -> IA3. `cfg.targets` / `cfg.feedforward` hold site
     names (model/sites.py) once built."""
 
+    peft_type = "IA3"
+
     def __init__(self, model, cfg: IA3Config, *, shapes_from=None):
         super().__init__()
         self.family = family_of(model)

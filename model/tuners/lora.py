@@ -75,6 +75,11 @@ class LoRA(nn.Module):
         if cfg.use_dora:  # B = 0 at the start, so ||W + s B A|| = ||W||
             self.lora_magnitude = nn.Parameter(torch.linalg.norm(weight.detach().float(), dim=1))
 
+    @property
+    def in_features(self) -> int:
+        """Width of what the branch reads (the site's input)."""
+        return self.lora_A.in_features
+
     def forward(self, x):
         """scaling * B A dropout(x): the branch alone (LoRA and rsLoRA; DLoRA's edge computes this)."""
         return self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
@@ -110,6 +115,8 @@ class LoRASet(nn.Module):
     The target strings resolve to sites as PEFT resolves `target_modules` (model/sites.py): GPT-2's `c_proj` is two
     sites, `attn.c_proj` and `mlp.c_proj`. `cfg.targets` then holds the site names (each a target naming one
     site, so the PEFT config written names the same modules); `targets` keeps the strings as given."""
+
+    peft_type = "LORA"
 
     def __init__(self, model, cfg: LoRAConfig, *, shapes_from=None):
         super().__init__()

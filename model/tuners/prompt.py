@@ -69,6 +69,7 @@ class PromptSet(nn.Module):
     def __init__(self, model, cfg: PromptConfig, tokenizer=None):
         super().__init__()
         check_prompt_config(cfg)
+        self.peft_type = PROMPT_METHODS[cfg.method]
         from peft.tuners.p_tuning import PromptEncoder
         from peft.tuners.prompt_tuning import PromptEmbedding
         from peft.utils.other import _prepare_prompt_learning_config

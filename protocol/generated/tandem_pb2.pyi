@@ -37,7 +37,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scale: _Optional[bytes] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("protocol_version", "model_fingerprint", "edge_bottom_blocks", "edge_top_blocks", "wire_dtype_up", "wire_dtype_down", "lora_targets", "lora_blocks", "carried_lora", "lora_rank", "lora_scaling", "carried_method", "feedforward_targets")
+    __slots__ = ("protocol_version", "model_fingerprint", "edge_bottom_blocks", "edge_top_blocks", "wire_dtype_up", "wire_dtype_down", "lora_targets", "lora_blocks", "carried_lora", "lora_rank", "lora_scaling", "carried_method", "feedforward_targets", "branch_on_output")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EDGE_BOTTOM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class OpenSessionRequest(_message.Message):
     LORA_SCALING_FIELD_NUMBER: _ClassVar[int]
     CARRIED_METHOD_FIELD_NUMBER: _ClassVar[int]
     FEEDFORWARD_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ON_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model_fingerprint: str
     edge_bottom_blocks: int
@@ -64,7 +65,8 @@ class OpenSessionRequest(_message.Message):
     lora_scaling: float
     carried_method: str
     feedforward_targets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., edge_bottom_blocks: _Optional[int] = ..., edge_top_blocks: _Optional[int] = ..., wire_dtype_up: _Optional[_Union[DType, str]] = ..., wire_dtype_down: _Optional[_Union[DType, str]] = ..., lora_targets: _Optional[_Iterable[str]] = ..., lora_blocks: _Optional[_Iterable[int]] = ..., carried_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., lora_scaling: _Optional[float] = ..., carried_method: _Optional[str] = ..., feedforward_targets: _Optional[_Iterable[str]] = ...) -> None: ...
+    branch_on_output: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., edge_bottom_blocks: _Optional[int] = ..., edge_top_blocks: _Optional[int] = ..., wire_dtype_up: _Optional[_Union[DType, str]] = ..., wire_dtype_down: _Optional[_Union[DType, str]] = ..., lora_targets: _Optional[_Iterable[str]] = ..., lora_blocks: _Optional[_Iterable[int]] = ..., carried_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., lora_scaling: _Optional[float] = ..., carried_method: _Optional[str] = ..., feedforward_targets: _Optional[_Iterable[str]] = ..., branch_on_output: _Optional[bool] = ...) -> None: ...
 
 class SiteWeights(_message.Message):
     __slots__ = ("block", "target", "a", "b", "magnitude", "scale")
