@@ -33,6 +33,8 @@ ROWS = {  # name -> (flags, learning rate)
     "dora-carried": (dict(peft="lora", cloud_lora="carried", lora_dora=True), 1e-3),
     "ia3-split": (dict(peft="ia3", cloud_lora="none"), 3e-3),
     "ia3-carried": (dict(peft="ia3", cloud_lora="carried"), 3e-3),
+    "adapter-split": (dict(peft="adapter", cloud_lora="none"), 1e-3),
+    "adapter-dlora": (dict(peft="adapter", cloud_lora="edge"), 1e-3),
     "prompt": (dict(peft="prompt", cloud_lora="none"), 3e-2),
     "ptuning": (dict(peft="ptuning", cloud_lora="none"), 1e-3),
 }

@@ -13,7 +13,8 @@ import json
 import shlex
 import sys
 
-from sim.costmodel import PATHS, Workload
+from sim.costmodel import PATHS, Workload, path_problem, paths_for
+from sim.wire import INPUT_METHODS
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -36,12 +37,22 @@ def _add_workload(p: argparse.ArgumentParser, model: str, edge: str, cloud: str,
     from protocol.tensors import WIRE_DTYPES
     from sim.profiles import DEVICE_NAMES, LINKS
     from sim.shape import INPUT_GROUPS, shipped
+    from sim.wire import IA3_FEEDFORWARD, IA3_TARGETS, SIM_METHODS
     w = Workload()
     wires = ("auto", *WIRE_DTYPES)
     p.add_argument("--model", default=model, help=f"model shape: a shipped config ({', '.join(shipped())}) or a "
                                                   "config.json / a folder holding one (default: %(default)s)")
-    p.add_argument("--paths", type=_subset(PATHS), default=PATHS, metavar="PATH[,PATH...]",
-                   help=f"training paths to cost, comma-separated, from {','.join(PATHS)} (default: all)")
+    p.add_argument("--paths", type=_subset(PATHS), default=None, metavar="PATH[,PATH...]",
+                   help=f"training paths to cost, comma-separated, from {','.join(PATHS)} (default: every path "
+                        "--peft has: prompt and ptuning have no dlora or carried, ia3 and --lora-dora no dlora)")
+    p.add_argument("--peft", choices=SIM_METHODS, default=w.peft,
+                   help="the PEFT method, as `tandem edge train --peft`: lora (--rank, --targets, --lora-dora), ia3 "
+                        "((IA)³ vectors, --ia3-targets), prompt (prompt tuning) or ptuning (P-tuning), both "
+                        "--prompt-tokens; split/dlora/carried are its --cloud-lora none/edge/carried "
+                        "(default: %(default)s)")
+    p.add_argument("--lora-dora", action="store_true",
+                   help="lora: DoRA (a magnitude per site; the weight norm every step where the site runs; "
+                        "no dlora path)")
     p.add_argument("--batch", type=int, default=w.batch, help="sequences per training step (default: %(default)s)")
     p.add_argument("--seq", type=int, default=w.seq, help="padded tokens per sequence (default: %(default)s)")
     p.add_argument("--task", choices=["classify", "lm"], default=w.task,
@@ -54,6 +65,18 @@ def _add_workload(p: argparse.ArgumentParser, model: str, edge: str, cloud: str,
     p.add_argument("--targets", type=_subset(tuple(INPUT_GROUPS)), default=w.targets, metavar="PROJ[,PROJ...]",
                    help=f"LoRA target projections, comma-separated, from {','.join(INPUT_GROUPS)} "
                         f"(default: {','.join(w.targets)})")
+    p.add_argument("--ia3-targets", type=_subset(tuple(INPUT_GROUPS)), default=w.ia3_targets,
+                   metavar="PROJ[,PROJ...]", help="ia3: the projections scaled, comma-separated (default: PEFT's, "
+                                                  f"{','.join(IA3_TARGETS)})")
+    p.add_argument("--ia3-feedforward", type=_subset(tuple(INPUT_GROUPS)), default=w.ia3_feedforward,
+                   metavar="PROJ[,PROJ...]", help="ia3: of those, the ones scaled at their input (default: PEFT's, "
+                                                  f"{','.join(IA3_FEEDFORWARD)}, with the default targets; none "
+                                                  "with others)")
+    p.add_argument("--prompt-tokens", type=int, default=w.prompt_tokens,
+                   help="prompt, ptuning: virtual tokens before every sequence; every block runs on --seq + this "
+                        "many (default: %(default)s)")
+    p.add_argument("--ptuning-hidden", type=int, default=None,
+                   help="ptuning: hidden size of the prompt encoder's MLP (default: the model's hidden size)")
     p.add_argument("--wire-up", choices=wires, default="auto",
                    help="dtype of the hidden states sent edge -> cloud; auto = bf16 when the edge trains in 16-bit, "
                         "else fp32 (default: %(default)s)")
@@ -91,10 +114,38 @@ def _setup(args):
                  targets=args.targets, wire_up=auto if args.wire_up == "auto" else args.wire_up,
                  wire_down=auto if args.wire_down == "auto" else args.wire_down,
                  active_fraction=args.active_fraction, emulator_fraction=args.emulator_fraction,
-                 local_steps=args.local_steps, epoch_examples=args.epoch_examples)
+                 local_steps=args.local_steps, epoch_examples=args.epoch_examples, peft=args.peft,
+                 dora=args.lora_dora, ia3_targets=args.ia3_targets, ia3_feedforward=args.ia3_feedforward,
+                 prompt_tokens=args.prompt_tokens, ptuning_hidden=args.ptuning_hidden)
+    _check_method(args, w)
     rtt = None if args.rtt_ms is None else args.rtt_ms / 1e3
     links = [link_profile(s, rtt) for s in args.links]
     return shape, w, edge, cloud, links
+
+
+def _check_method(args, w: Workload) -> None:
+    """The method's own flags only with it, and --paths it has: each mistake a usage error naming the fix. Leaves
+    args.paths the paths to cost (every path the method has when none were given)."""
+    error = args.parser.error
+    given = {"--lora-dora": args.lora_dora and "lora", "--ia3-targets": args.ia3_targets and "ia3",
+             "--ia3-feedforward": args.ia3_feedforward and "ia3",
+             "--prompt-tokens": args.prompt_tokens != Workload.prompt_tokens and "prompt",
+             "--ptuning-hidden": args.ptuning_hidden is not None and "ptuning"}
+    for flag, owner in given.items():
+        if owner and not (args.peft == owner or owner == "prompt" and args.peft == "ptuning"):
+            error(f"{flag} is an option of --peft {'prompt and ptuning' if owner == 'prompt' else owner}, "
+                  f"not of --peft {args.peft}")
+    if w.peft in INPUT_METHODS and w.prompt_tokens < 1:
+        error(f"--prompt-tokens must be at least 1, got {w.prompt_tokens}")
+    if w.ptuning_hidden is not None and w.ptuning_hidden < 1:
+        error(f"--ptuning-hidden must be at least 1, got {w.ptuning_hidden}")
+    if stray := [t for t in w.ia3_feedforward if t not in w.sites()[0]]:
+        error(f"--ia3-feedforward {','.join(stray)} is not among the (IA)³ targets ({','.join(w.sites()[0])})")
+    if args.paths is None:
+        args.paths = paths_for(w)
+    for path in args.paths:
+        if problem := path_problem(path, w):
+            error(f"--paths {path}: {problem}")
 
 
 def cmd_predict(args) -> None:
@@ -120,7 +171,7 @@ def cmd_predict(args) -> None:
         if link is links[0]:
             print(f"{c.path:<11} edge {c.edge.flops / 1e12:.3g} TFLOP, cloud {c.cloud.flops / 1e12:.3g} TFLOP, "
                   f"round trips {c.round_trips:.3g}" + (f", one-time {c.one_time_bytes / 1e9:.2f} GB"
-                                                        if c.one_time_bytes else "") + ". " + " ".join(c.notes))
+                                                        if c.one_time_bytes else "") + ". " + "; ".join(c.notes))
 
 
 def cmd_calibrate(args) -> None:
@@ -180,7 +231,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    "calibration; only `here` / `here-matmul` need `tandem sim calibrate` first.")
     _add_workload(p, "smollm2-135m", "here", "here", "testbed-50mbit")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.set_defaults(func=cmd_predict)
+    p.set_defaults(func=cmd_predict, parser=p)
 
     c = sub.add_parser("calibrate", help="measure this machine for the `here` profile")
     c.add_argument("--model", default="smollm2-135m", help="model shape of the GEMM and decoder-block benchmarks: "
@@ -202,7 +253,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--ns", default="1,2,4,8,16,32,64,128",
                    help="edge counts for the utilisation plot, comma-separated (default: %(default)s)")
     m.add_argument("--json-out", default=None, help="also write the results to this JSON file (default: none)")
-    m.set_defaults(func=cmd_compare)
+    m.set_defaults(func=cmd_compare, parser=m)
 
     t = sub.add_parser("testbed", help="namespaces + veth + tbf: self-test, or run cloud/edge commands through it")
     t.add_argument("--edges", type=int, default=1, help="edge namespaces, one link each (default: %(default)s)")

@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sim.costmodel import PATHS, StepCost, Workload, predict, predict_all
+from sim.costmodel import StepCost, Workload, method_note, path_problem, paths_for, predict, predict_all
 from sim.events import SaturationPoint, saturation, simulate
 from sim.profiles import DeviceProfile, LinkProfile, rate_link
 from sim.shape import ModelShape
 from sim.wire import cloud_blocks
 
 REMOTE = ("split", "dlora", "carried")
+WHOLE_WEIGHTS = ("local-full", "offsite")  # paths that train whole weights: the PEFT method does not apply
 
 
 def _mb(x: float) -> str:
@@ -34,18 +35,21 @@ def _dur(s: float) -> str:
 
 def format_table(costs: list[tuple[LinkProfile, StepCost]]) -> str:
     """One row per (link, path): bytes, messages, time split by cause, epoch time, peak memory and whether it fits."""
-    head = (f"{'path':<11}{'link':>10}{'up MB':>11}{'down MB':>11}{'msgs':>6}{'edge s':>9}{'cloud s':>9}"
+    head = (f"{'path':<11}{'method':<8}{'link':>10}{'up MB':>11}{'down MB':>11}{'msgs':>6}{'edge s':>9}{'cloud s':>9}"
             f"{'network s':>11}{'step':>10}{'epoch':>10}{'edge GB':>9}{'cloud GB':>9}")
     lines = [head, "-" * len(head)]
     for link, c in costs:
         network = c.transfer_s + c.codec_s + c.latency_s
         fit = lambda ok: "" if ok else "!"  # noqa: E731
-        lines.append(f"{c.path:<11}{link.name:>10}{_mb(c.bytes_up):>11}{_mb(c.bytes_down):>11}{c.messages:>6.3g}"
+        method = "-" if c.path in WHOLE_WEIGHTS else c.workload.method
+        lines.append(f"{c.path:<11}{method:<8}{link.name:>10}{_mb(c.bytes_up):>11}{_mb(c.bytes_down):>11}"
+                     f"{c.messages:>6.3g}"
                      f"{c.edge.seconds:>9.3g}{c.cloud.seconds:>9.3g}{network:>11.3g}{_dur(c.step_s):>10}"
                      f"{_dur(c.epoch_s):>10}{c.edge.peak_bytes / 1e9:>8.1f}{fit(c.edge_fits):1}"
                      f"{c.cloud.peak_bytes / 1e9:>8.1f}{fit(c.cloud_fits):1}")
     lines.append("! = does not fit the device's memory.  network = transfer + codec + latency.  Federated: per step"
-                 " of a round (round / local steps).  Offsite: plus a one-time emulator download.")
+                 " of a round (round / local steps).  Offsite: plus a one-time emulator download.  method - : whole"
+                 " weights trained, whatever --peft.")
     return "\n".join(lines)
 
 
@@ -56,7 +60,7 @@ def assumptions(shape: ModelShape, w: Workload, edge: DeviceProfile, cloud: Devi
         f"model      {shape.name}: {shape.total_params / 1e9:.2f} B parameters, {shape.layers} blocks, hidden "
         f"{shape.hidden}, {shape.heads} heads ({shape.kv_heads} KV), vocab {shape.vocab} (config.json only)",
         f"workload   batch {w.batch} x {w.seq} tokens, task {w.task}; cut k={w.k}, m={w.m} ({cb} cloud blocks); "
-        f"LoRA r={w.rank} on {','.join(w.targets)}; wire up {w.wire_up}, down {w.wire_down}; DLoRA active "
+        f"{method_note(w)}; wire up {w.wire_up}, down {w.wire_down}; DLoRA active "
         f"fraction {w.active_fraction:g}; emulator keeps {w.emulator_fraction:g} of the middle; federated round "
         f"= {w.local_steps} steps; epoch = {w.epoch_examples} examples ({w.steps_per_epoch} steps)",
         f"edge       {edge.name}: {edge.throughput(w.tokens) / 1e12:.3g} TFLOP/s sustained, {edge.memory / 1e9:.0f} GB, "
@@ -125,9 +129,10 @@ def _finish(plt, fig, ax, out: Path, xlabel: str, ylabel: str, title: str) -> Pa
     return _save(plt, fig, out)
 
 
-def plot_step_time_vs_bandwidth(shape, w, edge, cloud, rtt: float, out: Path, paths=PATHS) -> Path:
+def plot_step_time_vs_bandwidth(shape, w, edge, cloud, rtt: float, out: Path, paths=None) -> Path:
     import numpy as np
     plt = _plt()
+    paths = paths_for(w) if paths is None else paths
     rates = np.logspace(6, 10, 41)  # 1 Mbit/s .. 10 Gbit/s
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for path in paths:
@@ -143,7 +148,9 @@ def plot_bytes_vs_cut(shape, w, edge, cloud, link, out: Path) -> Path:
     plt = _plt()
     ks = list(range(1, shape.layers - w.m))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for path, dtype in (("split", w.wire_up), ("split", "int8"), ("dlora", w.wire_up), ("dlora", "int8")):
+    remote = ("split", "dlora") if path_problem("dlora", w) is None else ("split", "carried")
+    remote = [p for p in remote if path_problem(p, w) is None]  # the method's: dlora, else carried
+    for path, dtype in ((p, d) for p in remote for d in (w.wire_up, "int8")):
         ys = [predict(shape, path, replace(w, k=k, wire_up=dtype, wire_down=dtype), edge, cloud, link).bytes_total
               for k in ks]
         ax.semilogy(ks, [y / 1e6 for y in ys], label=f"{path} ({dtype})")
@@ -174,8 +181,10 @@ def plot_utilisation_vs_edges(shape, w, edge, cloud, link, out: Path, ns=(1, 2, 
 
 
 def compare(shape: ModelShape, w: Workload, edge: DeviceProfile, cloud: DeviceProfile, links: list[LinkProfile],
-            paths=PATHS, out_dir: str | Path | None = None, ns=(1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
-    """Print the what-if and saturation tables with their assumptions; write the plots to `out_dir`."""
+            paths=None, out_dir: str | Path | None = None, ns=(1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
+    """Print the what-if and saturation tables with their assumptions; write the plots to `out_dir`. `paths`
+    None: every path the workload's method has."""
+    paths = paths_for(w) if paths is None else paths
     rows = [(link, c) for link in links for c in predict_all(shape, w, edge, cloud, link, paths)]
     print(assumptions(shape, w, edge, cloud, links))
     print()

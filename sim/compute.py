@@ -6,6 +6,12 @@ FLOPs (per step, B sequences of T tokens, t = B*T):
   attention (per block)      forward 4*B*T^2*heads*head_dim (QK^T and PV, full T^2: the cloud passes an explicit
                              padding mask, so no causal skipping); backward twice that
   LoRA rank r on in->out     forward 2*t*r*(in+out); backward twice that
+  DoRA (LoRA + magnitude)    + per site and step the weight norm ||W + s B A||: 2*out*r*in for B A, 3*out*in to add
+                             W, square and sum (not differentiated, as PEFT); the rescale by m / norm 3*t*out forward,
+                             6*t*out backward
+  (IA)³ on in->out           a vector of d = out (or in, feed-forward): forward t*d, backward 3*t*d (dX, dl)
+  prompt / P-tuning          every block runs on T + V tokens and passes gradients down to the virtual tokens;
+                             P-tuning's encoder MLP (H -> h -> h -> H) runs once a step on V rows
   LM head                    forward 2*H*V per position that needs logits (classify: B, lm: B*T); backward dX the
                              same, dW again only in full fine-tuning
   the lowest adapted block   receives no input gradient: its q/k/v input-gradient matmuls are skipped
@@ -18,6 +24,8 @@ Activations autograd keeps for backward, per token:
                       of frozen linears are not kept (autograd saves them only for weight gradients).
   trained block       + 2H + q_dim + I: the inputs of q/k/v, o, gate/up and down
   LoRA                + the input of each input group + r per target
+  DoRA                + the base output and the branch output per target (for the magnitude's gradient)
+  (IA)³               + the scaled tensor per target (d per token, for the vector's gradient)
   LM head             fp32 logits and their gradient at the positions that need them
 The frozen-block figure is checked against what autograd actually saves (tests/test_sim_costmodel.py); the rest of
 the memory model is an estimate.
@@ -28,6 +36,7 @@ import math
 from dataclasses import dataclass
 
 from sim.shape import INPUT_GROUPS, ModelShape
+from sim.wire import ADAPTER_TARGETS, INPUT_METHODS, SIM_METHODS, SITE_METHODS, ia3_sites
 
 ADAM_BYTES_PER_PARAM = 28  # fp32 AdamW step: read w, g, m, v (16 B), write w, m, v (12 B)
 SST2_TRAIN = 67349  # examples in the SST-2 training split (the default epoch)
@@ -50,10 +59,44 @@ class Workload:
     local_steps: int = 10  # federated: local steps per round
     epoch_examples: int = SST2_TRAIN
     step_index: int = 1  # Begin.step (its varint length changes the byte count by a byte or two)
+    peft: str = "lora"  # the PEFT method (--peft): lora, ia3, adapter, prompt, ptuning (sim.wire.SIM_METHODS)
+    adapter_reduction: int = 16  # adapter: bottleneck = the site's output width / this
+    dora: bool = False  # lora: DoRA's magnitude per site (--lora-dora)
+    ia3_targets: tuple[str, ...] = ()  # ia3: scaled linears; () = PEFT's defaults (sim.wire.ia3_sites)
+    ia3_feedforward: tuple[str, ...] = ()  # ia3: of those, the ones scaled at their input
+    prompt_tokens: int = 20  # prompt, ptuning: virtual tokens V before every sequence
+    ptuning_hidden: int | None = None  # ptuning: the encoder MLP's hidden size (None: the model's)
 
     @property
     def tokens(self) -> int:
+        """Real tokens of the step (what the LM head and the data count)."""
         return self.batch * self.seq
+
+    @property
+    def virtual_tokens(self) -> int:
+        return self.prompt_tokens if self.peft in INPUT_METHODS else 0
+
+    @property
+    def block_seq(self) -> int:
+        """Tokens per sequence every block runs on: the real ones, plus prompt / P-tuning's virtual tokens."""
+        return self.seq + self.virtual_tokens
+
+    @property
+    def block_tokens(self) -> int:
+        return self.batch * self.block_seq
+
+    @property
+    def method(self) -> str:
+        """The method's name as the cost model and the carried mode know it: lora, dora, ia3, prompt, ptuning."""
+        return "dora" if self.peft == "lora" and self.dora else self.peft
+
+    def sites(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(targets, feed-forward targets) of a site method's every adapted block; ((), ()) for an input method."""
+        if self.peft == "ia3":
+            return ia3_sites(self.ia3_targets, self.ia3_feedforward)
+        if self.peft == "adapter":
+            return tuple(self.targets) if tuple(self.targets) != ("q_proj", "v_proj") else ADAPTER_TARGETS, ()
+        return (tuple(self.targets), ()) if self.peft == "lora" else ((), ())
 
     @property
     def head_positions(self) -> int:
@@ -107,6 +150,74 @@ def lora_compute(shape: ModelShape, tokens: int, rank: int, targets, train: bool
     return Compute(fwd, 2 * fwd, ADAM_BYTES_PER_PARAM * n, n, tokens * (sum(inputs.values()) + rank * len(targets)))
 
 
+def dora_compute(shape: ModelShape, tokens: int, rank: int, targets, train: bool = True) -> Compute:
+    """What DoRA adds to the LoRA of `targets` at one block (see the module docstring): the weight norm every step,
+    the rescale by magnitude / norm, the magnitude [out] trained, the base and branch outputs kept."""
+    dims = [shape.linear(t) for t in targets]
+    norm = sum(2.0 * o * rank * i + 3.0 * o * i for i, o in dims)
+    outs = sum(o for _, o in dims)
+    fwd = norm + 3.0 * tokens * outs
+    if not train:
+        return Compute(fwd)
+    return Compute(fwd, 6.0 * tokens * outs, ADAM_BYTES_PER_PARAM * outs, outs, 2.0 * tokens * outs)
+
+
+def ia3_compute(shape: ModelShape, tokens: int, targets, feedforward=(), train: bool = True) -> Compute:
+    """(IA)³ vectors of `targets` at one block: an elementwise scale of each site's output (input for the
+    `feedforward` ones), its gradient, the vectors trained, the scaled tensors kept."""
+    d = sum(shape.linear(t)[0 if t in feedforward else 1] for t in targets)
+    if not train:
+        return Compute(tokens * d)
+    return Compute(tokens * d, 3.0 * tokens * d, ADAM_BYTES_PER_PARAM * d, d, float(tokens * d))
+
+
+def adapter_compute(shape: ModelShape, tokens: int, reduction: int, targets, train: bool = True) -> Compute:
+    """Bottleneck adapters after `targets` at one block: down (out -> out / reduction), swish, up, on each site's
+    output; backward (weights and input), the optimizer step, and what it keeps (the site output, the bottleneck)."""
+    widths = [shape.linear(t)[1] for t in targets]
+    fwd = sum(4.0 * tokens * o * max(1, o // reduction) for o in widths)
+    if not train:
+        return Compute(fwd)
+    n = sum(2 * o * max(1, o // reduction) + o + max(1, o // reduction) for o in widths)
+    return Compute(fwd, 2 * fwd, ADAM_BYTES_PER_PARAM * n, n,
+                   float(tokens * sum(o + 2 * max(1, o // reduction) for o in widths)))
+
+
+def site_params(shape: ModelShape, w: "Workload") -> int:
+    """Trained weights of the method at one adapted block (0 for an input method)."""
+    return site_compute(shape, w, tokens=0).trained
+
+
+def site_compute(shape: ModelShape, w: "Workload", tokens: int | None = None, train: bool = True) -> Compute:
+    """The method's sites at one adapted block over `tokens` (default: the step's): LoRA (+ DoRA), (IA)³, or nothing
+    for an input method."""
+    tokens = w.block_tokens if tokens is None else tokens
+    targets, feedforward = w.sites()
+    if w.peft == "ia3":
+        return ia3_compute(shape, tokens, targets, feedforward, train)
+    if w.peft == "adapter":
+        return adapter_compute(shape, tokens, w.adapter_reduction, targets, train)
+    if w.peft != "lora":
+        return Compute()
+    c = lora_compute(shape, tokens, w.rank, targets, train)
+    return c + dora_compute(shape, tokens, w.rank, targets, train) if w.dora else c
+
+
+def prompt_compute(shape: ModelShape, w: "Workload") -> Compute:
+    """The virtual tokens (prompt: V x H embeddings, nothing computed; P-tuning: PEFT's encoder, an embedding table
+    and an MLP H -> h -> h -> H run on the V rows once a step) and their optimizer."""
+    if w.peft not in INPUT_METHODS:
+        return Compute()
+    V, H = w.prompt_tokens, shape.hidden
+    trained, fwd = V * H, 0.0
+    if w.peft == "ptuning":
+        h = w.ptuning_hidden or H
+        macs = H * h + h * h + h * H
+        trained += macs + 2 * h + H  # the three linears' weights and biases
+        fwd = 2.0 * V * macs
+    return Compute(fwd, 2 * fwd, ADAM_BYTES_PER_PARAM * trained, trained, float(V * H))
+
+
 def block_compute(shape: ModelShape, batch: int, seq: int, *, backward: bool = True, train_weights: bool = False,
                   input_grad: bool = True, lora: tuple[str, ...] = (), rank: int = 8) -> Compute:
     """One decoder block. `input_grad`: its input needs a gradient (false only for the lowest trained block)."""
@@ -137,12 +248,16 @@ def head_compute(shape: ModelShape, w: Workload, *, train_head: bool = False, ba
 
 
 def peft_blocks(shape: ModelShape, w: Workload, blocks) -> Compute:
-    """LoRA on `blocks` (frozen weights); the lowest block (0) needs no input gradient."""
+    """`blocks` (frozen weights) with the method's sites, on the tokens blocks see (T + V with virtual tokens); the
+    lowest block (0) needs no input gradient, unless virtual tokens below it train."""
     c = Compute()
     for i in blocks:
-        c = c + block_compute(shape, w.batch, w.seq, input_grad=i != 0, lora=w.targets, rank=w.rank)
+        c = c + block_compute(shape, w.batch, w.block_seq, input_grad=i != 0 or w.peft in INPUT_METHODS)
+        c = c + site_compute(shape, w)
     return c
 
 
-__all__ = ["Workload", "Compute", "ADAM_BYTES_PER_PARAM", "SST2_TRAIN", "attention_flops",
-           "activation_elements_per_token", "lora_compute", "block_compute", "head_compute", "peft_blocks"]
+__all__ = ["Workload", "Compute", "ADAM_BYTES_PER_PARAM", "SST2_TRAIN", "SITE_METHODS", "INPUT_METHODS",
+           "SIM_METHODS", "attention_flops", "activation_elements_per_token", "lora_compute", "dora_compute",
+           "ia3_compute", "site_params", "site_compute", "prompt_compute", "block_compute", "head_compute",
+           "peft_blocks"]

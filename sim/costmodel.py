@@ -4,16 +4,22 @@ activations of the pieces (blocks, LoRA, LM head) are in sim.compute.
 
 Paths
   local-full   all weights trained on the edge (embedding, blocks, head), AdamW
-  local-peft   LoRA on every block, all on the edge
-  split        edge-bottom (k blocks) and edge-top (m blocks + head) on the edge with local LoRA; the cloud runs the
-               frozen middle blocks (Tandem `--cloud-lora none`)
+  local-peft   the PEFT method on every block (or its virtual tokens before the input), all on the edge
+  split        edge-bottom (k blocks) and edge-top (m blocks + head) on the edge with the method on them; the cloud
+               runs the frozen middle blocks (Tandem `--cloud-lora none`)
   dlora        split + LoRA on every cloud block, computed on the edge from inputs the cloud sends (DLoRA);
                `active_fraction` < 1 is Kill & Revive (only that share of cloud blocks runs its LoRA this step)
-  carried      split + LoRA on every (active) cloud block whose weights ride the step's first message and whose
-               gradients come back with the last: the cloud computes the LoRA, the edge keeps weights and optimizer
+  carried      split + LoRA (DoRA, (IA)³) on every (active) cloud block whose weights ride the step's first message
+               and whose gradients come back with the last: the cloud computes the sites, the edge keeps weights and
+               optimizer
   offsite      offsite-tuning: the edge trains k bottom and m top blocks (adapters, full weights) around an emulator
                that keeps `emulator_fraction` of the middle blocks (layer drop); nothing crosses per step
-  federated    every client runs `local_steps` local-PEFT steps, then uploads its LoRA and downloads the average
+  federated    every client runs `local_steps` local-PEFT steps, then uploads its adapter and downloads the average
+
+PEFT methods (`Workload.peft`: lora, with `dora`, ia3, prompt, ptuning): the remote paths are a method's --cloud-lora
+modes as protocol/step.py WIRE_PATTERNS declares them: split = none (the method on the edge's blocks, or prompt /
+P-tuning's virtual tokens, with which every block runs on T + V tokens), dlora = edge (LoRA only), carried = carried
+(LoRA, DoRA, (IA)³); `paths_for` lists a method's paths. local-full and offsite train whole weights: no method.
 
 Compute time = FLOPs / the device's throughput at the step's tokens (measured at several sizes for `here`).
 Time of one step = edge compute + cloud compute + for each message: transfer (wire bytes with HTTP/2 framing over
@@ -28,17 +34,60 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from sim.compute import (ADAM_BYTES_PER_PARAM, SST2_TRAIN, Compute, Workload, activation_elements_per_token,
-                         attention_flops, block_compute, head_compute, lora_compute, peft_blocks)
+from sim.compute import (ADAM_BYTES_PER_PARAM, adapter_compute, INPUT_METHODS, SIM_METHODS, SST2_TRAIN, Compute, Workload,
+                         activation_elements_per_token, attention_flops, block_compute, head_compute, lora_compute,
+                         peft_blocks, prompt_compute, site_compute, site_params)
 from sim.profiles import DeviceProfile, LinkProfile
 from sim.shape import ModelShape
-from protocol.step import Traffic
+from protocol.step import WIRE_PATTERNS, Traffic
 from sim.stepcost import Phase, SideCost, StepCost
-from sim.wire import WireSetup, cloud_blocks, dlora_setup, step_traffic
+from sim.wire import WireSetup, cloud_blocks, method_setup, step_traffic
 
 PATHS = ("local-full", "local-peft", "split", "dlora", "carried", "offsite", "federated")
+REMOTE_MODES = {"split": "none", "dlora": "edge", "carried": "carried"}  # remote path -> its --cloud-lora mode
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "(IA)³", "adapter": "bottleneck adapters",
+                "prompt": "prompt tuning", "ptuning": "P-tuning"}
 OPTIMIZER_STATE_BYTES = 12  # fp32 gradient + two fp32 moments per trained weight
 NPY_HEADER = 128  # numpy .npy header Flower puts before each array it ships (format 1.0, padded)
+
+
+def path_problem(path: str, w: Workload) -> str | None:
+    """Why `path` does not exist for the workload's PEFT method (one line), or None when it does."""
+    if path not in PATHS:
+        return f"unknown path {path!r}: one of {', '.join(PATHS)}"
+    if w.peft not in SIM_METHODS or w.peft not in WIRE_PATTERNS:
+        return f"the simulator does not model --peft {w.peft}: it knows {', '.join(SIM_METHODS)}"
+    if w.dora and w.peft != "lora":
+        return f"DoRA is a LoRA variant: --peft {w.peft} has none"
+    mode = REMOTE_MODES.get(path)
+    if mode is None:
+        return None
+    modes = WIRE_PATTERNS[w.peft]
+    if mode not in modes:
+        return (f"--peft {w.peft} has no {path} path: it takes --cloud-lora {' or '.join(modes)} "
+                f"({', '.join(p for p, m in REMOTE_MODES.items() if m in modes)})")
+    if w.dora and mode == "edge":
+        return "DoRA has no dlora path: its branch needs the base weights, which the edge has not (use carried)"
+    return None
+
+
+def paths_for(w: Workload) -> tuple[str, ...]:
+    """The paths the workload's PEFT method has, in PATHS order."""
+    return tuple(p for p in PATHS if path_problem(p, w) is None)
+
+
+def method_note(w: Workload) -> str:
+    """The method as a table note: LoRA r=8 on q_proj,v_proj; (IA)³ on k_proj,v_proj,down_proj ...; prompt ..."""
+    targets, feedforward = w.sites()
+    name = METHOD_NAMES[w.method]
+    if w.peft == "lora":
+        return f"{name} r={w.rank} on {','.join(targets)}"
+    if w.peft == "ia3":
+        return f"{name} on {','.join(targets)}" + (f" (input-scaled: {','.join(feedforward)})" if feedforward else "")
+    if w.peft == "adapter":
+        return f"{name} (reduction {w.adapter_reduction}) after {','.join(targets)}"
+    encoder = f", from an encoder MLP of hidden {w.ptuning_hidden or 'H'}" if w.peft == "ptuning" else ""
+    return f"{name}: {w.prompt_tokens} virtual tokens{encoder}; every block runs on T + V = {w.block_seq} tokens"
 
 
 def _side(device: DeviceProfile, c: Compute, weights: int, tokens: int,
@@ -63,8 +112,8 @@ def _message_phase(msg, link: LinkProfile, edge: DeviceProfile, cloud: DevicePro
 
 
 def _local(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud: DeviceProfile,
-           c: Compute, weights: int, notes=()) -> StepCost:
-    side = _side(edge, c, weights, w.tokens)
+           c: Compute, weights: int, notes=(), tokens: int | None = None) -> StepCost:
+    side = _side(edge, c, weights, w.tokens if tokens is None else tokens)
     phases = (Phase("edge", side.seconds, "forward + backward + optimizer"),)
     return StepCost(path, shape.name, w, side, SideCost(), 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, phases, notes=tuple(notes),
                     edge_fits=side.peak_bytes <= edge.memory)
@@ -81,9 +130,10 @@ def local_full(shape, w, edge, cloud, link) -> StepCost:
 
 
 def local_peft(shape, w, edge, cloud, link) -> StepCost:
-    c = peft_blocks(shape, w, range(shape.layers)) + head_compute(shape, w)
+    c = prompt_compute(shape, w) + peft_blocks(shape, w, range(shape.layers)) + head_compute(shape, w)
+    where = "" if w.peft in INPUT_METHODS else f" of all {shape.layers} blocks"
     return _local(shape, "local-peft", w, edge, cloud, c, shape.total_params,
-                  [f"LoRA r={w.rank} on {','.join(w.targets)} of all {shape.layers} blocks, all on the edge"])
+                  [f"{method_note(w)}{where}, all on the edge"], tokens=w.block_tokens)
 
 
 @dataclass(frozen=True)
@@ -91,49 +141,55 @@ class _EdgeWork:
     """The edge's share of a split/DLoRA step."""
     bottom: Compute  # edge-bottom blocks
     top: Compute  # edge-top blocks + head
-    site: dict  # LoRA group -> its work at one cloud block
+    site: dict  # DLoRA: LoRA group -> its work at one cloud block
     total: Compute  # all of it, with every cloud LoRA the edge trains
 
 
 def _remote_setup(shape: ModelShape, path: str, w: Workload) -> WireSetup:
-    if path == "split":
-        return WireSetup(w.k, w.m, w.wire_up, w.wire_down)
-    return dlora_setup(shape, w.k, w.m, w.wire_up, w.wire_down, w.targets, w.active_fraction,
-                       carried=path == "carried", rank=w.rank)
+    """The wire setup of the path for the workload's method (sim.wire.method_setup reads WIRE_PATTERNS)."""
+    targets, feedforward = w.sites()
+    return method_setup(shape, w.peft, REMOTE_MODES[path], w.k, w.m, w.wire_up, w.wire_down, targets or None,
+                        w.rank, w.dora, feedforward, w.active_fraction, w.prompt_tokens)
 
 
 def _edge_work(shape: ModelShape, w: Workload, setup: WireSetup, groups, active) -> _EdgeWork:
-    bottom = peft_blocks(shape, w, range(w.k))
+    bottom = prompt_compute(shape, w) + peft_blocks(shape, w, range(w.k))  # virtual tokens go in below block 0
     top = peft_blocks(shape, w, range(shape.layers - w.m, shape.layers)) + head_compute(shape, w)
-    site = {g: lora_compute(shape, w.tokens, w.rank, ts) for g, ts in groups}  # one group at one block
+    site = {g: adapter_compute(shape, w.block_tokens, w.adapter_reduction, ts) if w.peft == "adapter"
+            else lora_compute(shape, w.block_tokens, w.rank, ts) for g, ts in groups}  # one group at one block
     total = bottom + top + sum((site[g].times(len(active)) for g, _ in groups), Compute())
-    # Every cloud LoRA is a trained weight held on the edge (Kill & Revive only pauses some of them); carried: the
+    # Every cloud site is a trained weight held on the edge (Kill & Revive only pauses some of them); carried: the
     # cloud computes them, the edge only steps their optimizer.
+    per_block = site_params(shape, w) if setup.lora_blocks else 0
     idle = len(setup.lora_blocks) - len(active)
-    total = total + Compute(trained=idle * shape.lora_params(w.rank, w.targets))
+    total = total + Compute(trained=idle * per_block)
     if setup.carried:
-        n = len(active) * shape.lora_params(w.rank, w.targets)
+        n = len(active) * per_block
         total = total + Compute(optimizer_bytes=ADAM_BYTES_PER_PARAM * n, trained=n)
     return _EdgeWork(bottom, top, site, total)
 
 
-def _remote_phases(traffic: Traffic, work: _EdgeWork, cloud_c: Compute, cloud_weight_bytes: float, n_slices: int,
-                   w: Workload, edge: DeviceProfile, cloud: DeviceProfile, link: LinkProfile) -> list[Phase]:
+def _remote_phases(traffic: Traffic, work: _EdgeWork, cloud_c: Compute, read_bytes: float, n_slices: int,
+                   w: Workload, edge: DeviceProfile, cloud: DeviceProfile, link: LinkProfile,
+                   alone: bool = False) -> list[Phase]:
     """The step in order: each message, and the cloud slice or edge compute that follows it.
-    Cloud work is cut into slices at each LoRA exchange; the same weights are read by forward and backward."""
+    Cloud work is cut into slices at each LoRA exchange; the same weights (`read_bytes`) are read by forward and
+    backward.
+    `alone`: the cloud runs this step's jobs in no batch with other sessions' (carried DoRA and (IA)³)."""
     fwd_slice, bwd_slice = cloud_c.forward / n_slices, cloud_c.backward / n_slices
-    wb_slice = cloud_weight_bytes / n_slices
+    wb_slice = read_bytes / n_slices
     phases: list[Phase] = []
     fwd_i = bwd_i = 0
 
     def edge_phase(what: str, flops: float, optimizer_bytes: float = 0.0):
-        seconds = flops / edge.throughput(w.tokens) + optimizer_bytes / edge.memory_bandwidth
+        seconds = flops / edge.throughput(w.block_tokens) + optimizer_bytes / edge.memory_bandwidth
         phases.append(Phase("edge", seconds, what))
 
     def cloud_phase(kind: str, i: int):
         flops = fwd_slice if kind == "fwd" else bwd_slice
-        phases.append(Phase("cloud", cloud_job_seconds(cloud, flops, wb_slice, w.tokens), f"cloud {kind} slice {i}",
-                            flops, wb_slice, f"{kind}:{i}", tokens=w.tokens))
+        phases.append(Phase("cloud", cloud_job_seconds(cloud, flops, wb_slice, w.block_tokens),
+                            f"cloud {kind} slice {i}", flops, wb_slice, f"{kind}:{i}", tokens=w.block_tokens,
+                            alone=alone))
 
     edge_phase("edge bottom forward", work.bottom.forward)
     for msg in traffic.messages:
@@ -156,15 +212,22 @@ def _remote_phases(traffic: Traffic, work: _EdgeWork, cloud_c: Compute, cloud_we
 
 def _remote_notes(path: str, w: Workload, n_cloud: int, setup: WireSetup, active) -> tuple[str, ...]:
     notes = [f"cut k={w.k}, m={w.m}: {n_cloud} frozen cloud blocks; wire up {w.wire_up}, down {w.wire_down}"]
-    if path in ("dlora", "carried"):
-        notes.append(f"{'DLoRA' if path == 'dlora' else 'carried LoRA'} r={w.rank} on {','.join(w.targets)} of {len(setup.lora_blocks)} cloud blocks, "
-                     f"{len(active)} active (fraction {w.active_fraction:g})")
+    if path == "split":
+        where = "" if w.peft in INPUT_METHODS else f" on the edge's {w.k + w.m} blocks"
+        notes.append(f"{method_note(w)}{where}")
+    else:
+        notes.append(f"{'DLoRA' if path == 'dlora' else 'carried'} {method_note(w)} of {len(setup.lora_blocks)} "
+                     f"cloud blocks, {len(active)} active (fraction {w.active_fraction:g})")
+        if setup.carried and setup.method == "dora":
+            notes.append("the cloud computes each site's weight norm ||W + s B A|| every step")
     return tuple(notes)
 
 
 def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud: DeviceProfile,
            link: LinkProfile) -> StepCost:
     """split, dlora and carried: the message sequence of the step, with the compute of each side between messages."""
+    if problem := path_problem(path, w):
+        raise ValueError(problem)
     cb = cloud_blocks(shape, w.k, w.m)
     setup = _remote_setup(shape, path, w)
     traffic = step_traffic(shape, setup, w.batch, w.seq, step=w.step_index)
@@ -172,19 +235,23 @@ def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud
     active = setup.active()
     work = _edge_work(shape, w, setup, groups, active)
     edge_weights = shape.embedding_params + shape.head_params + (w.k + w.m) * shape.block_params
-    cloud_c = block_compute(shape, w.batch, w.seq).times(len(cb))  # frozen, input gradient needed
-    if setup.carried:  # the cloud runs the carried LoRA (forward, dA, dB, dX; no optimizer: that is the edge's)
-        lo = lora_compute(shape, w.tokens, w.rank, w.targets).times(len(active))
-        cloud_c = cloud_c + Compute(lo.forward, lo.backward, activations=lo.activations)
+    cloud_c = block_compute(shape, w.batch, w.block_seq).times(len(cb))  # frozen, input gradient needed
     cloud_weight_bytes = len(cb) * shape.block_params * cloud.dtype_bytes
-    phases = _remote_phases(traffic, work, cloud_c, cloud_weight_bytes, 1 + len(active) * len(groups), w, edge,
-                            cloud, link)
+    read_bytes = cloud_weight_bytes  # weights the cloud reads per step (memory-bound time)
+    if setup.carried:  # the cloud runs the carried sites (forward, their gradients, dX; the optimizer is the edge's)
+        lo = site_compute(shape, w).times(len(active))
+        cloud_c = cloud_c + Compute(lo.forward, lo.backward, activations=lo.activations)
+        if setup.method == "dora":  # the norm reads each site's W once more
+            reread = sum(i * o for i, o in (shape.linear(t) for t in setup.lora_targets))
+            read_bytes += len(active) * reread * cloud.dtype_bytes
+    phases = _remote_phases(traffic, work, cloud_c, read_bytes, 1 + len(active) * len(groups), w, edge,
+                            cloud, link, alone=setup.carried and setup.method != "lora")
 
     edge_s = sum(p.seconds for p in phases if p.where == "edge")
     cloud_s = sum(p.seconds for p in phases if p.where == "cloud")
-    edge_side = _side(edge, work.total, edge_weights, w.tokens, edge_s)
+    edge_side = _side(edge, work.total, edge_weights, w.block_tokens, edge_s)
     # DLoRA: the edge also keeps the LoRA outputs it computed for the cloud until their gradients come.
-    kept = w.tokens * sum(shape.linear(t)[1] for _, ts in groups for t in ts) * len(active) * edge.dtype_bytes
+    kept = w.block_tokens * sum(shape.linear(t)[1] for _, ts in groups for t in ts) * len(active) * edge.dtype_bytes
     edge_side = replace(edge_side, activation_bytes=edge_side.activation_bytes + kept)
     cloud_side = SideCost(cloud_c.flops, cloud_s, cloud_weight_bytes, 0.0,
                           cloud_c.activations * cloud.dtype_bytes, 0)
@@ -210,6 +277,7 @@ def carried(shape, w, edge, cloud, link) -> StepCost:
 
 
 def offsite(shape, w, edge, cloud, link) -> StepCost:
+    """Whole adapter blocks trained around the emulator: the PEFT method does not change it."""
     middle = shape.layers - w.k - w.m
     kept = max(1, round(w.emulator_fraction * middle))
     c = Compute()
@@ -224,24 +292,37 @@ def offsite(shape, w, edge, cloud, link) -> StepCost:
     return replace(cost, one_time_bytes=weights * edge.dtype_bytes)
 
 
+def adapter_arrays(shape: ModelShape, w: Workload) -> tuple[int, int]:
+    """(weights, arrays) of the whole model's adapter as the federation averages it: LoRA's A and B per target and
+    block (+ DoRA's magnitude), (IA)³'s vector per target and block, prompt tuning's [V, H] embeddings, P-tuning's
+    encoder (its embedding table and MLP: the weights FedAvg averages, model/tuners METHODS)."""
+    targets, _ = w.sites()
+    if w.peft in INPUT_METHODS:
+        return prompt_compute(shape, w).trained, 1 if w.peft == "prompt" else 7
+    per_site = 1 if w.peft == "ia3" else 4 if w.peft == "adapter" else 3 if w.dora else 2
+    return shape.layers * site_params(shape, w), per_site * len(targets) * shape.layers
+
+
 def federated(shape, w, edge, cloud, link) -> StepCost:
-    """A round = `local_steps` local-PEFT steps + upload of the LoRA + download of the average; per step amortized.
-    Bytes are the fp32 adapter plus a .npy header per array (Flower's own framing is not counted exactly)."""
+    """A round = `local_steps` local-PEFT steps + upload of the adapter + download of the average; per step
+    amortized. Bytes are the fp32 adapter plus a .npy header per array (Flower's own framing is not counted
+    exactly)."""
     local = local_peft(shape, w, edge, cloud, link)
-    arrays = 2 * len(w.targets) * shape.layers
-    adapter = 4 * shape.layers * shape.lora_params(w.rank, w.targets) + NPY_HEADER * arrays
+    weights, arrays = adapter_arrays(shape, w)
+    adapter = 4 * weights + NPY_HEADER * arrays
     n = w.local_steps
     transfer = link.transfer_seconds(adapter, "up") + link.transfer_seconds(adapter, "down")
     codec = adapter * (1 / edge.codec)  # serialize on upload, parse on download
-    phases = (*local.phases * n, Phase("up", link.transfer_seconds(adapter, "up") + link.rtt / 2, "upload LoRA"),
+    phases = (*local.phases * n, Phase("up", link.transfer_seconds(adapter, "up") + link.rtt / 2, "upload adapter"),
               Phase("cloud", 0.0, "aggregate (FedAvg; negligible)"),
               Phase("down", link.transfer_seconds(adapter, "down") + link.rtt / 2, "download average"))
     edge_side = local.edge
     return StepCost("federated", shape.name, w, edge_side, SideCost(), adapter / n, adapter / n,
                     (adapter - NPY_HEADER * arrays) / n, (adapter - NPY_HEADER * arrays) / n, 2 / n, 1 / n,
                     transfer / n, codec / n, link.rtt / n, phases,
-                    notes=(f"round = {n} local LoRA steps + exchange of the {adapter / 1e6:.2f} MB adapter; "
-                           f"per-step figures are the round divided by {n}",), edge_fits=local.edge_fits)
+                    notes=(f"round = {n} local steps of {method_note(w)} + exchange of the {adapter / 1e6:.2f} MB "
+                           f"adapter; per-step figures are the round divided by {n}",),
+                    edge_fits=local.edge_fits)
 
 
 COSTS = {"local-full": local_full, "local-peft": local_peft, "split": split, "dlora": dlora, "carried": carried,
@@ -250,18 +331,20 @@ COSTS = {"local-full": local_full, "local-peft": local_peft, "split": split, "dl
 
 def predict(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud: DeviceProfile,
             link: LinkProfile) -> StepCost:
-    try:
-        fn = COSTS[path]
-    except KeyError:
-        raise ValueError(f"unknown path {path!r}: one of {PATHS}") from None
-    return fn(shape, w, edge, cloud, link)
+    """The cost of one step of `path` with the workload's PEFT method (a ValueError when the method has no such
+    path: path_problem)."""
+    if problem := path_problem(path, w):
+        raise ValueError(problem)
+    return COSTS[path](shape, w, edge, cloud, link)
 
 
-def predict_all(shape, w, edge, cloud, link, paths=PATHS) -> list[StepCost]:
-    return [predict(shape, p, w, edge, cloud, link) for p in paths]
+def predict_all(shape, w, edge, cloud, link, paths=None) -> list[StepCost]:
+    """Every path in `paths` (None: every path the workload's method has, paths_for)."""
+    return [predict(shape, p, w, edge, cloud, link) for p in (paths_for(w) if paths is None else paths)]
 
 
-__all__ = ["PATHS", "Workload", "Compute", "Phase", "SideCost", "StepCost", "predict", "predict_all",
+__all__ = ["PATHS", "REMOTE_MODES", "path_problem", "paths_for", "method_note", "adapter_arrays", "Workload", "Compute",
+           "Phase", "SideCost", "StepCost", "predict", "predict_all",
            "block_compute", "head_compute", "lora_compute", "attention_flops", "cloud_job_seconds",
            "activation_elements_per_token", "peft_blocks", "ADAM_BYTES_PER_PARAM", "OPTIMIZER_STATE_BYTES",
            "NPY_HEADER", "SST2_TRAIN"]

@@ -3,9 +3,9 @@
 Each edge repeats the phases of one step (sim.costmodel.StepCost.phases): its own compute and its own link take the
 time they take alone (every edge has its own access link; the cloud's NIC is assumed not to be the bottleneck), while
 every cloud phase becomes a job in the cloud's queue. The cloud runs one batch at a time: it takes the oldest job and
-up to `max_batch - 1` more waiting jobs with the same key (same blocks, same direction, so the same weights) and runs
-them together in max(sum FLOPs / FLOP/s, weights read once / memory bandwidth) + the per-job overhead. Batching thus
-saves weight reads and fixed overheads, never FLOPs.
+up to `max_batch - 1` more waiting jobs with the same key (same blocks, same direction, so the same weights; none
+for a job the cloud runs alone, Phase.alone) and runs them together in max(sum FLOPs / FLOP/s, weights read once /
+memory bandwidth) + the per-job overhead. Batching thus saves weight reads and fixed overheads, never FLOPs.
 
 Memory: a step holds its cloud activations from its first forward job until its last backward job (the autograd
 graph lives for the whole step). A new step's first job waits until that much cloud memory is free, which caps the
@@ -93,6 +93,11 @@ class _Simulation:
         self.busy: list[tuple[float, float]] = []
         self.batches: list[int] = []
 
+    @staticmethod
+    def key(p: Phase, edge: int) -> str:
+        """The queue of a cloud job: its phase's key, or its own edge's when the cloud runs it alone."""
+        return f"{p.key}@{edge}" if p.alone else p.key
+
     def push(self, t: float, edge: int):
         heapq.heappush(self.events, (t, self.counter, edge))
         self.counter += 1
@@ -109,7 +114,7 @@ class _Simulation:
         if not ready:
             return
         head = min(ready, key=lambda j: j.order)
-        q = self.waiting[head.phase.key]
+        q = self.waiting[self.key(head.phase, head.edge)]
         n = min(len(q), self.max_batch, self.slots - self.in_flight if head.first else len(q))
         batch = [q.popleft() for _ in range(n)]
         self.in_flight += sum(j.first for j in batch)
@@ -140,7 +145,7 @@ class _Simulation:
         p = self.phases[self.pos[e]]
         if p.where == "cloud":
             job = _Job(e, p, self.pos[e] == self.first_c, self.pos[e] == self.last_c, self.counter)
-            self.waiting.setdefault(p.key, deque()).append(job)
+            self.waiting.setdefault(self.key(p, e), deque()).append(job)
             self.counter += 1
         else:
             self.push(t + p.seconds, e)

@@ -19,6 +19,7 @@ class Phase:
     key: str = ""  # cloud: jobs with the same key use the same weights and may run as one batch
     wire_bytes: int = 0
     tokens: int = 0  # cloud: tokens this job processes (a batch of jobs runs at the throughput of their sum)
+    alone: bool = False  # cloud: never batched with other edges' jobs (the cloud runs carried DoRA, (IA)³ alone)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,11 @@ same description the edge's link and the cloud's stream follow, and builds each 
 "Wire bytes" are what `protocol.wire_size` counts (protobuf size of the EdgeMessage/CloudMessage + the 5-byte gRPC
 prefix): the same number the edge and the cloud report. Tensors are built with zero bytes of the right length, so
 sizes are exact whatever the values. Sizes are cached per distinct message so that 70B-sized steps stay cheap.
+
+Every PEFT method's step is one of protocol/step.py's wire patterns (`method_setup` reads WIRE_PATTERNS): frozen
+split, input-only (prompt and P-tuning: every hidden state V tokens longer), DLoRA's exchanges, or carried (Begin's
+SiteWeights hold each site's parameters in the shapes `protocol.step.carried_shapes` gives for LoRA, DoRA or (IA)³,
+InputGrad their gradients), all through the one `step_traffic`.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from functools import lru_cache
 
 from model.sites import site_groups
 from protocol import pb, wire_size
-from protocol.step import UP_KINDS, StepPlan, Traffic, carried_sites
+from protocol.step import CARRIED_PARAMS, UP_KINDS, WIRE_PATTERNS, StepPlan, Traffic, carried_shapes, carried_sites
 from protocol.tensors import WIRE_DTYPES, payload_bytes, tensor_payload
 from sim.shape import ModelShape
 
@@ -51,15 +56,16 @@ CARRIED_FIELD = {"begin": "lora_weights", "input_grad": "lora_grads"}  # carried
 def build(kind: str, fields: tuple, shapes, dtype: int):
     """A message of `kind` with the scalar `fields` ((name, value) pairs) set and its tensor field filled with
     zero bytes of `shapes` in wire `dtype` (Begin also gets its [B, T] bool mask; Hidden/InputGrad a cloud time).
-    A `carried` field is ((block, target, A shape, B shape), ...): the carried mode's SiteWeights."""
+    A `carried` field is ((block, target, ((SiteWeights field, shape), ...)), ...): the carried mode's SiteWeights,
+    each with the fields of its carried method (LoRA a, b; DoRA also magnitude; (IA)³ scale)."""
     m = (pb.EdgeMessage if kind in UP_KINDS else pb.CloudMessage)()
     inner = getattr(m, kind)
     for name, value in fields:
         if name == "carried":
-            for block, target, a_shape, b_shape in value:
+            for block, target, params in value:
                 w = getattr(inner, CARRIED_FIELD[kind]).add(block=block, target=target)
-                _fill(w.a, a_shape, dtype)
-                _fill(w.b, b_shape, dtype)
+                for param, param_shape in params:
+                    _fill(getattr(w, param), param_shape, dtype)
         elif isinstance(value, tuple):
             getattr(inner, name).extend(value)
         else:
@@ -91,12 +97,15 @@ def _sized(kind: str, fields: tuple, shapes, dtype: int) -> tuple[int, int]:
 # ---- one step -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WireSetup:
-    """What fixes the traffic of a remote step: the cut, the wire dtypes and the cloud blocks' LoRA.
+    """What fixes the traffic of a remote step: the cut, the wire dtypes and what the cloud blocks carry.
 
-    `lora_blocks` are the cloud blocks with LoRA (empty: frozen split): computed by the edge (DLoRA), or, when
-    `carried`, applied by the cloud from weights of rank `lora_rank` sent with Begin. `active_blocks` is the subset
-    that runs this step (Kill & Revive); None means all of `lora_blocks`. The edge always sends its active list in
-    Begin when it has cloud LoRA (it is empty only in frozen split)."""
+    `lora_blocks` are the cloud blocks with adapted sites (empty: frozen split), LoRA on `lora_targets`: computed by
+    the edge (DLoRA), or, when `carried`, applied by the cloud from weights sent with Begin: those of the carried
+    `method` (protocol/step.py CARRIED_PARAMS: "lora", "dora" or "ia3"; LoRA and DoRA of rank `lora_rank`, (IA)³ a
+    vector per site, scaling the input of the `feedforward` targets). `active_blocks` is the subset that runs this
+    step (Kill & Revive); None means all of `lora_blocks`. The edge always sends its active list in Begin when it
+    has cloud sites (it is empty only in frozen split). `virtual_tokens`: prompt / P-tuning's V tokens, which the
+    edge puts before every sequence, so every hidden state on the wire is V tokens longer."""
     k: int = 1
     m: int = 1
     wire_up: str = "fp32"
@@ -106,6 +115,10 @@ class WireSetup:
     active_blocks: tuple[int, ...] | None = None
     carried: bool = False
     lora_rank: int = 8
+    method: str = "lora"
+    feedforward: tuple[str, ...] = ()
+    virtual_tokens: int = 0
+    branch_on_output: bool = False  # the edge-computed branch reads each site's output (bottleneck adapters)
 
     def active(self) -> tuple[int, ...]:
         return tuple(sorted(self.lora_blocks if self.active_blocks is None else self.active_blocks))
@@ -114,6 +127,10 @@ class WireSetup:
         """DLoRA's input groups of the targets, in execution order, each with its targets in `lora_targets` order
         (the carried mode exchanges nothing: no groups)."""
         return () if self.carried else site_groups("llama", self.lora_targets)
+
+    def carried_shapes(self, shape: ModelShape, target: str) -> dict[str, list[int]]:
+        """The carried parameters of `target` at one block, by SiteWeights field (protocol/step.py carried_shapes)."""
+        return carried_shapes(self.method, self.lora_rank, *shape.linear(target), target in self.feedforward)
 
 
 def cloud_blocks(shape: ModelShape, k: int, m: int) -> tuple[int, ...]:
@@ -124,27 +141,101 @@ def cloud_blocks(shape: ModelShape, k: int, m: int) -> tuple[int, ...]:
 
 def dlora_setup(shape: ModelShape, k: int = 1, m: int = 1, wire_up: str = "fp32", wire_down: str = "fp32",
                 targets: tuple[str, ...] = ("q_proj", "v_proj"), active_fraction: float = 1.0,
-                carried: bool = False, rank: int = 8) -> WireSetup:
-    """LoRA on every cloud block, DLoRA or `carried`; with `active_fraction` < 1 (Kill & Revive) that share of
-    blocks, evenly spread."""
+                carried: bool = False, rank: int = 8, method: str = "lora",
+                feedforward: tuple[str, ...] = ()) -> WireSetup:
+    """Sites on every cloud block, DLoRA or `carried` (of `method`); with `active_fraction` < 1 (Kill & Revive)
+    that share of blocks, evenly spread."""
+    if method not in CARRIED_PARAMS:
+        raise ValueError(f"carried method {method!r} is not one of {', '.join(CARRIED_PARAMS)}")
+    if not carried and method != "lora":
+        raise ValueError(f"{method} has no edge-computed (DLoRA) form: only LoRA's branch runs without the base "
+                         "weights")
+    if feedforward and method != "ia3":
+        raise ValueError(f"feed-forward targets are (IA)³'s, not {method}'s")
+    if stray := [t for t in feedforward if t not in targets]:
+        raise ValueError(f"feed-forward targets {','.join(stray)} are not among the targets {','.join(targets)}")
     blocks = cloud_blocks(shape, k, m)
     n = max(0, min(len(blocks), round(active_fraction * len(blocks))))
     active = tuple(blocks[int(i * len(blocks) / n)] for i in range(n)) if n else ()
     return WireSetup(k, m, wire_up, wire_down, tuple(targets), blocks, None if n == len(blocks) else active,
-                     carried, rank)
+                     carried, rank, method, tuple(feedforward))
 
 
 def carried_setup(shape: ModelShape, k: int = 1, m: int = 1, wire_up: str = "fp32", wire_down: str = "fp32",
                   targets: tuple[str, ...] = ("q_proj", "v_proj"), active_fraction: float = 1.0,
-                  rank: int = 8) -> WireSetup:
-    """The carried mode on every cloud block (see dlora_setup)."""
-    return dlora_setup(shape, k, m, wire_up, wire_down, targets, active_fraction, carried=True, rank=rank)
+                  rank: int = 8, method: str = "lora", feedforward: tuple[str, ...] = ()) -> WireSetup:
+    """The carried mode of `method` ("lora", "dora", "ia3") on every cloud block (see dlora_setup)."""
+    return dlora_setup(shape, k, m, wire_up, wire_down, targets, active_fraction, carried=True, rank=rank,
+                       method=method, feedforward=feedforward)
+
+
+# ---- the PEFT methods ---------------------------------------------------------------------------------------------
+SITE_METHODS = ("lora", "ia3", "adapter")  # methods that adapt linears of blocks (LoRA, DoRA, (IA)³, bottleneck)
+ADAPTER_TARGETS = ("o_proj", "down_proj")  # bottleneck adapters' default sites (model/tuners/adapter.py)
+INPUT_METHODS = ("prompt", "ptuning")  # methods that train virtual tokens before the input (no block sites)
+SIM_METHODS = SITE_METHODS + INPUT_METHODS  # the --peft methods (of WIRE_PATTERNS) the simulator models
+
+# (IA)³'s targets when none are given: PEFT's defaults for Llama-family models (peft.utils.constants
+# TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING; the edge reads them there,
+# tests/test_sim_methods.py checks these against it).
+IA3_TARGETS = ("k_proj", "v_proj", "down_proj")
+IA3_FEEDFORWARD = ("down_proj",)
+
+
+def ia3_sites(targets=None, feedforward=None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(targets, feed-forward targets) of (IA)³ as the edge resolves them (model/tuners/ia3.py IA3Set): no targets
+    = PEFT's defaults, whose feed-forward ones apply unless others are given; given targets scale at their input
+    only the feed-forward ones given."""
+    if not targets:
+        return IA3_TARGETS, tuple(feedforward or IA3_FEEDFORWARD)
+    return tuple(targets), tuple(feedforward or ())
+
+
+def method_setup(shape: ModelShape, peft: str = "lora", cloud_lora: str = "none", k: int = 1, m: int = 1,
+                 wire_up: str = "fp32", wire_down: str = "fp32", targets: tuple[str, ...] | None = None,
+                 rank: int = 8, dora: bool = False, feedforward: tuple[str, ...] | None = None,
+                 active_fraction: float = 1.0, prompt_tokens: int = 20) -> WireSetup:
+    """The wire setup of `tandem edge train --peft PEFT --cloud-lora MODE`, from the method's wire pattern in that
+    mode (protocol/step.py WIRE_PATTERNS): frozen, input-only (V = `prompt_tokens` more tokens), edge-branch (DLoRA)
+    or carried (LoRA, DoRA with `dora`, (IA)³). `targets` None or empty: the method's default (LoRA q,v; (IA)³
+    PEFT's, whose `feedforward` default is PEFT's too, as the edge resolves --ia3-targets / --ia3-feedforward)."""
+    modes = WIRE_PATTERNS.get(peft)
+    if modes is None or peft not in SIM_METHODS:
+        raise ValueError(f"the simulator does not model --peft {peft}: it knows {', '.join(SIM_METHODS)}")
+    if cloud_lora not in modes:
+        raise ValueError(f"--peft {peft} takes --cloud-lora {' or '.join(modes)}, not {cloud_lora}")
+    if dora and peft != "lora":
+        raise ValueError(f"DoRA is a LoRA variant: --peft {peft} has none")
+    pattern = modes[cloud_lora]
+    if pattern == "frozen":
+        return WireSetup(k, m, wire_up, wire_down)
+    if pattern == "input-only":
+        if prompt_tokens < 1:
+            raise ValueError(f"--prompt-tokens must be at least 1, got {prompt_tokens}")
+        return WireSetup(k, m, wire_up, wire_down, virtual_tokens=prompt_tokens)
+    if peft == "adapter":  # edge-branch: DLoRA's messages, each carrying a site's output and the adapter's output
+        from dataclasses import replace
+        return replace(dlora_setup(shape, k, m, wire_up, wire_down, tuple(targets or ADAPTER_TARGETS),
+                                   active_fraction), branch_on_output=True)
+    if peft == "ia3":
+        targets, feedforward = ia3_sites(targets, feedforward)
+        return carried_setup(shape, k, m, wire_up, wire_down, tuple(targets), active_fraction, rank, "ia3",
+                             tuple(feedforward))
+    targets = targets or ("q_proj", "v_proj")
+    if pattern == "edge-branch":
+        if dora:
+            raise ValueError("DoRA needs the base weights where its branch runs: carried or none, not edge (DLoRA)")
+        return dlora_setup(shape, k, m, wire_up, wire_down, tuple(targets), active_fraction, rank=rank)
+    return carried_setup(shape, k, m, wire_up, wire_down, tuple(targets), active_fraction, rank,
+                         "dora" if dora else "lora")
 
 
 def step_traffic(shape: ModelShape, setup: WireSetup, batch: int, seq: int, step: int = 1,
                  train: bool = True) -> Traffic:
-    """All messages of one step of `batch` sequences of `seq` tokens (the padded length the edge sends)."""
+    """All messages of one step of `batch` sequences of `seq` tokens (the padded length of the batch; prompt and
+    P-tuning send `setup.virtual_tokens` more per sequence)."""
     up, down = WIRE_DTYPES[setup.wire_up], WIRE_DTYPES[setup.wire_down]
+    seq = seq + setup.virtual_tokens
     H = (batch, seq, shape.hidden)
     active = setup.active()
     if any(b not in setup.lora_blocks for b in active):
@@ -152,15 +243,15 @@ def step_traffic(shape: ModelShape, setup: WireSetup, batch: int, seq: int, step
     plan = StepPlan(train, active, setup.groups() if active else ())
     v = _varint_class  # exact sizes, cached per varint length (see _varint_class)
 
-    def shapes(group: str, side: int):  # side 0: input, 1: output of each target of the group
-        return tuple((batch, seq, shape.linear(t)[side]) for t in plan.targets(group))
+    def shapes(group: str, side: int):  # side 0: the branch's input (a site's output for adapters), 1: its output
+        return tuple((batch, seq, shape.linear(t)[1 if setup.branch_on_output else side]) for t in plan.targets(group))
 
-    def carried(side: str) -> tuple:  # the carried weights (begin) or their gradients (input_grad)
+    def carried(side: str) -> tuple:  # the carried weights (begin) or their gradients (input_grad), same shapes
         if not (setup.carried and side in CARRIED_FIELD):
             return ()
-        r = setup.lora_rank
-        return (("carried", tuple((v(b), t, (r, shape.linear(t)[0]), (shape.linear(t)[1], r))
-                                  for b, t in carried_sites(active, setup.lora_targets))),)
+        params = {t: tuple((f, tuple(s)) for f, s in setup.carried_shapes(shape, t).items())
+                  for t in setup.lora_targets}
+        return (("carried", tuple((v(b), t, params[t]) for b, t in carried_sites(active, setup.lora_targets))),)
 
     def args(m) -> tuple:  # (scalar fields, tensor shape(s), wire dtype) of message m
         if m.kind == "begin":

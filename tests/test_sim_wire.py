@@ -1,15 +1,16 @@
 """The simulator's bytes per step are exact: equal to real encodings of every message, and to what real training
-runs (edge and cloud over gRPC) count for split, DLoRA, DLoRA + Kill & Revive and int8 wires."""
+runs (edge and cloud over gRPC) count for split, DLoRA, DLoRA + Kill & Revive and int8 wires (the other PEFT
+methods' real runs: tests/test_sim_methods.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from protocol import pb, wire_size
-from protocol.step import StepPlan
+from protocol.step import StepPlan, carried_shapes
 from protocol.tensors import WIRE_DTYPES, encode
 from sim.shape import load_shape, shape_from_dict
-from sim.wire import WireSetup, carried_setup, cloud_blocks, dlora_setup, step_traffic
+from sim.wire import WireSetup, carried_setup, cloud_blocks, dlora_setup, method_setup, step_traffic
 from tests.conftest import make_edge, sst2_batches
 
 TINY = shape_from_dict("tiny-llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
@@ -20,18 +21,20 @@ SID = "0123456789abcdef0123456789abcdef"  # a uuid4 hex is 32 characters
 
 def real_step(shape, setup: WireSetup, B: int, T: int, step: int) -> list[tuple[str, int]]:
     """Every message of one step, built with protocol.tensors.encode from random tensors as the edge and cloud do,
-    in the order of the one step description (protocol.step.StepPlan)."""
+    in the order of the one step description (protocol.step.StepPlan); prompt / P-tuning's V tokens lengthen T."""
     up, down = (WIRE_DTYPES[d] for d in (setup.wire_up, setup.wire_down))
+    T = T + setup.virtual_tokens
     r = lambda *s: torch.randn(*s)  # noqa: E731
     active = list(setup.active())
     plan = StepPlan(True, tuple(active), setup.groups() if active else ())
     width = lambda t, side: shape.linear(t)[side]  # noqa: E731
-    def carried(wire):  # the carried mode's SiteWeights: A [r, in], B [out, r] per target of each active block
+    def carried(wire):  # the carried mode's SiteWeights: the fields of its method per target of each active block
         if not setup.carried:
             return []
-        rank = setup.lora_rank
-        return [pb.SiteWeights(block=b, target=t, a=encode(r(rank, width(t, 0)), wire),
-                               b=encode(r(width(t, 1), rank), wire)) for b in active for t in setup.lora_targets]
+        fields = lambda t: carried_shapes(setup.method, setup.lora_rank, width(t, 0), width(t, 1),  # noqa: E731
+                                          t in setup.feedforward)
+        return [pb.SiteWeights(block=b, target=t, **{f: encode(r(*s), wire) for f, s in fields(t).items()})
+                for b in active for t in setup.lora_targets]
 
     out = []
     for m in plan.messages():
@@ -75,6 +78,14 @@ SETUPS = {
     "carried-kr-int8": carried_setup(TINY, wire_up="int8", wire_down="int8", active_fraction=0.5, rank=3),
     "dlora-all-targets": dlora_setup(TINY, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                     "down_proj")),
+    "dora": method_setup(TINY, "lora", "carried", dora=True),
+    "dora-kr-int8": method_setup(TINY, "lora", "carried", wire_up="int8", wire_down="bf16", dora=True, rank=3,
+                                 targets=("o_proj", "down_proj"), active_fraction=0.5),
+    "ia3": method_setup(TINY, "ia3", "carried"),
+    "ia3-int8-own-targets": method_setup(TINY, "ia3", "carried", wire_up="int8", wire_down="int8",
+                                         targets=("q_proj", "up_proj", "down_proj"), feedforward=("up_proj",)),
+    "prompt": method_setup(TINY, "prompt", "none"),
+    "ptuning-int8": method_setup(TINY, "ptuning", "none", wire_up="int8", wire_down="int8", prompt_tokens=7),
 }
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from model.segments import family_of, linear_dims
-from model.tuners.base import load_adapter_state
+from model.tuners.base import SiteModules, load_adapter_state
 
 FORMAT = "tandem-bottleneck-adapter/1"
 DEFAULT_SITES = ("o_proj", "down_proj")  # after attention and after the MLP (Llama's names)
@@ -60,11 +60,7 @@ class Adapter(nn.Module):
         return self.up(self.act(self.down(y.to(self.down.weight.dtype))))
 
 
-def _module_key(block: int, site: str) -> str:
-    return f"{block}:{site.replace('.', '-')}"
-
-
-class AdapterSet(nn.Module):
+class AdapterSet(SiteModules):
     """Every adapter of one model: sites (block, site) -> Adapter; `cfg.targets` holds their site names once built."""
 
     peft_type = "BOTTLENECK"
@@ -78,17 +74,11 @@ class AdapterSet(nn.Module):
         self.site_names = self.family.sites(cfg.targets or DEFAULT_SITES_BY_FAMILY.get(self.family.name, DEFAULT_SITES))
         self.cfg = replace(cfg, targets=self.site_names)
         self.targets = self.site_names
-        self.prefixes: dict[tuple[int, str], str] = {}
-        self.sites = nn.ModuleDict()
-        probe = self.family.blocks(shapes_from or model)
-        for b in cfg.blocks:
-            for s in self.site_names:
-                width = linear_dims(self.family.site_module(probe[b], s))[1]
-                self.sites[_module_key(b, s)] = Adapter(width, max(1, width // cfg.reduction_factor))
-                self.prefixes[b, s] = f"{self.family.block_prefix(b)}.{self.family.site_path(s)}"
 
-    def site(self, block: int, site: str) -> Adapter:
-        return self.sites[_module_key(block, site)]
+        def make(lin, _site):
+            width = linear_dims(lin)[1]
+            return Adapter(width, max(1, width // cfg.reduction_factor))
+        self._build(self.family.blocks(shapes_from or model), cfg.blocks, self.site_names, make)
 
     def attach(self, model, blocks) -> list:
         """y = W x becomes y + adapter(y) on the local linears of `blocks`. Returns the hook handles."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 
 def save_adapter(path: str | Path, peft_config: Callable[[str], object], state: dict[str, torch.Tensor],
@@ -49,3 +50,40 @@ def find_key(state: dict, module_prefix: str, name: str) -> str | None:
     head, _, tail = name.rpartition(".")
     forms = [name, f"{head}.default.{tail}" if head else f"{name}.default", f"{name}.default.weight"]
     return next((k for k in (peft_key(module_prefix, f) for f in forms) if k in state), None)
+
+
+def copy_from_state(state: dict, wanted, what: str) -> None:
+    """Copy each (module prefix, PEFT name, parameter) of `wanted` from a PEFT state dict, shapes checked; a missing
+    one is a KeyError counting them all (`what` names them: "LoRA weights")."""
+    missing = []
+    for prefix, part, param in wanted:
+        name = find_key(state, prefix, part)
+        if name is None:
+            missing.append(f"{prefix}.{part}")
+            continue
+        if state[name].shape != param.shape:
+            raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(state[name])
+    if missing:
+        raise KeyError(f"adapter lacks {len(missing)} {what}, e.g. {missing[:3]}")
+
+
+class SiteModules(nn.Module):
+    """What the (IA)³ and adapter sets share: `sites`, (block, site name) -> that site's module, made by
+    `make(base linear, site name)` from a model's blocks, and `prefixes`, each one's module path in the full model."""
+
+    def _build(self, blocks_of, blocks, site_names, make) -> None:
+        self.prefixes: dict[tuple[int, str], str] = {}
+        self.sites = nn.ModuleDict()
+        for b in blocks:
+            for s in site_names:
+                self.sites[_module_key(b, s)] = make(self.family.site_module(blocks_of[b], s), s)
+                self.prefixes[b, s] = f"{self.family.block_prefix(b)}.{self.family.site_path(s)}"
+
+    def site(self, block: int, site: str) -> nn.Module:
+        return self.sites[_module_key(block, site)]
+
+
+def _module_key(block: int, site: str) -> str:  # a ModuleDict key: no dots (GPT-2's `attn.c_proj` -> `attn-c_proj`)
+    return f"{block}:{site.replace('.', '-')}"

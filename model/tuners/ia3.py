@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from model.segments import family_of, linear_dims
-from model.tuners.base import find_key, load_adapter_state, save_adapter
+from model.tuners.base import SiteModules, copy_from_state, load_adapter_state, save_adapter
 
 
 @dataclass
@@ -59,11 +59,7 @@ class IA3(nn.Module):
         return {"scale": self.ia3_l}
 
 
-def _module_key(block: int, site: str) -> str:
-    return f"{block}:{site.replace('.', '-')}"
-
-
-class IA3Set(nn.Module):
+class IA3Set(SiteModules):
     """Every (IA)³ vector of one model: sites (block, site) -> IA3. `cfg.targets` / `cfg.feedforward` hold site
     names (model/sites.py) once built."""
 
@@ -83,16 +79,8 @@ class IA3Set(nn.Module):
                              f"({','.join(self.site_names)}): feed-forward sites must be targets too")
         self.cfg = replace(cfg, targets=self.site_names, feedforward=tuple(ff_sites))
         self.targets = self.site_names
-        self.prefixes: dict[tuple[int, str], str] = {}
-        self.sites = nn.ModuleDict()
-        probe = self.family.blocks(shapes_from or model)
-        for b in cfg.blocks:
-            for s in self.site_names:
-                self.sites[_module_key(b, s)] = IA3(*linear_dims(self.family.site_module(probe[b], s)), s in ff_sites)
-                self.prefixes[b, s] = f"{self.family.block_prefix(b)}.{self.family.site_path(s)}"
-
-    def site(self, block: int, site: str) -> IA3:
-        return self.sites[_module_key(block, site)]
+        self._build(self.family.blocks(shapes_from or model), cfg.blocks, self.site_names,
+                    lambda lin, s: IA3(*linear_dims(lin), s in ff_sites))
 
     def attach(self, model, blocks) -> list:
         """Scale the local linears of `blocks`: a pre-hook on a feed-forward site's input, a hook on another's
@@ -116,19 +104,8 @@ class IA3Set(nn.Module):
                 for (b, s), prefix in self.prefixes.items()}
 
     def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = []
-        for (b, s), prefix in self.prefixes.items():
-            param = self.site(b, s).ia3_l
-            name = find_key(state, prefix, "ia3_l")
-            if name is None:
-                missing.append(f"{prefix}.ia3_l")
-                continue
-            if state[name].shape != param.shape:
-                raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(state[name])
-        if missing:
-            raise KeyError(f"adapter lacks {len(missing)} (IA)³ vectors, e.g. {missing[:3]}")
+        copy_from_state(state, [(prefix, "ia3_l", self.site(b, s).ia3_l) for (b, s), prefix in self.prefixes.items()],
+                        "(IA)³ vectors")
 
     def peft_config(self, base_model_name: str = ""):
         """PEFT's IA3Config. It has no `layers_to_transform`, so the sites are named one by one, as a regular

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.segments import family_of, linear_dims
-from model.tuners.base import find_key, load_adapter_state, save_adapter
+from model.tuners.base import copy_from_state, load_adapter_state, save_adapter
 
 
 @dataclass
@@ -175,23 +175,13 @@ class LoRASet(nn.Module):
         return out
 
     def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = []
+        wanted = []
         for key, prefix in self.prefixes.items():
             lora = self.site(*_split(key))
-            parts = [("lora_A.weight", lora.lora_A.weight), ("lora_B.weight", lora.lora_B.weight)]
+            wanted += [(prefix, "lora_A.weight", lora.lora_A.weight), (prefix, "lora_B.weight", lora.lora_B.weight)]
             if lora.lora_magnitude is not None:
-                parts.append(("lora_magnitude_vector", lora.lora_magnitude))
-            for part, param in parts:
-                name = find_key(state, prefix, part)
-                if name is None:
-                    missing.append(f"{prefix}.{part}")
-                    continue
-                if state[name].shape != param.shape:
-                    raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
-                with torch.no_grad():
-                    param.copy_(state[name])
-        if missing:
-            raise KeyError(f"adapter lacks {len(missing)} LoRA weights, e.g. {missing[:3]}")
+                wanted.append((prefix, "lora_magnitude_vector", lora.lora_magnitude))
+        copy_from_state(state, wanted, "LoRA weights")
 
     def peft_config(self, base_model_name: str = ""):
         import peft

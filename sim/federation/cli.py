@@ -8,14 +8,17 @@ partitioner, the strategies to compare and the CPUs Ray may use.
     tandem federate --partitions-only --out runs/fed      # then: flwr run . --run-config 'partition-dir="..."'
     tandem federate --render runs/fed                     # the tables and plot of a finished run
 
-A federation that cannot run exits non-zero with one line naming the cause and the fix: Ray not up within
---backend-timeout, devices that do not answer within --device-timeout, a device that cannot fit in --cpus.
+A federation that cannot run exits non-zero with one line naming the cause and the fix: settings that cannot run
+together (--peft with a --cloud-lora mode it has no form for, or with the ffa strategy; another method's options),
+before anything starts; Ray not up within --backend-timeout, devices that do not answer within --device-timeout, a
+device that cannot fit in --cpus.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from cloud.federation.server_app import FederationConfig
 from edge.flags import add_flags, build
@@ -75,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary["comparison"], indent=1) if args.json else render(summary, args.render))
         return 0
     opts, fed = options_of(args)
+    for name in opts.strategies:  # settings that cannot run: one line now, before partitions, cloud and Ray
+        replace(fed, strategy=name).check()
     if args.partitions_only:
         from pathlib import Path
 
