@@ -8,7 +8,8 @@
 Keys are the field names in kebab-case (`cut_bottom` -> `cut-bottom`), in both directions.
 
 Each round's arrays are the PEFT method's trainable weights in the form `exchange` names: PEFT's state dict of the
-method (what `save_peft` writes: LoRA's A and B, DoRA's magnitudes, (IA)³'s vectors, prompt tuning's virtual tokens),
+method (what `save_peft` writes: LoRA's A and B, DoRA's magnitudes, (IA)³'s vectors, the bottleneck adapters' weights,
+prompt tuning's virtual tokens),
 except for P-tuning, whose PEFT form is only the prompt encoder's output: its devices exchange the encoder's own
 weights (`PromptSet.state_dict()`), and only the federation's final adapter is written in PEFT's form.
 """
@@ -34,7 +35,7 @@ class DeviceSettings:
     cut_bottom: int = 1  # k: blocks at the bottom of the edge
     cut_top: int = 1  # m: blocks at the top of the edge
     cloud_lora: CloudLoRA = "edge"  # edge: DLoRA (LoRA in every block, on the device); carried; none: split
-    peft: str = "lora"  # the PEFT method every device trains: lora, ia3, prompt, ptuning (model/tuners/)
+    peft: str = "lora"  # the PEFT method every device trains: lora, ia3, adapter, prompt, ptuning (model/tuners/)
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 16  # LoRA scale numerator (the update is scaled by alpha / r)
     lora_targets: str = "q_proj,v_proj"  # comma-separated linear layers that get LoRA
@@ -42,6 +43,8 @@ class DeviceSettings:
     lora_rslora: bool = False  # LoRA: rsLoRA, the update scaled by alpha / sqrt(r) (PEFT's use_rslora)
     ia3_targets: str = ""  # (IA)³: comma-separated linears rescaled (empty: PEFT's default for the model)
     ia3_feedforward: str = ""  # (IA)³: of those, the ones scaled at their input (empty: PEFT's default)
+    adapter_reduction: int = 16  # adapter: bottleneck width = the site's output width / this (Houlsby's 16)
+    adapter_targets: str = ""  # adapter: comma-separated linears followed by an adapter (empty: o_proj, down_proj)
     prompt_tokens: int = 20  # prompt, ptuning: virtual tokens prepended to every input
     prompt_init_text: str = ""  # prompt: the virtual tokens start from this text's embeddings (empty: random)
     ptuning_hidden: int = 0  # ptuning: hidden size of the prompt encoder's MLP (0: the model's)

@@ -1,18 +1,30 @@
-"""The Tandem ServerApp: rounds of federated LoRA training, aggregated on the cloud side.
+"""The Tandem ServerApp: rounds of federated PEFT training (LoRA, DoRA, rsLoRA, (IA)³, bottleneck adapters, prompt
+tuning, P-tuning: `peft` and its options), aggregated on the cloud side.
 
 The ServerApp holds the global adapter and, unless told where one runs (`cloud-address`), hosts the one backbone
 service every device trains through. Round r:
 
     train     strategy.configure_train -> the sampled devices train from the global adapter through the cloud
               (plain Flower messages, or SecAgg+ when `secagg` is on) -> strategy.aggregate_train merges the
-              adapters (FedAvg of A and B, or FFA-LoRA), the optional central-DP wrapper adds noise
+              adapters (FedAvg of every trained weight, or FFA-LoRA for LoRA), the optional central-DP wrapper adds
+              noise
     evaluate  `eval-nodes` devices each run a slice of the dev set with the new global adapter through the cloud
     report    loss, dev accuracy, Flower bytes down/up and adapter payload per device, split traffic per step,
-              the merge's deviation from the true average update; one row per round in <out-dir>/report.json
+              the merge's deviation from the true average of the clients' effective weights; one row per round in
+              <out-dir>/report.json
 
-Round 0 evaluates the initial adapter (B = 0, so the backbone itself: zero-shot). At the end the global adapter is
-saved in PEFT format to <out-dir>/adapter. Configuration comes from the run config ([tool.flwr.app.config] in
-pyproject.toml, `flwr run . --run-config ...`), or, under `tandem federate`, from `make_server_app(config)`.
+The server builds the round-1 adapter with the devices' method at the devices' sites (`method_set`, from the same
+settings as the devices' edge/methods.py `tuner_set`), seeded: every device starts from it. Round 0 evaluates it
+(LoRA's B = 0, (IA)³'s vectors = 1 and the adapters' up = 0 leave the backbone as it is: zero-shot; prompt tuning's
+random virtual tokens do not). The arrays exchanged are the method's PEFT state dict, except P-tuning's, whose devices exchange the prompt
+encoder's weights (protocol/federation.py `exchange`): PEFT saves only the encoder's output, and a set loaded from
+that trains the virtual tokens without the encoder. At the end the global adapter is saved in PEFT format to
+<out-dir>/adapter (for P-tuning: the averaged encoder's output; bottleneck adapters in Tandem's format, which PEFT
+has not). Settings that cannot run (a method with a
+--cloud-lora mode it has no wire pattern for, another method's options, FFA-LoRA with a method that has no A to
+freeze) fail in `FederationConfig.check` with one line, before the backbone loads. Configuration comes from the run
+config ([tool.flwr.app.config] in pyproject.toml, `flwr run . --run-config ...`), or, under `tandem federate`, from
+`make_server_app(config)`.
 """
 from __future__ import annotations
 
@@ -20,7 +32,7 @@ import json
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from logging import INFO
 from pathlib import Path
@@ -36,13 +48,18 @@ from flwr.supercore import log
 from cloud.federation.devices import BoundedGrid
 from cloud.federation.secagg import SecAggConfig, secure_train_round
 from cloud.federation.strategies import STRATEGIES, LoRAFedAvg
-from cloud.federation.strategies.base import arrays_to_record, payload_bytes, record_to_arrays
+from cloud.federation.strategies.base import (Effective, arrays_to_record, as_float64, lora_pairs, lora_products,
+                                              payload_bytes, record_to_arrays)
 from cloud.federation.traffic import MeteredGrid
-from protocol.federation import DeviceSettings
+from protocol.federation import DeviceSettings, csv, exchanged_state, kebab, load_exchanged
 from protocol.step import CloudLoRA
 from model.load import load_model
+from model.tuners import METHODS
 from model.tuners.lora import LoRAConfig, LoRASet
 from model.segments import cut_of
+
+
+FEDERATED = ("lora", "ia3", "adapter", "prompt", "ptuning")  # the PEFT methods a federation trains (`method_set`)
 
 
 @dataclass
@@ -51,8 +68,8 @@ class FederationConfig(DeviceSettings):
     Run-config keys are these names in kebab-case (`num-server-rounds`); pyproject.toml lists them all."""
     num_server_rounds: int = 5  # federated rounds (round 0, before them, only evaluates)
     strategy: str = field(default="ffa", metadata={
-        "choices": tuple(STRATEGIES), "help": "fedavg: FedIT, A and B averaged; ffa: FFA-LoRA, A frozen, B averaged "
-                                              "(exact)"})
+        "choices": tuple(STRATEGIES), "help": "fedavg: every trained weight averaged (LoRA: FedIT, A and B apart); "
+                                              "ffa: FFA-LoRA, A frozen, B averaged (exact; peft lora only)"})
     adapter_dtype: Literal["float32", "float16"] = "float32"  # the adapter in Flower messages
     fraction_train: float = 1.0  # fraction of the devices sampled to train each round
     min_nodes: int = 2  # devices to wait for before round 1, and the fewest a round trains with
@@ -75,14 +92,58 @@ class FederationConfig(DeviceSettings):
     @classmethod
     def from_run_config(cls, run_config: dict) -> "FederationConfig":
         cfg = cls.from_keys(run_config, strict=True)
-        if cfg.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {cfg.strategy!r}")
-        if cfg.cloud_lora not in get_args(CloudLoRA):
-            raise ValueError(f"cloud-lora must be one of {', '.join(get_args(CloudLoRA))}, got {cfg.cloud_lora!r}")
-        if cfg.emulator_devices and (not cfg.emulator_bundle or cfg.cloud_lora != "none"):
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Settings that cannot run, each refused with one line naming the fix (run-config key names), before
+        anything loads: the devices' edge/methods.py `check_method` would refuse them only once a round started."""
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}")
+        if self.cloud_lora not in get_args(CloudLoRA):
+            raise ValueError(f"cloud-lora must be one of {', '.join(get_args(CloudLoRA))}, got {self.cloud_lora!r}")
+        if self.peft not in METHODS:
+            raise ValueError(f"peft must be one of {', '.join(METHODS)}, got {self.peft!r}")
+        if self.peft not in FEDERATED:
+            raise ValueError(f"peft {self.peft} has no federation yet (`method_set` builds it on the server): give "
+                             f"peft {' or '.join(FEDERATED)}")
+        method = METHODS[self.peft]
+        if self.cloud_lora not in method.cloud_modes:
+            raise ValueError(f"peft {self.peft} takes cloud-lora {' or '.join(method.cloud_modes)}, not "
+                             f"{self.cloud_lora}" + (" (it trains nothing in the cloud's blocks)"
+                                                     if method.kind == "input" else ""))
+        defaults = DeviceSettings()
+        for f in fields(DeviceSettings):
+            owners = [m.name for m in METHODS.values() if f.name in m.options]
+            if owners and self.peft not in owners and getattr(self, f.name) != getattr(defaults, f.name):
+                raise ValueError(f"{kebab(f.name)} is an option of peft {' and '.join(owners)}, not of peft "
+                                 f"{self.peft}")
+        allowed = STRATEGIES[self.strategy].methods
+        if allowed is not None and self.peft not in allowed:
+            raise ValueError(f"strategy {self.strategy} merges peft {' or '.join(allowed)} only (FFA-LoRA freezes "
+                             f"LoRA's A, which peft {self.peft} has not): give strategy \"fedavg\" (tandem federate: "
+                             f"--strategies fedavg)")
+        if self.lora_dora and self.cloud_lora == "edge":
+            raise ValueError("lora-dora needs the base weights where its branch runs, and with cloud-lora edge the "
+                             "devices have not the cloud's: use cloud-lora carried or none")
+        if self.peft == "ptuning" and self.prompt_init_text:
+            raise ValueError("prompt-init-text is prompt tuning's (peft prompt); P-tuning's encoder makes the tokens")
+        if self.adapter_reduction < 1:
+            raise ValueError(f"adapter-reduction must be at least 1, got {self.adapter_reduction}")
+        if self.prompt_tokens < 1:
+            raise ValueError(f"prompt-tokens must be at least 1, got {self.prompt_tokens}")
+        if self.ptuning_hidden < 0:
+            raise ValueError(f"ptuning-hidden must be at least 1 (0: the model's hidden size), got "
+                             f"{self.ptuning_hidden}")
+        if self.peft == "ptuning" and self.local_steps < 1:
+            raise ValueError("peft ptuning needs local-steps of at least 1: a device loads the round's encoder "
+                             "weights at its first step")
+        if self.emulator_devices and (not self.emulator_bundle or self.cloud_lora != "none"):
             raise ValueError("devices on the offsite emulator need emulator-bundle, and split training (cloud-lora "
                              "none): the emulator has no middle blocks to carry DLoRA's LoRA")
-        return cfg
+        if self.emulator_devices and (self.peft != "lora" or self.lora_dora or self.lora_rslora):
+            raise ValueError("devices on the offsite emulator train plain LoRA (emulator/tune.py): give peft lora "
+                             "without lora-dora and lora-rslora, or no emulator-devices")
 
     def instructions(self, address: str, token: str) -> ConfigRecord:
         """What every device is told each round: the DeviceSettings fields, with the cloud it trains through."""
@@ -96,33 +157,115 @@ def backbone(spec: str):
 
 
 def initial_adapter(model, cfg: FederationConfig) -> dict[str, np.ndarray]:
-    """The round-1 adapter at the sites the devices will train (PEFT init: A Kaiming-uniform, seeded; B zero)."""
+    """The round-1 adapter at the sites the devices will train, as a round carries it (protocol/federation.py
+    `exchange`), PEFT's init seeded by `seed`: LoRA's A Kaiming-uniform and B zero (DoRA's magnitudes the base
+    weights' row norms), (IA)³'s vectors one, prompt tuning's tokens random (or the init text's), P-tuning's encoder
+    as PEFT builds it."""
     torch.manual_seed(cfg.seed)
-    return {k: v.numpy() for k, v in _lora_sites(model, cfg).peft_state_dict().items()}
+    return {k: v.numpy() for k, v in exchanged_state(method_set(model, cfg), cfg).items()}
 
 
-def _lora_sites(model, cfg: FederationConfig) -> LoRASet:
-    """LoRA at the sites the devices train: their own blocks, and with DLoRA or carried the cloud's too."""
+def method_set(model, cfg: FederationConfig):
+    """The `peft` method's set of trainable weights (model/tuners/) at the sites the devices train, built from the
+    same settings as the devices' edge/methods.py `tuner_set`: a site method (lora, ia3) at the devices' own blocks,
+    and with DLoRA or carried the cloud's too; an input method (prompt, ptuning) at no block."""
+    if METHODS[cfg.peft].kind == "input":
+        from model.tuners.prompt import PromptConfig, PromptSet
+        tokenizer = None
+        if cfg.prompt_init_text:  # the text's ids, as the devices' tokenizer gives them
+            import tasks as T
+            from model.load import load_tokenizer
+            tokenizer = load_tokenizer(cfg.model) or T.tiny_tokenizer()
+        return PromptSet(model, PromptConfig(cfg.peft, cfg.prompt_tokens, cfg.prompt_init_text or None,
+                                             cfg.ptuning_hidden or None), tokenizer)
     cut = cut_of(model, cfg.cut_bottom, cfg.cut_top)
-    blocks = [*cut.bottom, *cut.top] + (list(cut.cloud) if cfg.cloud_lora != "none" else [])
-    return LoRASet(model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, 0.0, cfg.targets, sorted(blocks)))
+    blocks = sorted([*cut.bottom, *cut.top] + (list(cut.cloud) if cfg.cloud_lora != "none" else []))
+    if cfg.peft == "ia3":
+        from model.tuners.ia3 import IA3Config, IA3Set
+        return IA3Set(model, IA3Config(csv(cfg.ia3_targets), csv(cfg.ia3_feedforward), blocks))
+    if cfg.peft == "adapter":
+        from model.tuners.adapter import AdapterConfig, AdapterSet
+        return AdapterSet(model, AdapterConfig(cfg.adapter_reduction, csv(cfg.adapter_targets), blocks))
+    return LoRASet(model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, 0.0, cfg.targets, blocks, cfg.lora_rslora,
+                                     cfg.lora_dora))
+
+
+def _tensors(adapter: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in adapter.items()}
 
 
 def save_adapter(model, cfg: FederationConfig, adapter: dict[str, np.ndarray], path: Path) -> Path:
-    lora = _lora_sites(model, cfg)
-    lora.load_peft_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in adapter.items()})
-    return lora.save_peft(path, cfg.model)
+    """The global adapter (a round's form) written in PEFT's format; for P-tuning the encoder's output."""
+    tuners = method_set(model, cfg)
+    load_exchanged(tuners, _tensors(adapter), cfg)
+    return tuners.save_peft(path, cfg.model)
 
 
-def make_strategy(cfg: FederationConfig, num_nodes: int):
-    """(the strategy to run, the LoRA strategy inside it): the configured LoRA strategy, wrapped in Flower's
-    central-DP wrapper (client-side clipping, server-side noise: it composes with SecAgg+) when `dp` is on.
+def effective_weights(model, cfg: FederationConfig) -> Effective:
+    """What the round's deviation compares (strategies/base.py): the effective weights of an adapter. LoRA and
+    rsLoRA: B A per site (the constant scaling cancels). DoRA: the change of each adapted weight,
+    m (W + s B A) / ||W + s B A|| - W (row norms). (IA)³, prompt tuning: the parameters (the adapted weight l * W is
+    linear in l; the tokens are the parameters): their deviation is float rounding. P-tuning: the encoder's output,
+    the virtual tokens. Bottleneck adapters: each site's adapter output up(act(down(y))) on a fixed random probe y
+    (16 rows, seeded): what an adapter adds to its site's output."""
+    if cfg.peft in ("ia3", "prompt"):
+        return as_float64
+    if cfg.peft == "adapter":
+        tuners = method_set(model, cfg)
+        g = torch.Generator().manual_seed(0)
+        probes = {pos: torch.randn(16, tuners.site(*pos).in_features, generator=g) for pos in tuners.prefixes}
+
+        def outputs(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            tuners.load_peft_state_dict(_tensors(adapter))
+            with torch.no_grad():
+                return {prefix: tuners.site(*pos)(probes[pos]).double().numpy()
+                        for pos, prefix in tuners.prefixes.items()}
+        return outputs
+    if cfg.peft == "ptuning":
+        tuners = method_set(model, cfg)
+
+        def prompts(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            load_exchanged(tuners, _tensors(adapter), cfg)
+            with torch.no_grad():
+                return {"prompt_embeddings": tuners.prompts()[0].double().numpy()}
+        return prompts
+    if not cfg.lora_dora:
+        return lora_products
+    tuners = method_set(model, cfg)
+    blocks = tuners.family.blocks(model)
+    bases = {}
+    for key, prefix in tuners.prefixes.items():
+        b, s = key.split("/")
+        lin = tuners.family.site_module(blocks[int(b)], s)
+        bases[f"base_model.model.{prefix}"] = tuners.weight(lin).detach().double().numpy()
+    scaling = tuners.cfg.scaling
+
+    def dora(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for a_key, b_key in lora_pairs(adapter):
+            prefix = a_key[:-len(".lora_A.weight")]
+            w = bases[prefix]
+            v = w + scaling * adapter[b_key].astype(np.float64) @ adapter[a_key].astype(np.float64)
+            m = adapter[f"{prefix}.lora_magnitude_vector"].astype(np.float64)
+            out[prefix] = (m / np.linalg.norm(v, axis=1))[:, None] * v - w
+        return out
+    return dora
+
+
+def make_strategy(cfg: FederationConfig, num_nodes: int, model=None):
+    """(the strategy to run, the strategy inside it): the configured strategy, wrapped in Flower's central-DP wrapper
+    (client-side clipping, server-side noise: it composes with SecAgg+) when `dp` is on. With the backbone (`model`)
+    its deviation compares the method's effective weights (`effective_weights`); without, LoRA's B A, or for the
+    other methods their parameters.
     A round samples `fraction-train` of the devices online then, never fewer than min-nodes: a device that drops out
     does not stall the next round while min-nodes remain."""
     per_round = max(int(num_nodes * cfg.fraction_train), min(2, num_nodes))
+    effective = (effective_weights(model, cfg) if model is not None else
+                 lora_products if cfg.peft == "lora" else as_float64)
     strategy: LoRAFedAvg = STRATEGIES[cfg.strategy](
         eval_nodes=cfg.eval_nodes, adapter_dtype=cfg.adapter_dtype, fraction_train=cfg.fraction_train,
-        min_train_nodes=max(1, min(per_round, cfg.min_nodes)), min_available_nodes=min(cfg.min_nodes, num_nodes))
+        min_train_nodes=max(1, min(per_round, cfg.min_nodes)), min_available_nodes=min(cfg.min_nodes, num_nodes),
+        effective=effective)
     if cfg.dp:
         return DifferentialPrivacyClientSideFixedClipping(strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm,
                                                           per_round), strategy
@@ -157,8 +300,10 @@ def _client_rows(replies: list[Message] | None, per_client: list[tuple[int, dict
 def run_federation(grid: Grid, context: Context, cfg: FederationConfig, stop: threading.Event | None = None) -> dict:
     """All rounds; returns the report (also written to <out-dir>/report.json). Setting `stop` ends the run (it
     raises FederationStopped) within a second."""
+    cfg.check()
     t_start = time.time()
     model = backbone(cfg.model)
+    adapter = initial_adapter(model, cfg)  # before any device is waited for: the method's sites must exist
     cloud, address, token = None, cfg.cloud_address, cfg.cloud_token
     if not address:  # `flwr run .`: the backbone service lives with the ServerApp, on the cloud side
         from cloud.serve import Cloud, ServeConfig
@@ -167,18 +312,18 @@ def run_federation(grid: Grid, context: Context, cfg: FederationConfig, stop: th
         address = cloud.address
         log(INFO, "Tandem: hosting the %s backbone service on %s", cfg.model, address)
     try:
-        return _rounds(BoundedGrid(grid, cfg.device_timeout, stop), context, cfg, model, address, token, t_start)
+        return _rounds(BoundedGrid(grid, cfg.device_timeout, stop), context, cfg, model, adapter, address, token,
+                       t_start)
     finally:
         if cloud is not None:
             cloud.stop()
 
 
-def _rounds(grid: BoundedGrid, context: Context, cfg: FederationConfig, model, address: str, token: str,
-            t_start: float) -> dict:
+def _rounds(grid: BoundedGrid, context: Context, cfg: FederationConfig, model, adapter: dict[str, np.ndarray],
+            address: str, token: str, t_start: float) -> dict:
     metered = MeteredGrid(grid)
     node_ids = grid.wait_for_nodes(cfg.min_nodes, "round 1")  # the devices connect
-    strategy, inner = make_strategy(cfg, len(node_ids))
-    adapter = initial_adapter(model, cfg)
+    strategy, inner = make_strategy(cfg, len(node_ids), model)
     arrays = arrays_to_record(adapter, "float32")
     wire = arrays_to_record(adapter, cfg.adapter_dtype)
     train_config = cfg.instructions(address, token)
@@ -187,7 +332,8 @@ def _rounds(grid: BoundedGrid, context: Context, cfg: FederationConfig, model, a
     out.mkdir(parents=True, exist_ok=True)
     report = {"label": cfg.label or cfg.strategy, "strategy": cfg.strategy, "nodes": len(node_ids),
               "config": {k: v for k, v in asdict(cfg).items() if k != "cloud_token"},
-              "adapter": {"keys": len(adapter), "parameters": int(sum(a.size for a in adapter.values())),
+              "adapter": {"method": cfg.peft, "exchange": cfg.exchange, "keys": len(adapter),
+                          "parameters": int(sum(a.size for a in adapter.values())),
                           "dtype": cfg.adapter_dtype, "bytes": payload_bytes(wire)},
               "rounds": []}
 

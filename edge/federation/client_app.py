@@ -1,13 +1,16 @@
 """The Tandem ClientApp: one edge device of a federation. Its data never leaves it.
 
-Each round the ServerApp sends the global LoRA adapter and the round's instructions (a ConfigRecord, keys below).
-The device starts from that adapter, trains `local-steps` steps on its own data, and replies with its adapter, in
-the same wire dtype and key order, plus metrics: its number of training examples (the FedAvg weight), its loss, and
-the split traffic of every step. Two ways to train, per device:
-  cloud     through the shared cloud backbone, split or DLoRA (the ordinary `edge.trainer.train`)
+Each round the ServerApp sends the global adapter of the federation's PEFT method (`peft`: LoRA with its DoRA and
+rsLoRA variants, (IA)³, bottleneck adapters, prompt tuning, P-tuning) and the round's instructions (a ConfigRecord, keys below). The device
+starts from that adapter, trains `local-steps` steps on its own data, and replies with its adapter, in the same wire
+dtype and key order, plus metrics: its number of training examples (the FedAvg weight), its loss, and the split
+traffic of every step. The adapter is the method's PEFT state dict, or for P-tuning the prompt encoder's own weights
+(protocol/federation.py `exchange`; PEFT's form of it is the encoder's output, which loads as a table without the
+encoder). Two ways to train, per device:
+  cloud     through the shared cloud backbone, split, DLoRA or carried (the ordinary `edge.trainer.train`)
   emulator  locally, on an offsite-tuning bundle (adapter blocks + a compressed emulator of the middle,
-            `tandem offsite build`): no cloud traffic at all. The bundle's adapter blocks must be the federation's
-            LoRA sites, i.e. split with cut-bottom / cut-top = the bundle's bottom / top blocks.
+            `tandem offsite build`): no cloud traffic at all; plain LoRA only. The bundle's adapter blocks must be
+            the federation's LoRA sites, i.e. split with cut-bottom / cut-top = the bundle's bottom / top blocks.
 For evaluation a device runs its slice of the dev set through the cloud with the global adapter (the full backbone:
 what the federation's adapter is for).
 
@@ -33,7 +36,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 import tasks as T
-from protocol.federation import Instructions
+from protocol.federation import Instructions, csv, exchanged_state, load_exchanged
 from edge.federation.mods import clip_when_asked, secaggplus_when_asked
 from edge.data import load_items
 from edge.trainer import EdgeConfig, build_edge, evaluate as evaluate_edge, train as train_edge
@@ -41,13 +44,33 @@ from model.load import Loaded, load_model
 from model.segments import cut_of, family_of
 
 
+def method_flags(ins: Instructions) -> dict:
+    """The edge trainer's flags of the round's PEFT method: its own options only (edge/methods.py refuses another
+    method's options set to other than their defaults)."""
+    if ins.peft == "lora":
+        return dict(peft="lora", lora_r=ins.lora_r, lora_alpha=ins.lora_alpha, lora_targets=ins.targets,
+                    lora_freeze_a=ins.freeze_a, lora_dora=ins.lora_dora, lora_rslora=ins.lora_rslora)
+    if ins.freeze_a:
+        raise ValueError(f"the server asks to freeze LoRA's A (FFA-LoRA) of peft {ins.peft}, which has none: "
+                         f"the federation needs strategy fedavg")
+    if ins.peft == "ia3":
+        return dict(peft="ia3", ia3_targets=csv(ins.ia3_targets), ia3_feedforward=csv(ins.ia3_feedforward))
+    if ins.peft == "adapter":
+        return dict(peft="adapter", adapter_reduction=ins.adapter_reduction, adapter_targets=csv(ins.adapter_targets))
+    flags = dict(peft=ins.peft, prompt_tokens=ins.prompt_tokens)
+    if ins.prompt_init_text:
+        flags["prompt_init_text"] = ins.prompt_init_text
+    if ins.ptuning_hidden:
+        flags["ptuning_hidden"] = ins.ptuning_hidden
+    return flags
+
+
 def edge_config(ins: Instructions, train_file: str | None, steps: int) -> EdgeConfig:
     """The edge trainer's config for this round's instructions."""
     return EdgeConfig.of(cloud=ins.cloud_address, token=ins.cloud_token or None, tls_dir=ins.cloud_tls_dir or None,
                          model=ins.model, task=ins.task,
                          train_file=train_file, k=ins.cut_bottom, m=ins.cut_top, cloud_lora=ins.cloud_lora,
-                         lora_r=ins.lora_r, lora_alpha=ins.lora_alpha, lora_targets=ins.targets,
-                         lora_freeze_a=ins.freeze_a, lr=ins.lr, steps=steps, batch_size=ins.batch_size,
+                         **method_flags(ins), lr=ins.lr, steps=steps, batch_size=ins.batch_size,
                          seed=ins.seed_this_round, wire_up=ins.wire_up, wire_down=ins.wire_down,
                          eval_examples=ins.eval_examples, eval_batch_size=ins.eval_batch_size, eval_before=False,
                          eval_after=False, progress=False, name=f"edge-{ins.partition_id}")
@@ -58,15 +81,17 @@ def edge_config(ins: Instructions, train_file: str | None, steps: int) -> EdgeCo
 _BACKBONES: dict[tuple, Loaded] = {}
 
 
-def device_model(spec: str, k: int, m: int) -> Loaded:
+def device_model(spec: str, k: int, m: int, cloud_weights: bool = False) -> Loaded:
     """A fresh copy of the backbone as a device holds it. The first call in a process loads it and moves the cloud's
-    blocks to the meta device (shapes only: the edge never runs them); every call returns new modules, so no LoRA
-    hook of an earlier round carries over, that share the frozen weights, so a copy costs almost nothing."""
-    key = (spec, k, m)
+    blocks to the meta device (shapes only: the edge never runs them), unless `cloud_weights` (DoRA carried: the
+    set starts its cloud sites' magnitudes from their base weights, as a standalone edge does before it drops the
+    cloud's blocks); every call returns new modules, so no LoRA hook of an earlier round carries over, that share
+    the frozen weights, so a copy costs almost nothing."""
+    key = (spec, k, m, cloud_weights)
     if key not in _BACKBONES:
         loaded = load_model(spec)
         blocks = family_of(loaded.model).blocks(loaded.model)
-        for b in cut_of(loaded.model, k, m).cloud:
+        for b in cut_of(loaded.model, k, m).cloud if not cloud_weights else ():
             blocks[b].to("meta")
         _BACKBONES[key] = loaded
     base = _BACKBONES[key]
@@ -94,6 +119,10 @@ def train_on_emulator(ins: Instructions, start: dict[str, torch.Tensor],
     Returns the adapter (named as in the full model) and the step losses."""
     from emulator.bundle import renumber
     from emulator.tune import TuneConfig, make_adapter, train_adapter
+    if ins.peft != "lora" or ins.lora_dora or ins.lora_rslora:
+        raise ValueError(f"a device on the offsite emulator trains plain LoRA, not peft {ins.peft}"
+                         f"{' with DoRA' if ins.lora_dora else ' with rsLoRA' if ins.lora_rslora else ''}: "
+                         f"train it through the cloud (train-mode cloud)")
     emulated = emulator_model(ins.emulator_bundle)
     to_full = dict(enumerate(emulated.layout.kept))
     to_compact = {b: j for j, b in to_full.items()}
@@ -163,6 +192,34 @@ def record_like(adapter: dict[str, torch.Tensor], like: ArrayRecord) -> ArrayRec
     return ArrayRecord({k: Array(adapter[k].numpy().astype(np.dtype(like[k].dtype))) for k in like.keys()})
 
 
+def backbone_of(ins: Instructions) -> Loaded:
+    """This device's copy of the backbone for the round's method (`device_model`)."""
+    return device_model(ins.model, ins.cut_bottom, ins.cut_top,
+                        cloud_weights=ins.peft == "lora" and ins.lora_dora and ins.cloud_lora == "carried")
+
+
+def train_through_cloud(ins: Instructions, start: dict[str, torch.Tensor], path: str):
+    """`local-steps` steps through the cloud from the round's adapter: (the trained adapter in the round's form,
+    the step records, the cloud's session counts). P-tuning's adapter is its encoder's weights, which the trainer's
+    `initial_adapter` (PEFT's form) cannot take: they are put in before the first step, in place (the optimizer
+    holds the same parameters and has no state yet)."""
+    cfg = edge_config(ins, path, ins.local_steps)
+    if ins.exchange == "peft":
+        result = train_edge(cfg, loaded=backbone_of(ins), initial_adapter=start)
+    else:
+        loaded = []
+
+        def load_round(em, step: int) -> None:
+            if step == 0:
+                load_exchanged(em.lora, start, ins)
+                loaded.append(step)
+
+        result = train_edge(cfg, loaded=backbone_of(ins), step_hook=load_round)
+        if not loaded:
+            raise RuntimeError("the round's prompt encoder was never loaded: no training step ran (local-steps 0?)")
+    return exchanged_state(result.model.lora, ins), result.metrics["steps"], result.metrics.get("cloud_session", {})
+
+
 # ---- the app ------------------------------------------------------------------------------------------------------
 
 app = ClientApp()
@@ -179,11 +236,8 @@ def train(msg: Message, context: Context) -> Message:
         adapter, losses = train_on_emulator(ins, adapter_from_record(start), path)
         steps, session = [], {}
     else:
-        result = train_edge(edge_config(ins, path, ins.local_steps),
-                            loaded=device_model(ins.model, ins.cut_bottom, ins.cut_top),
-                            initial_adapter=adapter_from_record(start))
-        adapter, steps = result.adapter(), result.metrics["steps"]
-        losses, session = [s["loss"] for s in steps], result.metrics.get("cloud_session", {})
+        adapter, steps, session = train_through_cloud(ins, adapter_from_record(start), path)
+        losses = [s["loss"] for s in steps]
     metrics = MetricRecord({
         "num-examples": examples_in(ins.task, path),
         "partition-id": ins.partition_id,
@@ -208,9 +262,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """The global adapter on this device's slice of the dev set (shortest prompts batched together), via the cloud."""
     ins = Instructions.read(msg.content["config"], dict(context.node_config))
     cfg = edge_config(ins, None, 0)
-    em, tok, link = build_edge(cfg, loaded=device_model(ins.model, ins.cut_bottom, ins.cut_top))
+    em, tok, link = build_edge(cfg, loaded=backbone_of(ins))
     try:
-        em.lora.load_peft_state_dict(adapter_from_record(msg.content["arrays"]))
+        load_exchanged(em.lora, adapter_from_record(msg.content["arrays"]), ins)
         em.eval()
         items = load_items(cfg, tok, "dev")[ins.dev_shard::ins.dev_shards]
         items.sort(key=lambda it: len(it["ids"]))

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sim.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration (default %(default)s)")
     sim.add_argument("--labels-per-device", type=int, default=d.labels_per_device, help="pathological partitioner")
     sim.add_argument("--strategies", default=",".join(d.strategies),
-                     help="comma-separated, run one after another on the same partitions and cloud: fedavg, ffa")
+                     help="comma-separated, run one after another on the same partitions and cloud: fedavg, ffa "
+                          "(FFA-LoRA: --peft lora only)")
     sim.add_argument("--cpus", type=int, default=d.cpus, help="CPUs Ray may use (default %(default)s)")
     sim.add_argument("--cpus-per-device", type=float, default=d.cpus_per_device,
                      help="CPUs each device reserves: at most cpus/cpus-per-device train at once")

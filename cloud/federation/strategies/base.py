@@ -1,8 +1,10 @@
-"""What every Tandem LoRA strategy shares: Flower's `FedAvg`, taught that its arrays are one LoRA adapter.
+"""What every Tandem strategy shares: Flower's `FedAvg`, taught that its arrays are one adapter of a PEFT method.
 
-The global adapter travels as an `ArrayRecord` keyed by PEFT's state-dict names
-(`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, ...), in the adapter's wire dtype. The server keeps
-its own copy in float32 and does all arithmetic in float64.
+The global adapter travels as an `ArrayRecord`: the method's weights in the federation's exchange form
+(protocol/federation.py): PEFT's state-dict names for LoRA (`base_model.model.model.layers.0.self_attn.q_proj
+.lora_A.weight`, ..., DoRA's `lora_magnitude_vector`), (IA)³ (`...ia3_l`) and prompt tuning (`prompt_embeddings`),
+the prompt encoder's own weights for P-tuning (`encoder.mlp_head.0.weight`, ...), in the adapter's wire dtype.
+The server keeps its own copy in float32 and does all arithmetic in float64.
 
 `LoRAFedAvg` adds to `FedAvg`:
   - `configure_train` remembers the adapter it sends: every client's update starts from it (needed by FFA-LoRA, which
@@ -10,17 +12,21 @@ its own copy in float32 and does all arithmetic in float64.
   - `configure_evaluate` sends the global adapter to `eval_nodes` nodes, each with a disjoint slice of the dev set,
     and `aggregate_evaluate` weights by examples, so the result is the exact accuracy on the whole dev set.
   - `train_metrics`: examples-weighted loss, summed traffic.
-Each method (one per file) overrides `merge`: the clients' adapters and weights in, the merged adapter out.
+Each strategy (one per file) overrides `merge`: the clients' adapters and weights in, the merged adapter out; its
+`methods` says which PEFT methods it can merge (None: any, since a weighted mean applies to every parameter).
 
-The deviation reported per round is how far a method's merged product is from the true average of the clients'
-updates, over all LoRA sites:   || (B A)_merged - sum_i p_i B_i A_i ||_F  /  || sum_i p_i B_i A_i - B_0 A_0 ||_F
-with p_i the clients' weights and (A_0, B_0) the adapter the round started from. Zero means the method aggregated
-the updates dW = BA exactly.
+The deviation reported per round is how far the merge is from the true average of what the clients' weights do, over
+every site:   || E(merged) - sum_i p_i E(client_i) ||_F  /  || sum_i p_i E(client_i) - E(start) ||_F
+with p_i the clients' weights, `start` the adapter the round started from, and E the method's effective weights
+(the server gives it, server_app.py `effective_weights`): by default LoRA's products B A (`lora_products`), for DoRA
+the adapted weight's change, for (IA)³ and prompt tuning the trained parameters themselves (their deviation is then
+float rounding: FedAvg of them is exact), for P-tuning the encoder's output, the virtual tokens. Zero means the merge
+averaged what the clients' adapters do exactly.
 """
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO
 
 import numpy as np
@@ -52,12 +58,16 @@ def payload_bytes(record: ArrayRecord) -> int:
     return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values())
 
 
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's magnitude of a site, next to its A and B
+
+
 def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:
-    """(lora_A key, lora_B key) of every LoRA site, in key order."""
+    """(lora_A key, lora_B key) of every LoRA site, in key order (DoRA's magnitudes may come with them)."""
     keys = list(keys)
     pairs = [(k, k.replace(".lora_A.", ".lora_B.")) for k in keys if ".lora_A." in k]
     missing = [b for _, b in pairs if b not in keys]
-    if missing or 2 * len(pairs) != len(keys):
+    magnitudes = [k for k in keys if k.endswith(MAGNITUDE)]
+    if missing or 2 * len(pairs) + len(magnitudes) != len(keys):
         raise ValueError(f"not a LoRA adapter in PEFT naming: unpaired keys {missing or keys[:3]}")
     return pairs
 
@@ -72,18 +82,33 @@ def weighted_mean(adapters: list[dict[str, np.ndarray]], weights: list[float],
     return record_to_arrays(aggregate_arrayrecords(records, WEIGHT_KEY))
 
 
+Effective = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def lora_products(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """B A of every LoRA site, in float64: what a LoRA adapter adds to each weight (up to its constant scaling)."""
+    return {b_key: adapter[b_key].astype(np.float64) @ adapter[a_key].astype(np.float64)
+            for a_key, b_key in lora_pairs(adapter)}
+
+
+def as_float64(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The parameters themselves: the effective weights of a method linear in them ((IA)³, prompt tuning)."""
+    return {k: np.asarray(v, dtype=np.float64) for k, v in adapter.items()}
+
+
 def aggregation_deviation(merged: dict[str, np.ndarray], adapters: list[dict[str, np.ndarray]],
-                          weights: list[float], start: dict[str, np.ndarray]) -> float:
-    """Relative Frobenius distance between the merged product B A and the true average update (module docstring)."""
+                          weights: list[float], start: dict[str, np.ndarray],
+                          effective: Effective = lora_products) -> float:
+    """Relative Frobenius distance between the merged adapter's effective weights and the clients' average of theirs
+    (module docstring); by default LoRA's B A."""
     p = np.asarray(weights, dtype=np.float64)
     p = p / p.sum()
+    merged_e, start_e, clients_e = effective(merged), effective(start), [effective(ad) for ad in adapters]
     err = ref = 0.0
-    for a_key, b_key in lora_pairs(merged):
-        def prod(ad):
-            return ad[b_key].astype(np.float64) @ ad[a_key].astype(np.float64)
-        true_avg = sum(pi * prod(ad) for pi, ad in zip(p, adapters))
-        err += float(np.sum((prod(merged) - true_avg) ** 2))
-        ref += float(np.sum((true_avg - prod(start)) ** 2))
+    for key, value in merged_e.items():
+        true_avg = sum(pi * ce[key] for pi, ce in zip(p, clients_e))
+        err += float(np.sum((value - true_avg) ** 2))
+        ref += float(np.sum((true_avg - start_e[key]) ** 2))
     return float(np.sqrt(err / ref)) if ref > 0 else float(np.sqrt(err))
 
 
@@ -104,12 +129,15 @@ def train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricReco
 
 
 class LoRAFedAvg(FedAvg):
-    """FedAvg for a LoRA adapter (see the module docstring). Subclasses set `freeze_a` and override `merge`."""
+    """FedAvg for one PEFT adapter (see the module docstring). Subclasses set `freeze_a` and `methods` and override
+    `merge`. `effective` gives the effective weights the deviation compares (default: LoRA's B A)."""
 
     freeze_a = False
     name = "lora"
+    methods: tuple[str, ...] | None = None  # the PEFT methods (model/tuners METHODS) it merges; None: every one
 
-    def __init__(self, *, eval_nodes: int = 1, adapter_dtype: str = "float32", **fedavg_kwargs) -> None:
+    def __init__(self, *, eval_nodes: int = 1, adapter_dtype: str = "float32", effective: Effective | None = None,
+                 **fedavg_kwargs) -> None:
         fedavg_kwargs.setdefault("weighted_by_key", WEIGHT_KEY)
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", train_metrics)
         super().__init__(**fedavg_kwargs)
@@ -117,6 +145,7 @@ class LoRAFedAvg(FedAvg):
             raise ValueError(f"adapter dtype must be one of {sorted(WIRE_DTYPES)}, got {adapter_dtype!r}")
         self.eval_nodes = eval_nodes
         self.adapter_dtype = adapter_dtype
+        self.effective = effective or lora_products
         self.start: dict[str, np.ndarray] = {}  # the adapter this round's clients started from
 
     # ---- what goes out ---------------------------------------------------------------------------------------------
@@ -179,7 +208,7 @@ class LoRAFedAvg(FedAvg):
         it sees just their sum)."""
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
         if len(adapters) > 1 and self.start:
-            metrics["agg-deviation"] = aggregation_deviation(merged, adapters, weights, self.start)
-            log(INFO, "%s round %d: deviation of the merged BA from the mean update: %.3e", self.name, server_round,
-                metrics["agg-deviation"])
+            metrics["agg-deviation"] = aggregation_deviation(merged, adapters, weights, self.start, self.effective)
+            log(INFO, "%s round %d: deviation of the merged adapter's effective weights from their mean: %.3e",
+                self.name, server_round, metrics["agg-deviation"])
         return arrays_to_record(merged, "float32"), metrics
