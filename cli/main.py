@@ -275,6 +275,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:  # bitsandbytes (imported by PEFT) warns on import that an optional CPU kernel is missing
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         args.func(args)
     except KeyboardInterrupt:

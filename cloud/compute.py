@@ -188,8 +188,10 @@ class CloudSegment:
                 self._widths[b][s] = linear_dims(module)[1]
 
     def base_weight(self, lin: nn.Module) -> torch.Tensor:
-        """A base linear's weight as [out, in] (GPT-2's Conv1D holds it as [in, out]); DoRA's norm needs it."""
-        return lin.weight.T if self.family.fan_in_fan_out else lin.weight
+        """A base linear's weight as [out, in] (GPT-2's Conv1D holds it as [in, out]; a --quantize linear's is
+        de-quantized, cloud/quantize.py); DoRA's norm needs it."""
+        from cloud.quantize import dense_weight
+        return lin.weight.T if self.family.fan_in_fan_out else dense_weight(lin)
 
     def site_dims(self, b: int, site: str) -> tuple[int, int]:
         """(in, out) features of a site of block b."""

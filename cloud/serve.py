@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, fields
 from typing import Literal
 
+from cloud.quantize import check_mode, quantize_blocks
 from cloud.rpc import BackboneService, make_server
 from cloud.sessions import CloudConfig
 from model.load import DTYPES, load_model
@@ -24,6 +25,7 @@ class ServeConfig:
     require_client_cert: bool = False  # mutual TLS: edges must present a client certificate
     dtype: str = "float32"  # dtype of the backbone's weights
     device: str = "cpu"  # torch device of the backbone
+    quantize: Literal["none", "int8", "int4"] = "none"  # hold the served blocks' linears in 8 or 4 bits
     ttl: float = 600.0  # seconds an idle session lives
     max_sessions: int = 64  # sessions open at once, all clients together
     max_sessions_per_client: int = 16  # sessions one client may hold
@@ -42,10 +44,12 @@ class ServeConfig:
 
 
 class Cloud:
-    """A running backbone service (embedded in a process: the demo, the tests, `tandem cloud serve`)."""
+    """A running backbone service (embedded in a process: the demo, the tests, `tandem cloud serve`). With
+    `cfg.quantize`, a `model` passed in is quantized in place too; `memory` is cloud/quantize.py's MemoryReport."""
 
     def __init__(self, cfg: ServeConfig, *, model=None, tokens: dict[str, str] | None = None):
         from privacy.security.tokens import load_tokens
+        check_mode(cfg.quantize)
         if tokens is None and cfg.tokens:
             tokens = load_tokens(cfg.tokens)
         if tokens is None and not (cfg.tls_dir and cfg.require_client_cert):
@@ -57,6 +61,10 @@ class Cloud:
                              ttl_seconds=cfg.ttl)
         self.service = BackboneService(model, tokens, limits,
                                        allow_cert_identity=bool(cfg.tls_dir and cfg.require_client_cert))
+        # after the service has taken the fingerprint (the embedding: untouched) and the step cost of the model as
+        # loaded, before it serves
+        self.memory = quantize_blocks(self.service.model, cfg.quantize)
+        self.service.description += f"; {self.memory.line()}"
         creds = None
         if cfg.tls_dir:
             from privacy.security.certs import load_server_credentials
@@ -65,7 +73,8 @@ class Cloud:
                                              max_message_mb=cfg.max_message_mb)
         self.address = f"{cfg.host}:{self.port}"
         self.server.start()
-        log.info("cloud backbone %s serving on %s (%s)", cfg.model, self.address, "TLS" if creds else "plaintext")
+        log.info("cloud backbone %s serving on %s (%s): %s", cfg.model, self.address, "TLS" if creds else "plaintext",
+                 self.memory.line())
 
     def stop(self, grace: float = 5.0):
         """Graceful: report NOT_SERVING, refuse new RPCs, let running steps finish for `grace` seconds."""
@@ -76,7 +85,7 @@ class Cloud:
 
 def serve(cfg: ServeConfig) -> None:
     cloud = Cloud(cfg)
-    print(f"tandem cloud: serving {cfg.model} on {cloud.address}", flush=True)
+    print(f"tandem cloud: serving {cfg.model} on {cloud.address}; {cloud.memory.line()}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

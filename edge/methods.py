@@ -96,4 +96,34 @@ def carried_method(cfg: EdgeConfig) -> str:
     return cfg.peft.method
 
 
-__all__ = ["check_method", "trained_blocks", "tuner_set", "carried_method"]
+def check_step_tokens(em, cfg: EdgeConfig, train_items: list[dict], dev_items: list[dict]) -> None:
+    """The largest step of training (--batch-size shuffled items, so the longest among them) and of evaluation
+    (--eval-batch-size items sorted by length) fits the cloud's max_tokens_per_step (its OpenSessionReply): batch x
+    (an input method's virtual tokens + the longest sequence). Else one line naming the flags to lower."""
+    session = getattr(em.cloud.link, "session", None)
+    limit = getattr(session, "max_tokens_per_step", 0)
+    if not limit:
+        return
+    V = em.prompt.num_virtual if em.prompt is not None else 0
+    shift = 1 if em.task.kind == "lm" else 0  # an LM window's last token is only a target
+
+    def largest(items: list[dict], size: int, ordered: bool) -> tuple[int, int]:
+        lengths = sorted(len(it["ids"]) - shift for it in items)
+        if not ordered:  # shuffled: a full batch may hold the longest
+            return min(size, len(lengths)), lengths[-1]
+        chunks = [lengths[i:i + size] for i in range(0, len(lengths), size)]
+        return max(((len(c), c[-1]) for c in chunks), key=lambda bt: bt[0] * (V + bt[1]))
+
+    for items, size, flag, ordered in ((train_items, cfg.optim.batch_size, "--batch-size", False),
+                                       (dev_items, cfg.eval.batch_size, "--eval-batch-size", True)):
+        if not items:
+            continue
+        B, T_ = largest(items, size, ordered)
+        if B * (V + T_) > limit:
+            seq = f"{V} virtual tokens (--prompt-tokens) + up to {T_} tokens" if V else f"up to {T_} tokens"
+            fix = f"lower --prompt-tokens or {flag}" if V else f"lower {flag}"
+            raise ValueError(f"a step of {B} sequences ({flag}) of {seq} sends {B * (V + T_)} tokens, more than "
+                             f"the cloud accepts ({limit} per step, its max_tokens_per_step): {fix}")
+
+
+__all__ = ["check_method", "check_step_tokens", "trained_blocks", "tuner_set", "carried_method"]

@@ -1,0 +1,138 @@
+"""A quantized frozen cloud (`tandem cloud serve --quantize int8|int4`) against the fp32 cloud: what the cloud's
+blocks take, what the cloud process holds, how long a training step takes, and the dev accuracy after the same
+training budget (same batches, seed and LoRA initialisation; the edge is fp32 in every run).
+
+    python bench/quantized_cloud.py [--model smollm2] [--steps 100] [--batch-size 8] [--lr 1e-3] [--eval-examples 500]
+
+Each cloud is `tandem cloud serve` in its own process on loopback (so its RSS is its own: /proc/<pid>/status at
+start and after training); the blocks' weight bytes are cloud/quantize.py's count of the same quantization done
+here. The edge trains with `edge.trainer.train` (default --cloud-lora carried, the demo's mode: LoRA on every
+block, the cloud blocks' LoRA over their quantized base, QLoRA's setting). The goal: int8 and int4 within 1 point
+of fp32's dev accuracy, weights at most 0.3 (int8) and 0.2 (int4) of fp32. Ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from cloud.quantize import MiB, quantize_blocks  # noqa: E402
+from edge.trainer import EdgeConfig, train  # noqa: E402
+from model.load import load_model  # noqa: E402
+
+TOKEN = "bench-token-0123456789abcdef"
+GOAL = {"int8": 0.3, "int4": 0.2}  # weight budget, as a fraction of fp32
+
+
+def start_cloud(spec: str, mode: str, threads: int, tokens: Path, port: int) -> subprocess.Popen:
+    """`tandem cloud serve --quantize mode`, returned once it prints its start line (it serves then)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "cloud", "serve", "--model", spec, "--quantize", mode,
+                             "--tokens", str(tokens), "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("tandem cloud: serving"):
+            print(f"  {line.strip()}", flush=True)
+            return proc
+    raise SystemExit(f"the {mode} cloud exited with {proc.wait()} before serving")
+
+
+def rss_mib(pid: int, key: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_mode(args, loaded, mode: str, tokens: Path) -> dict:
+    report = quantize_blocks(copy.deepcopy(loaded.model), mode)  # the same quantization the cloud does
+    port = free_port()
+    proc = start_cloud(args.model, mode, args.threads, tokens, port)
+    try:
+        rss_start = rss_mib(proc.pid)
+        t0 = time.perf_counter()
+        cfg = EdgeConfig.of(cloud=f"127.0.0.1:{port}", token=TOKEN, model=args.model, task="sst2",
+                            cloud_lora=args.cloud_lora, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            seed=args.seed, eval_examples=args.eval_examples, progress=False)
+        metrics = train(cfg, loaded=copy.deepcopy(loaded)).metrics
+        rss_end, rss_peak = rss_mib(proc.pid), rss_mib(proc.pid, "VmHWM")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    steps = [r["step_seconds"] for r in metrics["steps"]]
+    return dict(weight_mib=report.after / MiB, fp32_mib=report.before / MiB, ratio=report.ratio,
+                rss_start_mib=rss_start, rss_end_mib=rss_end, rss_peak_mib=rss_peak,
+                step_seconds=statistics.median(steps[2:] or steps), run_seconds=time.perf_counter() - t0,
+                acc_before=metrics["eval_before"]["accuracy"], acc_after=metrics["eval_after"]["accuracy"],
+                last_loss=metrics["summary"]["mean_loss_last10"])
+
+
+def table(rows: dict[str, dict]) -> str:
+    fp = rows.get("none")
+    head = (f"{'cloud':6} {'block weights':>14} {'of fp32':>8} {'RSS start':>10} {'RSS end':>8} {'s/step':>7} "
+            f"{'dev before':>10} {'dev after':>9} {'vs fp32':>8}")
+    lines = [head, "-" * len(head)]
+    for mode, r in rows.items():
+        gap = f"{100 * (r['acc_after'] - fp['acc_after']):+.1f} pt" if fp else "-"
+        lines.append(f"{mode:6} {r['weight_mib']:10.1f} MiB {r['ratio']:8.3f} {r['rss_start_mib']:6.0f} MiB "
+                     f"{r['rss_end_mib']:4.0f} MiB {r['step_seconds']:7.2f} {100 * r['acc_before']:9.1f}% "
+                     f"{100 * r['acc_after']:8.1f}% {gap:>8}")
+    return "\n".join(lines)
+
+
+def goals(rows: dict[str, dict]) -> dict:
+    fp = rows["none"]["acc_after"]
+    return {m: {"within_1pt": abs(rows[m]["acc_after"] - fp) <= 0.01, "weights_within_budget": rows[m]["ratio"] <= b}
+            for m, b in GOAL.items() if m in rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--modes", default="none,int8,int4", help="comma-separated --quantize values; none = fp32")
+    ap.add_argument("--cloud-lora", default="carried", choices=("none", "edge", "carried"))
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-examples", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the edge and of the cloud each")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    tokens = Path(tempfile.mkdtemp(prefix="tandem-bench-")) / "tokens.json"
+    tokens.write_text(json.dumps({"bench": TOKEN}))
+    rows = {}
+    for mode in args.modes.split(","):
+        print(f"{mode}: {args.steps} steps of {args.batch_size}, lr {args.lr}, seed {args.seed}", flush=True)
+        rows[mode] = run_mode(args, loaded, mode, tokens)
+        print(f"  {json.dumps(rows[mode])}", flush=True)
+    print(table(rows))
+    head = dict(model=args.model, cloud_lora=args.cloud_lora, steps=args.steps, batch_size=args.batch_size,
+                lr=args.lr, seed=args.seed, eval_examples=args.eval_examples, modes=rows)
+    if "none" in rows:
+        head["goals"] = goals(rows)
+    print(json.dumps(head))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""`tandem cloud serve --quantize int8|int4`: a cloud holding its blocks in 8 or 4 bits trains exactly as local PEFT
+on the same quantized base, takes a fraction of the fp32 weight memory, and still matches an fp32 edge."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tasks as T
+from cli.main import main
+from cloud.quantize import dense_weight, quantize_blocks, weight_bytes
+from cloud.serve import Cloud, ServeConfig
+from model.load import fingerprint, load_model
+from model.segments import family_of
+from tests.conftest import TOKENS, make_edge, randomize_lora_b, sst2_batches, train_edge_steps
+from tests.reference import peft_local as ref
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS, LR = 20, 1e-2
+
+
+def quantized_cloud(tiny, mode: str) -> Cloud:
+    return Cloud(ServeConfig(model="tiny-llama", port=0, quantize=mode), model=copy.deepcopy(tiny.model),
+                 tokens={v: k for k, v in TOKENS.items()})
+
+
+# carried DoRA on int8 has no yardstick: PEFT's DoRA on a bitsandbytes 8-bit layer fails on CPU (the layer's row
+# scales are None inside bitsandbytes' autograd function), so only int4 is compared
+@pytest.mark.parametrize("mode, cloud_lora", [("int8", "none"), ("int8", "carried"), ("int4", "none"),
+                                              ("int4", "carried"), ("int4", "carried-dora")])
+def test_twenty_steps_match_local_peft_on_the_same_quantized_base(tiny, mode, cloud_lora):
+    """Split (LoRA on the edge's blocks), carried (LoRA on the quantized cloud blocks too) and carried DoRA (whose
+    norm reads the de-quantized weight) through a quantized cloud, against PEFT on the full model whose cloud blocks
+    are quantized the same way."""
+    cloud = quantized_cloud(tiny, mode)
+    try:
+        assert cloud.service.fingerprint == fingerprint(tiny.model)  # an fp32 edge opens a session below
+        dora = cloud_lora == "carried-dora"
+        em, _, link = make_edge(cloud, tiny, cloud_lora=cloud_lora.removesuffix("-dora"), lora_dora=dora)
+        randomize_lora_b(em.lora)
+        base = copy.deepcopy(tiny.model)
+        quantize_blocks(base, mode, em.cut.cloud)
+        pm = ref.peft_model(base, em.lora)
+        fp32 = ref.peft_model(copy.deepcopy(tiny.model), em.lora)
+        batches = sst2_batches(STEPS)
+        with torch.no_grad():
+            fp32_first = T.loss_from_hidden(T.TASKS["sst2"], ref.hidden(fp32, batches[0]), batches[0],
+                                            fp32.base_model.model.get_output_embeddings())[0].item()
+        ref_losses, _ = ref.train_steps(pm, T.TASKS["sst2"], batches, LR)
+        split_losses = train_edge_steps(em, batches, LR)
+        link.close()
+    finally:
+        cloud.stop(0)
+    rel = [abs(a - b) / abs(b) for a, b in zip(split_losses, ref_losses)]
+    assert max(rel) <= 1e-4, rel
+    assert split_losses[-1] < split_losses[0]
+    assert abs(split_losses[0] - fp32_first) / fp32_first > 1e-4  # the quantization is really there
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_forward_without_gradient_leaves_the_backward_as_it_was(tiny, mode):
+    """Evaluation (no gradient) between training steps: bitsandbytes' eval mode would repack or re-route them."""
+    model = copy.deepcopy(tiny.model).eval()
+    quantize_blocks(model, mode)
+    model.eval()
+    h = model.model.embed_tokens(torch.randint(3, 300, (2, 12))).detach()
+
+    def out_and_grad():
+        x = h.clone().requires_grad_(True)
+        out = model(inputs_embeds=x).logits
+        out.square().mean().backward()
+        return out.detach(), x.grad
+
+    before = out_and_grad()
+    with torch.no_grad():
+        model(inputs_embeds=h)
+    after = out_and_grad()
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+@pytest.mark.parametrize("mode, budget", [("int8", 0.3), ("int4", 0.2)])
+def test_served_blocks_take_a_fraction_of_the_fp32_weight_memory(tiny, mode, budget):
+    model = copy.deepcopy(tiny.model)
+    blocks = family_of(model).blocks(model)
+    fp32 = sum(t.numel() * 4 for t in blocks.parameters())
+    weights = {i: blocks[i].mlp.up_proj.weight.detach().clone() for i in range(len(blocks))}
+    report = quantize_blocks(model, mode)
+    assert report.before == fp32 and report.after == weight_bytes(blocks) and report.ratio <= budget, report
+    assert report.linears == 7 * len(blocks) and report.rss > 0
+    for i, w in weights.items():  # each weight is held, de-quantized, within its format's error
+        err = (dense_weight(blocks[i].mlp.up_proj).float() - w).norm() / w.norm()
+        assert err < (0.01 if mode == "int8" else 0.12), (i, err)
+
+
+def test_the_cloud_reports_its_memory(tiny):
+    cloud = quantized_cloud(tiny, "int4")
+    try:
+        assert cloud.memory.mode == "int4" and cloud.memory.blocks == 6
+        assert cloud.memory.line() in cloud.service.description and "0.18" in cloud.memory.line()
+    finally:
+        cloud.stop(0)
+
+
+def test_a_bad_quantize_value_is_one_clear_line(tiny, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["cloud", "serve", "--quantize", "int3"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and last.endswith("argument --quantize: invalid choice: 'int3' (choose from 'none', "
+                                               "'int8', 'int4')"), last
+    with pytest.raises(ValueError, match=r"^--quantize must be one of none, int8, int4, got 'int3'$"):
+        Cloud(ServeConfig(model="tiny-llama", port=0, quantize="int3"), model=tiny.model, tokens={})
+    with pytest.raises(ValueError, match=r"^--quantize int8: this gpt2 model's blocks hold no nn.Linear"):
+        quantize_blocks(load_model("tiny-gpt2").model, "int8")
