@@ -50,13 +50,13 @@ class PeftOptions:
         "flag": "peft", "choices": tuple(METHODS),
         "help": "the PEFT method: lora (LoRA, --lora-dora, --lora-rslora), ia3 ((IA)³ scaling vectors), prompt "
                 "(prompt tuning), ptuning (P-tuning's prompt encoder), adapter (bottleneck adapters); model/tuners/"})
-    ia3_targets: tuple[str, ...] = ()  # (IA)³: linears rescaled, named as PEFT names them (default: PEFT's for the model)
-    ia3_feedforward: tuple[str, ...] = ()  # (IA)³: of those, the ones scaled at their input (default: PEFT's)
+    ia3_targets: tuple[str, ...] = ()  # (IA)³: linears rescaled, named as PEFT names them; none: PEFT's for the model
+    ia3_feedforward: tuple[str, ...] = ()  # (IA)³: of those, the ones scaled at their input; none: PEFT's
     adapter_reduction: int = 16  # adapter: bottleneck width = the site's output width / this (Houlsby's 16)
-    adapter_targets: tuple[str, ...] = ()  # adapter: linears followed by an adapter (default: o_proj, down_proj)
+    adapter_targets: tuple[str, ...] = ()  # adapter: linears followed by an adapter; none: the attention and MLP outputs
     prompt_tokens: int = 20  # prompt, ptuning: virtual tokens prepended to every input
-    prompt_init_text: str | None = None  # prompt: start the virtual tokens from this text's embeddings (default: random)
-    ptuning_hidden: int | None = None  # ptuning: hidden size of the prompt encoder's MLP (default: the model's)
+    prompt_init_text: str | None = None  # prompt: start the virtual tokens from this text's embeddings; none: random
+    ptuning_hidden: int | None = None  # ptuning: hidden size of the prompt encoder's MLP; none: the model's
 
 
 @dataclass
