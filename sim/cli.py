@@ -37,7 +37,6 @@ def _add_workload(p: argparse.ArgumentParser, model: str, edge: str, cloud: str,
     from protocol.tensors import WIRE_DTYPES
     from sim.profiles import DEVICE_NAMES, LINKS
     from sim.shape import INPUT_GROUPS, shipped
-    from sim.wire import IA3_FEEDFORWARD, IA3_TARGETS, SIM_METHODS
     w = Workload()
     wires = ("auto", *WIRE_DTYPES)
     p.add_argument("--model", default=model, help=f"model shape: a shipped config ({', '.join(shipped())}) or a "
@@ -45,14 +44,7 @@ def _add_workload(p: argparse.ArgumentParser, model: str, edge: str, cloud: str,
     p.add_argument("--paths", type=_subset(PATHS), default=None, metavar="PATH[,PATH...]",
                    help=f"training paths to cost, comma-separated, from {','.join(PATHS)} (default: every path "
                         "--peft has: prompt and ptuning have no dlora or carried, ia3 and --lora-dora no dlora)")
-    p.add_argument("--peft", choices=SIM_METHODS, default=w.peft,
-                   help="the PEFT method, as `tandem edge train --peft`: lora (--rank, --targets, --lora-dora), ia3 "
-                        "((IA)³ vectors, --ia3-targets), prompt (prompt tuning) or ptuning (P-tuning), both "
-                        "--prompt-tokens; split/dlora/carried are its --cloud-lora none/edge/carried "
-                        "(default: %(default)s)")
-    p.add_argument("--lora-dora", action="store_true",
-                   help="lora: DoRA (a magnitude per site; the weight norm every step where the site runs; "
-                        "no dlora path)")
+    _add_method_flags(p, w)
     p.add_argument("--batch", type=int, default=w.batch, help="sequences per training step (default: %(default)s)")
     p.add_argument("--seq", type=int, default=w.seq, help="padded tokens per sequence (default: %(default)s)")
     p.add_argument("--task", choices=["classify", "lm"], default=w.task,
@@ -65,18 +57,6 @@ def _add_workload(p: argparse.ArgumentParser, model: str, edge: str, cloud: str,
     p.add_argument("--targets", type=_subset(tuple(INPUT_GROUPS)), default=w.targets, metavar="PROJ[,PROJ...]",
                    help=f"LoRA target projections, comma-separated, from {','.join(INPUT_GROUPS)} "
                         f"(default: {','.join(w.targets)})")
-    p.add_argument("--ia3-targets", type=_subset(tuple(INPUT_GROUPS)), default=w.ia3_targets,
-                   metavar="PROJ[,PROJ...]", help="ia3: the projections scaled, comma-separated (default: PEFT's, "
-                                                  f"{','.join(IA3_TARGETS)})")
-    p.add_argument("--ia3-feedforward", type=_subset(tuple(INPUT_GROUPS)), default=w.ia3_feedforward,
-                   metavar="PROJ[,PROJ...]", help="ia3: of those, the ones scaled at their input (default: PEFT's, "
-                                                  f"{','.join(IA3_FEEDFORWARD)}, with the default targets; none "
-                                                  "with others)")
-    p.add_argument("--prompt-tokens", type=int, default=w.prompt_tokens,
-                   help="prompt, ptuning: virtual tokens before every sequence; every block runs on --seq + this "
-                        "many (default: %(default)s)")
-    p.add_argument("--ptuning-hidden", type=int, default=None,
-                   help="ptuning: hidden size of the prompt encoder's MLP (default: the model's hidden size)")
     p.add_argument("--wire-up", choices=wires, default="auto",
                    help="dtype of the hidden states sent edge -> cloud; auto = bf16 when the edge trains in 16-bit, "
                         "else fp32 (default: %(default)s)")
@@ -104,6 +84,34 @@ def _add_workload(p: argparse.ArgumentParser, model: str, edge: str, cloud: str,
                    help="override every link's round trip, in milliseconds (default: each link's own)")
 
 
+def _add_method_flags(p: argparse.ArgumentParser, w: Workload) -> None:
+    """--peft and each method's own flags, as `tandem edge train` spells them."""
+    from sim.shape import INPUT_GROUPS
+    from sim.wire import IA3_FEEDFORWARD, IA3_TARGETS, SIM_METHODS
+    p.add_argument("--peft", choices=SIM_METHODS, default=w.peft,
+                   help="the PEFT method, as `tandem edge train --peft`: lora (--rank, --targets, --lora-dora), ia3 "
+                        "((IA)³ vectors, --ia3-targets), adapter (bottleneck adapters, --adapter-reduction), prompt (prompt tuning) or ptuning (P-tuning), both "
+                        "--prompt-tokens; split/dlora/carried are its --cloud-lora none/edge/carried "
+                        "(default: %(default)s)")
+    p.add_argument("--lora-dora", action="store_true",
+                   help="lora: DoRA (a magnitude per site; the weight norm every step where the site runs; "
+                        "no dlora path)")
+    p.add_argument("--ia3-targets", type=_subset(tuple(INPUT_GROUPS)), default=w.ia3_targets,
+                   metavar="PROJ[,PROJ...]", help="ia3: the projections scaled, comma-separated (default: PEFT's, "
+                                                  f"{','.join(IA3_TARGETS)})")
+    p.add_argument("--ia3-feedforward", type=_subset(tuple(INPUT_GROUPS)), default=w.ia3_feedforward,
+                   metavar="PROJ[,PROJ...]", help="ia3: of those, the ones scaled at their input (default: PEFT's, "
+                                                  f"{','.join(IA3_FEEDFORWARD)}, with the default targets; none "
+                                                  "with others)")
+    p.add_argument("--prompt-tokens", type=int, default=w.prompt_tokens,
+                   help="prompt, ptuning: virtual tokens before every sequence; every block runs on --seq + this "
+                        "many (default: %(default)s)")
+    p.add_argument("--ptuning-hidden", type=int, default=None,
+                   help="ptuning: hidden size of the prompt encoder's MLP (default: the model's hidden size)")
+    p.add_argument("--adapter-reduction", type=int, default=w.adapter_reduction,
+                   help="adapter: bottleneck width = the site's output width / this (default: %(default)s)")
+
+
 def _setup(args):
     from sim.profiles import device_profile, link_profile
     from sim.shape import load_shape
@@ -116,7 +124,8 @@ def _setup(args):
                  active_fraction=args.active_fraction, emulator_fraction=args.emulator_fraction,
                  local_steps=args.local_steps, epoch_examples=args.epoch_examples, peft=args.peft,
                  dora=args.lora_dora, ia3_targets=args.ia3_targets, ia3_feedforward=args.ia3_feedforward,
-                 prompt_tokens=args.prompt_tokens, ptuning_hidden=args.ptuning_hidden)
+                 prompt_tokens=args.prompt_tokens, ptuning_hidden=args.ptuning_hidden,
+                 adapter_reduction=args.adapter_reduction)
     _check_method(args, w)
     rtt = None if args.rtt_ms is None else args.rtt_ms / 1e3
     links = [link_profile(s, rtt) for s in args.links]
@@ -130,7 +139,8 @@ def _check_method(args, w: Workload) -> None:
     given = {"--lora-dora": args.lora_dora and "lora", "--ia3-targets": args.ia3_targets and "ia3",
              "--ia3-feedforward": args.ia3_feedforward and "ia3",
              "--prompt-tokens": args.prompt_tokens != Workload.prompt_tokens and "prompt",
-             "--ptuning-hidden": args.ptuning_hidden is not None and "ptuning"}
+             "--ptuning-hidden": args.ptuning_hidden is not None and "ptuning",
+             "--adapter-reduction": args.adapter_reduction != Workload.adapter_reduction and "adapter"}
     for flag, owner in given.items():
         if owner and not (args.peft == owner or owner == "prompt" and args.peft == "ptuning"):
             error(f"{flag} is an option of --peft {'prompt and ptuning' if owner == 'prompt' else owner}, "

@@ -61,6 +61,7 @@ class Workload:
     step_index: int = 1  # Begin.step (its varint length changes the byte count by a byte or two)
     peft: str = "lora"  # the PEFT method (--peft): lora, ia3, adapter, prompt, ptuning (sim.wire.SIM_METHODS)
     adapter_reduction: int = 16  # adapter: bottleneck = the site's output width / this
+    adapter_targets: tuple[str, ...] = ()  # adapter: the linears followed by an adapter; () = sim.wire.ADAPTER_TARGETS
     dora: bool = False  # lora: DoRA's magnitude per site (--lora-dora)
     ia3_targets: tuple[str, ...] = ()  # ia3: scaled linears; () = PEFT's defaults (sim.wire.ia3_sites)
     ia3_feedforward: tuple[str, ...] = ()  # ia3: of those, the ones scaled at their input
@@ -95,7 +96,7 @@ class Workload:
         if self.peft == "ia3":
             return ia3_sites(self.ia3_targets, self.ia3_feedforward)
         if self.peft == "adapter":
-            return tuple(self.targets) if tuple(self.targets) != ("q_proj", "v_proj") else ADAPTER_TARGETS, ()
+            return tuple(self.adapter_targets) or ADAPTER_TARGETS, ()
         return (tuple(self.targets), ()) if self.peft == "lora" else ((), ())
 
     @property
