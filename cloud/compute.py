@@ -24,7 +24,7 @@ from torch import nn
 
 from model.segments import family_of, linear_dims
 from model.tuners.ia3 import ia3_forward
-from model.tuners.lora import dora_delta, lora_delta
+from model.tuners.lora import dora_adapted, lora_delta
 
 
 class LoRAExchange(Protocol):
@@ -113,10 +113,7 @@ class CarriedDoRALinear(nn.Module):
         self.base, self.weight, self.a, self.b, self.magnitude, self.scaling = base, weight, a, b, magnitude, scaling
 
     def forward(self, x):
-        out = self.base(x)
-        bias = getattr(self.base, "bias", None)
-        base_out = out - bias if bias is not None else out
-        return out + dora_delta(x, base_out, self.weight, self.a, self.b, self.magnitude, self.scaling).to(out.dtype)
+        return dora_adapted(self.base, self.weight, x, self.base(x), self.a, self.b, self.magnitude, self.scaling)
 
 
 class CarriedIA3Linear(nn.Module):

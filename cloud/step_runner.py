@@ -20,7 +20,7 @@ from protocol.step import CARRIED_PARAMS, carried_shapes, carried_sites
 from protocol.tensors import encode
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-SITE_FIELDS = ("a", "b", "magnitude", "scale")  # pb.SiteWeights' tensors
+SITE_FIELDS = tuple(dict.fromkeys(f for fields in CARRIED_PARAMS.values() for f in fields))  # SiteWeights' tensors
 NAMES = {"a": "LoRA A", "b": "LoRA B", "magnitude": "DoRA magnitude", "scale": "(IA)³ scale"}
 
 

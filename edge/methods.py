@@ -37,10 +37,9 @@ def check_method(cfg: EdgeConfig) -> None:
                          "edge has not the cloud's: use --cloud-lora carried or none")
     if method != "lora" and cfg.kr.enabled:
         raise ValueError("--kr (Kill & Revive) switches LoRA blocks on and off: it takes --peft lora only")
-    if method in ("prompt", "ptuning") and cfg.peft.prompt_tokens < 1:
-        raise ValueError(f"--prompt-tokens must be at least 1, got {cfg.peft.prompt_tokens}")
-    if method == "ptuning" and cfg.peft.prompt_init_text is not None:
-        raise ValueError("--prompt-init-text is prompt tuning's (--peft prompt); P-tuning's encoder makes the tokens")
+    if METHODS[method].kind == "input":  # the prompt options, checked where PromptSet checks them
+        from model.tuners.prompt import check_prompt_config
+        check_prompt_config(_prompt_config(cfg))
 
 
 def _check_foreign_options(cfg: EdgeConfig) -> None:
@@ -84,9 +83,14 @@ def tuner_set(model, cfg: EdgeConfig, blocks: list[int], tokenizer=None):
     if pe.method == "adapter":
         from model.tuners.adapter import AdapterConfig, AdapterSet
         return AdapterSet(model, AdapterConfig(pe.adapter_reduction, tuple(pe.adapter_targets), blocks))
-    from model.tuners.prompt import PromptConfig, PromptSet
-    return PromptSet(model, PromptConfig(pe.method, pe.prompt_tokens, pe.prompt_init_text, pe.ptuning_hidden),
-                     tokenizer)
+    from model.tuners.prompt import PromptSet
+    return PromptSet(model, _prompt_config(cfg), tokenizer)
+
+
+def _prompt_config(cfg: EdgeConfig):
+    from model.tuners.prompt import PromptConfig
+    pe = cfg.peft
+    return PromptConfig(pe.method, pe.prompt_tokens, pe.prompt_init_text, pe.ptuning_hidden)
 
 
 def carried_method(cfg: EdgeConfig) -> str:

@@ -38,12 +38,14 @@ def default_targets(model_type: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(TARGETS[model_type]), tuple(FF.get(model_type, ()))
 
 
+def ia3_scale(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """t * l over the last dim, computed in the vector's dtype, returned in t's."""
+    return (t.to(scale.dtype) * scale.flatten()).to(t.dtype)
+
+
 def ia3_forward(base: nn.Module, x: torch.Tensor, scale: torch.Tensor, feedforward: bool) -> torch.Tensor:
     """PEFT's `IA3Linear.forward`: base(x * l) for a feed-forward site, base(x) * l otherwise."""
-    if feedforward:
-        return base((x.to(scale.dtype) * scale.flatten()).to(x.dtype))
-    out = base(x)
-    return (out.to(scale.dtype) * scale.flatten()).to(out.dtype)
+    return base(ia3_scale(x, scale)) if feedforward else ia3_scale(base(x), scale)
 
 
 class IA3(nn.Module):
@@ -91,11 +93,9 @@ class IA3Set(SiteModules):
             for s in self.site_names:
                 v, lin = self.site(b, s), self.family.site_module(model_blocks[b], s)
                 if v.feedforward:
-                    handles.append(lin.register_forward_pre_hook(
-                        lambda mod, inp, v=v: ((inp[0].to(v.ia3_l.dtype) * v.ia3_l.flatten()).to(inp[0].dtype),)))
+                    handles.append(lin.register_forward_pre_hook(lambda mod, inp, v=v: (ia3_scale(inp[0], v.ia3_l),)))
                 else:
-                    handles.append(lin.register_forward_hook(
-                        lambda mod, inp, out, v=v: (out.to(v.ia3_l.dtype) * v.ia3_l.flatten()).to(out.dtype)))
+                    handles.append(lin.register_forward_hook(lambda mod, inp, out, v=v: ia3_scale(out, v.ia3_l)))
         return handles
 
     # ---- PEFT format -------------------------------------------------------------------------------------------

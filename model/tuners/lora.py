@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.segments import family_of, linear_dims
-from model.tuners.base import copy_from_state, load_adapter_state, save_adapter
+from model.tuners.base import _module_key, copy_from_state, load_adapter_state, save_adapter
 
 
 @dataclass
@@ -60,6 +60,14 @@ def dora_delta(x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, a:
     return (g - 1) * base_out.to(a.dtype) + g * lora_delta(x, a, b, scaling)
 
 
+def dora_adapted(base: nn.Module, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor, magnitude: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The base linear's output `out` = base(x) with DoRA's `dora_delta` added (its W x is `out` less the bias)."""
+    bias = getattr(base, "bias", None)
+    base_out = out - bias if bias is not None else out
+    return out + dora_delta(x, base_out, weight, a, b, magnitude, scaling).to(out.dtype)
+
+
 class LoRA(nn.Module):
     """The LoRA of one site. With `weight` (the base W as [out, in]) and cfg.use_dora, also DoRA's magnitude."""
 
@@ -88,10 +96,8 @@ class LoRA(nn.Module):
         """The base linear's output `out` = base(x) with this site's adaptation added."""
         if self.lora_magnitude is None:
             return out + self(x).to(out.dtype)
-        bias = getattr(base, "bias", None)
-        base_out = out - bias if bias is not None else out
-        return out + dora_delta(self.dropout(x), base_out, weight, self.lora_A.weight, self.lora_B.weight,
-                                self.lora_magnitude, self.scaling).to(out.dtype)
+        return dora_adapted(base, weight, self.dropout(x), out, self.lora_A.weight, self.lora_B.weight,
+                            self.lora_magnitude, self.scaling)
 
     def carried(self) -> dict[str, torch.Tensor]:
         """The parameters the carried mode sends for this site, by their SiteWeights field (protocol/step.py)."""
@@ -103,10 +109,6 @@ class LoRA(nn.Module):
 
 def site_key(block: int, site: str) -> str:
     return f"{block}/{site}"
-
-
-def _module_key(block: int, site: str) -> str:  # a ModuleDict key: no dots (GPT-2's `attn.c_proj` -> `attn-c_proj`)
-    return f"{block}:{site.replace('.', '-')}"
 
 
 class LoRASet(nn.Module):
