@@ -37,6 +37,8 @@ ROWS = {  # name -> (flags, learning rate)
     "adapter-dlora": (dict(peft="adapter", cloud_lora="edge"), 1e-3),
     "prompt": (dict(peft="prompt", cloud_lora="none"), 3e-2),
     "ptuning": (dict(peft="ptuning", cloud_lora="none"), 1e-3),
+    "prefix-carried": (dict(peft="prefix", cloud_lora="carried"), 1e-2),  # P-tuning v2: the prefixes themselves
+    "prefix-projection": (dict(peft="prefix", cloud_lora="carried", prefix_projection=512), 1e-3),  # Li & Liang
 }
 
 

@@ -13,6 +13,8 @@ which blocks and sites are adapted and builds the wrapper (`wrap`):
   CarriedLoRA / CarriedLoRALinear,   carried mode: the weights (LoRA, DoRA, (IA)³) came with the step; the site is
   CarriedDoRALinear,                 computed here, with model/tuners/' math, on autograd leaves whose gradients go
   CarriedIA3Linear                   back to the edge. Nothing outlives the step.
+  CarriedPrefix                      carried prefix tuning: each block's keys and values came with the step; no
+                                     linear is wrapped, the segment's context puts them in front (model/tuners/prefix.py).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from torch import nn
 from model.segments import family_of, linear_dims
 from model.tuners.ia3 import ia3_forward
 from model.tuners.lora import dora_adapted, lora_delta
+from model.tuners.prefix import LayerPrefixes
+from protocol.step import prefix_shapes
 
 
 class LoRAExchange(Protocol):
@@ -148,6 +152,16 @@ class CarriedLoRA:
         return CarriedLoRALinear(base, *w, self.scaling)
 
 
+class CarriedPrefix(CarriedLoRA):
+    """The carried prefixes of one step: (block, "prefix") -> (key, value), each [kv heads, V, head dim], autograd
+    leaves when training. No site is wrapped: the segment's context holds them (`prefix`)."""
+
+    def __init__(self, weights: dict[tuple[int, str], tuple[torch.Tensor, ...]], num_virtual: int):
+        super().__init__(weights, 0.0, "prefix")
+        self.active, self.sites = set(), []
+        self.prefix = LayerPrefixes(num_virtual, {b: w for (b, _), w in weights.items()})
+
+
 def with_submodules(module: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
     """A shallow copy of `module` in which the submodules at the dotted paths are replaced. Everything else (other
     submodules, parameters, buffers) is shared with the original, which stays untouched."""
@@ -190,6 +204,12 @@ class CloudSegment:
         from cloud.quantize import dense_weight
         return lin.weight.T if self.family.fan_in_fan_out else dense_weight(lin)
 
+    def prefix_shapes(self, num_virtual: int) -> dict[str, list[int]]:
+        """The carried fields of one block's prefix and their shapes (kv heads, as PEFT sizes them for GQA)."""
+        c = self.model.config
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return prefix_shapes(heads, num_virtual, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
     def site_dims(self, b: int, site: str) -> tuple[int, int]:
         """(in, out) features of a site of block b."""
         return linear_dims(self.blocks[b].get_submodule(self._paths[b, site]))
@@ -206,7 +226,7 @@ class CloudSegment:
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, blocks: range, sites=None) -> torch.Tensor:
         """The blocks over `hidden`; `sites` (StepBranches, CarriedLoRA, ...; None: frozen) adapts some of them."""
-        ctx = self.family.context(self.model, hidden, mask)
+        ctx = self.family.context(self.model, hidden, mask, getattr(sites, "prefix", None))
         for b in blocks:
             hidden = self.family.run_block(self._block_for_step(b, sites), hidden, ctx)
         return hidden

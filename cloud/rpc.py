@@ -41,7 +41,7 @@ from model.segments import cut_of
 from model.sites import FAMILY_OF, site_groups
 from privacy.security.tokens import AuthError, check_token
 from protocol import PROTOCOL_VERSION, pb
-from protocol.step import CARRIED_PARAMS
+from protocol.step import CARRIED_PARAMS, PREFIX_TARGET
 from protocol.tensors import WIRE_DTYPES
 
 log = logging.getLogger("tandem.cloud")
@@ -132,7 +132,7 @@ class BackboneService:
                 lora_blocks=sess.lora_blocks, carried=bool(sess.carried), carried_method=sess.carried,
                 lora_rank=sess.lora_rank,
                 lora_scaling=sess.lora_scaling, feedforward=list(sess.feedforward), wire_up=sess.wire_up,
-                wire_down=sess.wire_down))
+                wire_down=sess.wire_down, prefix_tokens=sess.prefix_tokens))
         return pb.OpenSessionReply(session_id=sess.id, first_cloud_block=sess.cut.cloud.start,
                                    last_cloud_block=sess.cut.cloud.stop - 1, hidden_size=self.model.config.hidden_size,
                                    max_tokens_per_step=self.config.max_tokens_per_step,
@@ -154,8 +154,13 @@ class BackboneService:
             if d not in WIRE_DTYPES.values():
                 raise CloudError(INVALID, f"wire dtype {d} is not one of {sorted(WIRE_DTYPES)}")
         targets, blocks = list(dict.fromkeys(request.lora_targets)), sorted(set(request.lora_blocks))
+        prefix = request.carried_lora and request.carried_method == "prefix"
+        if prefix:  # one prefix per block, no linear sites: its target is the block's prefix
+            if targets:
+                raise CloudError(INVALID, "a carried prefix session names no lora_targets (a block's prefix is its site)")
+            targets = [PREFIX_TARGET]
         try:
-            groups = site_groups(self.family_name, targets)
+            groups = () if prefix else site_groups(self.family_name, targets)
         except ValueError as e:
             raise CloudError(INVALID, str(e)[:200]) from None
         if blocks and not targets:
@@ -173,6 +178,8 @@ class BackboneService:
         method = request.carried_method or "lora"
         if request.feedforward_targets and not (request.carried_lora and method == "ia3"):
             raise CloudError(INVALID, "feedforward_targets belong to carried ia3 sessions only")
+        if request.prefix_tokens and not (request.carried_lora and method == "prefix"):
+            raise CloudError(INVALID, "prefix_tokens belong to carried prefix sessions only")
         if not (request.carried_lora and blocks):
             return dict(carried="")
         if method not in CARRIED_PARAMS:
@@ -182,6 +189,8 @@ class BackboneService:
             if stray := [t for t in feedforward if t not in targets]:
                 raise CloudError(INVALID, f"feed-forward targets {quote(','.join(stray))} are not lora_targets")
             return dict(carried=method, feedforward=feedforward)
+        if method == "prefix":
+            return dict(carried=method, prefix_tokens=self._prefix_tokens(request.prefix_tokens))
         narrowest = min(min(self.segment.site_dims(b, t)) for b in blocks for t in targets)
         if not 1 <= request.lora_rank <= narrowest:
             raise CloudError(INVALID, f"carried LoRA rank {request.lora_rank} is not within 1..{narrowest}")
@@ -189,6 +198,18 @@ class BackboneService:
             raise CloudError(INVALID, f"carried LoRA scaling {request.lora_scaling} is not finite, nonzero "
                              "and at most 1e4 in size")
         return dict(carried=method, lora_rank=request.lora_rank, lora_scaling=request.lora_scaling)
+
+    def _prefix_tokens(self, V: int) -> int:
+        """A carried prefix's V, checked against the cloud's limit and its model (full attention in every layer)."""
+        from model.tuners.prefix import check_prefix_family
+        limit = self.config.max_prefix_tokens
+        if not 1 <= V <= limit:
+            raise CloudError(INVALID, f"prefix_tokens {V} is not within 1..{limit} (this cloud's max_prefix_tokens)")
+        try:
+            check_prefix_family(self.model)
+        except ValueError as e:
+            raise CloudError(INVALID, str(e)) from None
+        return V
 
     async def CloseSession(self, request, context):
         try:

@@ -51,6 +51,7 @@ class CloudConfig:
     batching: Literal["auto", "on", "off"] = "auto"
     batch_window: float = 0.005  # seconds a batch waits for more steps (and for its gradients) when the cloud is idle
     batch_max_tokens: int = 65536  # padded tokens of one batch
+    max_prefix_tokens: int = 128  # prefix tuning: the most virtual keys and values a session may put in front
     capture_dir: str | None = None  # audits only: record every message of every step here (privacy/audit/capture.py)
 
 
@@ -64,12 +65,13 @@ class Session:
     targets: list[str]
     lora_blocks: list[int]
     groups: tuple = ()  # DLoRA: input groups of `targets`, in execution order (model/sites.py); else ()
-    carried: str = ""  # carried mode: the method ("lora", "dora", "ia3") whose weights of `lora_blocks` come with
-    # each step's begin; "": not carried
+    carried: str = ""  # carried mode: the method ("lora", "dora", "ia3", "prefix") whose weights of `lora_blocks`
+    # come with each step's begin; "": not carried
     lora_rank: int = 0  # carried LoRA, DoRA: r of those weights
     lora_scaling: float = 0.0  # carried LoRA, DoRA: alpha / r (rsLoRA: alpha / sqrt(r))
     feedforward: tuple = ()  # carried (IA)³: the targets scaled at their input
     branch_on_output: bool = False  # DLoRA-style branches that read the site's output (bottleneck adapters)
+    prefix_tokens: int = 0  # carried prefix: V, the keys and values each block's prefix puts in front
     last_used: float = field(default_factory=time.monotonic)
     steps: int = 0
     bytes_received: int = 0

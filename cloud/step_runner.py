@@ -12,7 +12,7 @@ import torch
 
 from cloud.batching import Job, StepBatcher
 from cloud.budgets import StepCostLimit
-from cloud.compute import CarriedLoRA, CloudSegment, StepBranches
+from cloud.compute import CarriedLoRA, CarriedPrefix, CloudSegment, StepBranches
 from cloud.sessions import CloudError, Session, quote
 from cloud.stream import CloudStream
 from protocol import pb
@@ -21,7 +21,8 @@ from protocol.tensors import encode
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SITE_FIELDS = tuple(dict.fromkeys(f for fields in CARRIED_PARAMS.values() for f in fields))  # SiteWeights' tensors
-NAMES = {"a": "LoRA A", "b": "LoRA B", "magnitude": "DoRA magnitude", "scale": "(IA)³ scale"}
+NAMES = {"a": "LoRA A", "b": "LoRA B", "magnitude": "DoRA magnitude", "scale": "(IA)³ scale",
+         "prefix_key": "prefix key", "prefix_value": "prefix value"}
 
 
 def check_begin(begin, sess: Session, H: int, cost: StepCostLimit, stream: CloudStream, dtype, device):
@@ -56,11 +57,14 @@ def carried_lora(begin, sess: Session, segment: CloudSegment, active: list[int],
     for i, (w, (b, t)) in enumerate(zip(begin.lora_weights, want)):
         if (w.block, w.target) != (b, t):
             raise CloudError(INVALID, f"lora_weights[{i}] is for {w.block}/{quote(w.target)}; expected {b}/{t}")
-        shapes = carried_shapes(method, sess.lora_rank, *segment.site_dims(b, t), t in sess.feedforward)
+        shapes = segment.prefix_shapes(sess.prefix_tokens) if method == "prefix" else \
+            carried_shapes(method, sess.lora_rank, *segment.site_dims(b, t), t in sess.feedforward)
         if stray := [f for f in SITE_FIELDS if f not in shapes and w.HasField(f)]:
             raise CloudError(INVALID, f"lora_weights[{i}] sets {', '.join(stray)}, which carried {method} has not")
         weights[b, t] = tuple(stream.decode(getattr(w, f), shape, like, f"{NAMES[f]} {b}/{t}")
                               .requires_grad_(begin.train) for f, shape in shapes.items())
+    if method == "prefix":
+        return CarriedPrefix(weights, sess.prefix_tokens)
     return CarriedLoRA(weights, sess.lora_scaling, method, sess.feedforward, segment.base_weight)
 
 
@@ -91,7 +95,7 @@ def run_step(segment: CloudSegment, sess: Session, begin, stream: CloudStream, c
     """Run the step; returns (last message, cloud compute seconds). The last message (hidden for a forward-only
     step, input_grad for a train step) is counted but not yet sent: the caller frees the session first. With a
     batcher, a frozen or carried-LoRA step runs in a batch with other sessions' steps (cloud/batching.py); DLoRA,
-    carried DoRA and (IA)³ steps run alone."""
+    carried DoRA, (IA)³ and prefix steps run alone."""
     p = next(segment.model.parameters())
     hidden, mask, active = check_begin(begin, sess, segment.model.config.hidden_size, cost, stream, p.dtype, p.device)
     sites = step_sites(begin, sess, segment, active, stream, hidden)

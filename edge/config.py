@@ -49,7 +49,8 @@ class PeftOptions:
     method: str = field(default="lora", metadata={
         "flag": "peft", "choices": tuple(METHODS),
         "help": "the PEFT method: lora (LoRA, --lora-dora, --lora-rslora), ia3 ((IA)³ scaling vectors), prompt "
-                "(prompt tuning), ptuning (P-tuning's prompt encoder), adapter (bottleneck adapters); model/tuners/"})
+                "(prompt tuning), ptuning (P-tuning's prompt encoder), prefix (prefix tuning, P-tuning v2: keys and "
+                "values in every layer; with --cloud-lora carried), adapter (bottleneck adapters); model/tuners/"})
     ia3_targets: tuple[str, ...] = ()  # (IA)³: linears rescaled, named as PEFT names them; none: PEFT's for the model
     ia3_feedforward: tuple[str, ...] = ()  # (IA)³: of those, the ones scaled at their input; none: PEFT's
     adapter_reduction: int = 16  # adapter: bottleneck width = the site's output width / this (Houlsby's 16)
@@ -57,6 +58,8 @@ class PeftOptions:
     prompt_tokens: int = 20  # prompt, ptuning: virtual tokens prepended to every input
     prompt_init_text: str | None = None  # prompt: start the virtual tokens from this text's embeddings; none: random
     ptuning_hidden: int | None = None  # ptuning: hidden size of the prompt encoder's MLP; none: the model's
+    prefix_tokens: int = 20  # prefix: virtual keys and values put in front of every layer's attention
+    prefix_projection: int | None = None  # prefix: make them with an MLP of this hidden size (Li & Liang); none: P-tuning v2
 
 
 @dataclass

@@ -71,8 +71,9 @@ class CloudLink:
 
     def open(self, *, fingerprint: str, k: int, m: int, wire_up: int, wire_down: int, lora_targets=(),
              lora_blocks=(), carried: str = "", lora_rank: int = 0, lora_scaling: float = 0.0,
-             feedforward_targets=(), branch_on_output: bool = False) -> pb.OpenSessionReply:
-        """Open a session; `carried` names the carried method ("lora", "dora", "ia3"; "" = not carried)."""
+             feedforward_targets=(), branch_on_output: bool = False, prefix_tokens: int = 0) -> pb.OpenSessionReply:
+        """Open a session; `carried` names the carried method ("lora", "dora", "ia3", "prefix"; "" = not
+        carried)."""
         self._request = pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION, model_fingerprint=fingerprint,
                                               edge_bottom_blocks=k, edge_top_blocks=m, wire_dtype_up=wire_up,
                                               wire_dtype_down=wire_down, lora_targets=list(lora_targets),
@@ -80,7 +81,7 @@ class CloudLink:
                                               lora_rank=lora_rank, lora_scaling=lora_scaling,
                                               carried_method=carried,
                                               feedforward_targets=list(feedforward_targets),
-                                              branch_on_output=branch_on_output)
+                                              branch_on_output=branch_on_output, prefix_tokens=prefix_tokens)
         return self.reopen()
 
     def reopen(self) -> pb.OpenSessionReply:

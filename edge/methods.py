@@ -1,8 +1,9 @@
 """Which PEFT method the edge trains (--peft) and where: the options checked before anything loads, then the set of
 trainable weights built from the full model (model/tuners/).
 
-A site method (lora, ia3) adapts the edge's own blocks and, with --cloud-lora edge or carried, the cloud's; an input
-method (prompt, ptuning) trains virtual tokens in front of the input and leaves every block frozen.
+A site method (lora, ia3, adapter) adapts the edge's own blocks and, with --cloud-lora edge or carried, the cloud's; an
+input method (prompt, ptuning) trains virtual tokens in front of the input and leaves every block frozen; prefix
+tuning puts keys and values in front of every layer's attention, the cloud's carried.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def check_method(cfg: EdgeConfig) -> None:
             "ia3": " ((IA)³ vectors are far cheaper carried than computed as a branch on the edge)",
             "adapter": " (a bottleneck adapter on a cloud block runs as a branch on the edge: --cloud-lora edge)",
             "prompt": " (prompt tuning trains nothing in the cloud's blocks)",
-            "ptuning": " (P-tuning trains nothing in the cloud's blocks)"}.get(method, ""))
+            "ptuning": " (P-tuning trains nothing in the cloud's blocks)",
+            "prefix": " (every layer has a prefix, the cloud's too: they ride each step)"}.get(method, ""))
     _check_foreign_options(cfg)
     if mode == "carried" and cfg.lora.dropout > 0:
         raise ValueError("--cloud-lora carried runs the cloud blocks' LoRA on the cloud, which applies no dropout: "
@@ -40,6 +42,9 @@ def check_method(cfg: EdgeConfig) -> None:
     if METHODS[method].kind == "input":  # the prompt options, checked where PromptSet checks them
         from model.tuners.prompt import check_prompt_config
         check_prompt_config(_prompt_config(cfg))
+    if method == "prefix":
+        from model.tuners.prefix import check_prefix_config
+        check_prefix_config(_prefix_config(cfg))
 
 
 def _check_foreign_options(cfg: EdgeConfig) -> None:
@@ -83,6 +88,9 @@ def tuner_set(model, cfg: EdgeConfig, blocks: list[int], tokenizer=None):
     if pe.method == "adapter":
         from model.tuners.adapter import AdapterConfig, AdapterSet
         return AdapterSet(model, AdapterConfig(pe.adapter_reduction, tuple(pe.adapter_targets), blocks))
+    if pe.method == "prefix":  # every layer: PEFT's PrefixTuningConfig has no layer choice
+        from model.tuners.prefix import PrefixSet
+        return PrefixSet(model, _prefix_config(cfg))
     from model.tuners.prompt import PromptSet
     return PromptSet(model, _prompt_config(cfg), tokenizer)
 
@@ -91,6 +99,11 @@ def _prompt_config(cfg: EdgeConfig):
     from model.tuners.prompt import PromptConfig
     pe = cfg.peft
     return PromptConfig(pe.method, pe.prompt_tokens, pe.prompt_init_text, pe.ptuning_hidden)
+
+
+def _prefix_config(cfg: EdgeConfig):
+    from model.tuners.prefix import PrefixConfig
+    return PrefixConfig(cfg.peft.prefix_tokens, cfg.peft.prefix_projection)
 
 
 def carried_method(cfg: EdgeConfig) -> str:

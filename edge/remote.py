@@ -5,8 +5,9 @@
 Forward opens a `Step` stream, sends the hidden state, answers the cloud's LoRA requests (DLoRA: the edge computes
 the LoRA of cloud-resident blocks with its own weights) and returns the cloud's output. Backward sends dL/d output,
 answers the LoRA gradient requests (accumulating the LoRA weight gradients here, on the edge) and returns dL/d input.
-In the carried mode the forward's `begin` carries the active blocks' LoRA weights instead, and the backward adds
-the gradients the cloud returns with dL/d input to those weights' `.grad`.
+In the carried mode the forward's `begin` carries the active blocks' LoRA weights (or prefix tuning's keys and
+values) instead; they are inputs of the autograd Function, whose backward returns the gradients the cloud sent with
+dL/d input, so autograd puts them in the weights' `.grad` (or carries them on into the prefix encoder).
 
 Retries live inside the Function, as in Petals' client: a forward that fails for a transient reason is run again;
 a backward that fails is run again on a fresh stream, which first replays the forward (the cloud kept no graph),
@@ -21,7 +22,7 @@ from torch import nn
 from edge.link import CloudLink, StepFailed
 from model.sites import site_groups
 from protocol import pb
-from protocol.step import Traffic, carried_sites
+from protocol.step import CARRIED_PARAMS, Traffic, carried_sites
 from protocol.tensors import WireError, decode, encode
 
 
@@ -34,11 +35,11 @@ class _Exchange:
         self.saved: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         remote.last_traffic = self.stream.traffic
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, carried) -> torch.Tensor:
         r, stream = self.remote, self.stream
         stream.send(begin=pb.Begin(session_id=r.link.session.session_id, step=r.step, train=self.train,
                                    hidden=encode(hidden, r.wire_up), attention_mask=encode(mask.bool(), pb.BOOL),
-                                   active_blocks=r.active_blocks(), lora_weights=r.carried_weights()))
+                                   active_blocks=r.active_blocks(), lora_weights=r.carried_weights(carried)))
         while True:
             kind, msg = stream.recv()
             if kind == "hidden":
@@ -57,7 +58,8 @@ class _Exchange:
         self.stream.send(lora_reply=pb.LoraReply(block=msg.block, group=msg.group,
                                                  outputs=[encode(o, r.wire_up) for o in outs]))
 
-    def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
+    def backward(self, grad_out: torch.Tensor, carried) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """dL/d input and the carried tensors' gradients, in `carried`'s order."""
         r, stream = self.remote, self.stream
         try:
             stream.send(output_grad=pb.OutputGrad(grad=encode(grad_out, r.wire_up)))
@@ -65,7 +67,7 @@ class _Exchange:
                 kind, msg = stream.recv()
                 if kind == "input_grad":
                     grad_in = r.decode(msg.grad, list(grad_out.shape), grad_out)
-                    r.add_carried_grads(msg.lora_grads)
+                    carried_grads = r.carried_grads(msg.lora_grads, carried)
                     break
                 x, outs = self.saved.pop((msg.block, msg.group))
                 grads = [r.decode(g, list(o.shape), o) for g, o in zip(msg.grads, outs)]
@@ -76,16 +78,20 @@ class _Exchange:
             stream.finish()
         finally:
             stream.close()
-        return grad_in
+        return grad_in, carried_grads
 
 
 class _CloudFn(torch.autograd.Function):
+    """hidden -> the cloud's output. `carried` lists the carried mode's tensors ((block, target, field -> tensor), the
+    wire's order); they are also the Function's trailing inputs, so their gradients flow back through autograd: into
+    a LoRA weight's `.grad`, or on through prefix tuning's encoder."""
+
     @staticmethod
-    def forward(ctx, hidden, mask, remote: "RemoteCloud", train: bool):
+    def forward(ctx, hidden, mask, remote: "RemoteCloud", train: bool, carried, *carried_tensors):
         def attempt():
             ex = _Exchange(remote, train)
             try:
-                out = ex.forward(hidden, mask)
+                out = ex.forward(hidden, mask, carried)
             except BaseException:
                 ex.stream.close()
                 raise
@@ -95,7 +101,7 @@ class _CloudFn(torch.autograd.Function):
 
         out, ex = remote.link.call(attempt)
         if train:
-            ctx.exchange, ctx.remote, ctx.inputs = ex, remote, (hidden.detach(), mask)
+            ctx.exchange, ctx.remote, ctx.inputs, ctx.carried = ex, remote, (hidden.detach(), mask), carried
         return out
 
     @staticmethod
@@ -108,18 +114,18 @@ class _CloudFn(torch.autograd.Function):
                 remote.restore_lora_grads(before)
                 ctx.exchange = _Exchange(remote, True)
                 try:
-                    ctx.exchange.forward(*ctx.inputs)
+                    ctx.exchange.forward(*ctx.inputs, ctx.carried)
                 except BaseException:
                     ctx.exchange.stream.close()
                     raise
             first[0] = False
-            return ctx.exchange.backward(grad_out)
+            return ctx.exchange.backward(grad_out, ctx.carried)
 
         try:
-            grad_in = remote.link.call(attempt)
+            grad_in, carried_grads = remote.link.call(attempt)
         finally:
             ctx.exchange = None
-        return grad_in, None, None, None
+        return (grad_in, None, None, None, None, *carried_grads)
 
 
 class RemoteCloud(nn.Module):
@@ -144,27 +150,30 @@ class RemoteCloud(nn.Module):
     def active_blocks(self) -> list[int]:
         return [b for b in self.lora_blocks if b not in self.killed]
 
-    def _carried(self) -> list[tuple[int, str, dict]]:
-        """(block, target, SiteWeights field -> parameter) of every carried site, in the wire's order."""
+    def _carried(self, prefix=None) -> list[tuple[int, str, dict]]:
+        """(block, target, SiteWeights field -> tensor) of every carried site, in the wire's order: a site's own
+        parameters, or (prefix tuning) the step's prefixes of each active block (model/tuners/prefix.py)."""
         if not self.carried:
             return []
-        return [(b, t, self.lora.site(b, t).carried()) for b, t in carried_sites(self.active_blocks(), self.targets)]
+        sites = carried_sites(self.active_blocks(), self.targets)
+        if self.carried == "prefix":
+            return [(b, t, dict(zip(CARRIED_PARAMS["prefix"], prefix.kv[b]))) for b, t in sites]
+        return [(b, t, self.lora.site(b, t).carried()) for b, t in sites]
 
-    def carried_weights(self) -> list:
-        """Carried mode: the parameters of every target of every active block, in that order (what begin carries)."""
+    def carried_weights(self, carried=None) -> list:
+        """Carried mode: what `begin` carries, every target of every active block in that order (by default the
+        sites' parameters as they are now)."""
+        carried = self._carried() if carried is None else carried
         return [pb.SiteWeights(block=b, target=t, **{k: encode(p, self.wire_up) for k, p in params.items()})
-                for b, t, params in self._carried()]
+                for b, t, params in carried]
 
-    def add_carried_grads(self, grads) -> None:
-        """Carried mode: add the cloud's gradients to the weights' `.grad`, checked against what was sent."""
-        sites = self._carried()
-        if [(g.block, g.target) for g in grads] != [(b, t) for b, t, _ in sites]:
-            raise StepFailed(None, f"the cloud returned {len(grads)} site gradients; expected {len(sites)}, "
+    def carried_grads(self, grads, carried) -> list[torch.Tensor]:
+        """Carried mode: the cloud's gradients of what was sent, checked against it, flat in `carried`'s order."""
+        if [(g.block, g.target) for g in grads] != [(b, t) for b, t, _ in carried]:
+            raise StepFailed(None, f"the cloud returned {len(grads)} site gradients; expected {len(carried)}, "
                                    "one per target of each active block, in order")
-        for g, (_, _, params) in zip(grads, sites):
-            for field, p in params.items():
-                grad = self.decode(getattr(g, field), list(p.shape), p)
-                p.grad = grad if p.grad is None else p.grad + grad
+        return [self.decode(getattr(g, field), list(p.shape), p)
+                for g, (_, _, params) in zip(grads, carried) for field, p in params.items()]
 
     def lora_grads(self) -> dict:
         """The cloud-block LoRA gradients as they are now (a failed backward may have added to them)."""
@@ -183,9 +192,13 @@ class RemoteCloud(nn.Module):
         except WireError as e:
             raise StepFailed(e.code, f"the cloud sent a bad tensor: {e}") from None
 
-    def forward(self, hidden, attention_mask):
+    def forward(self, hidden, attention_mask, prefix=None):
+        """`prefix`: prefix tuning's LayerPrefixes of this step (its cloud blocks' ride `begin`)."""
+        carried = self._carried(prefix)
+        tensors = [p for _, _, params in carried for p in params.values()]
         # Train when autograd is on and something upstream or inside (DLoRA) needs gradients.
-        train = torch.is_grad_enabled() and (hidden.requires_grad or (self.lora is not None and bool(self.active_blocks())))
+        train = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in tensors) or (
+            self.lora is not None and bool(self.active_blocks())))
         if train and not hidden.requires_grad:
             hidden = hidden.detach().requires_grad_(True)  # the Function must be on the graph for its backward
-        return _CloudFn.apply(hidden, attention_mask, self, train)
+        return _CloudFn.apply(hidden, attention_mask, self, train, carried, *tensors)

@@ -23,7 +23,7 @@ import tasks as T
 from edge import runs
 from edge.config import EdgeConfig
 from edge.data import check_data, load_items
-from edge.link import CloudLink
+from edge.link import CloudLink, StepFailed
 from edge.methods import carried_method, check_method, check_step_tokens, trained_blocks, tuner_set
 from edge.records import (StepRecord, board_eval, board_step, open_board, run_summary, step_record, summarize,
                           traffic_postfix)
@@ -33,12 +33,13 @@ from model.segments import EdgeBottom, EdgeTop, cut_of, drop_blocks
 from model.training import Checkpoint, FitOptions, FitResult, endless_batches, evaluate as evaluate_hidden, fit
 from privacy.defences.noise import add_gaussian_noise, clip_rows, rms
 from privacy.security.files import write_atomic
+from protocol.step import PREFIX_TARGET
 from protocol.tensors import wire_dtype
 
 
 class EdgeModel(nn.Module):
     """The edge's whole model: bottom, the cloud stand-in, top. `lora` holds every trainable weight: the --peft
-    method's set (model/tuners/: a LoRASet, IA3Set or PromptSet)."""
+    method's set (model/tuners/: a LoRASet, IA3Set, AdapterSet, PromptSet or PrefixSet)."""
 
     def __init__(self, model, cfg: EdgeConfig, link: CloudLink | None, tokenizer=None):
         super().__init__()
@@ -48,14 +49,15 @@ class EdgeModel(nn.Module):
         self.lora = tuner_set(model, cfg, sorted(local + remote_blocks), tokenizer)
         self.lora.to(device=cfg.device, dtype=DTYPES[cfg.dtype])
         self.prompt = self.lora if hasattr(self.lora, "prepend") else None  # an input method: virtual tokens
+        self.prefix = self.lora if self.lora.peft_type == "PREFIX_TUNING" else None  # prefix tuning: every layer's
         self.fingerprint = fingerprint(model)
         for p in model.parameters():
             p.requires_grad_(False)
-        if self.prompt is None:
+        if hasattr(self.lora, "attach"):
             self.lora.attach(model, local)
         drop_blocks(model, cut.cloud)  # the edge never holds the cloud's weights
         self.bottom, self.top = EdgeBottom(model, cut), EdgeTop(model, cut)
-        targets = self.lora.cfg.targets if remote_blocks else ()
+        targets = () if not remote_blocks else (PREFIX_TARGET,) if self.prefix is not None else self.lora.cfg.targets
         self.cloud = RemoteCloud(link, wire_dtype(cfg.wire_up), wire_dtype(cfg.wire_down), self.lora if remote_blocks else None,
                                  remote_blocks, targets, carried=carried_method(cfg) if cfg.lora.cloud == "carried"
                                  else None)
@@ -65,13 +67,14 @@ class EdgeModel(nn.Module):
         h, mask = self.bottom.token_embeds(batch.input_ids), batch.attention_mask
         if self.prompt is not None:  # prompt, ptuning: the virtual tokens go first (as PEFT puts them before the
             h, mask = self.prompt.prepend(h, mask)  # positions); the cloud sees them too
-        h = self.bottom(None, mask, token_embeds=h)
+        prefix = self.prefix.prefixes() if self.prefix is not None else None  # once per step, for every layer
+        h = self.bottom(None, mask, token_embeds=h, prefix=prefix)
         if self.noise_clip is not None:  # what leaves the device is clipped, then noised (privacy/defences/noise.py)
             h = clip_rows(h, self.noise_clip)
         if self.noise_sigma > 0:  # sigma relative to the RMS of what is sent, over real tokens
             h = add_gaussian_noise(h, self.noise_sigma * rms(h.detach(), mask))
-        h = self.cloud(h, mask)
-        h = self.top(h, mask)
+        h = self.cloud(h, mask, prefix)
+        h = self.top(h, mask, prefix)
         return h if self.prompt is None else h[:, self.prompt.num_virtual:]  # the real tokens' positions
 
     def loss(self, batch: T.Batch):
@@ -116,14 +119,21 @@ def open_session(em: EdgeModel, cfg: EdgeConfig):
     carried = {}
     if em.cloud.carried == "ia3":
         carried = dict(carried="ia3", feedforward_targets=em.lora.cfg.feedforward)
+    elif em.cloud.carried == "prefix":
+        carried = dict(carried="prefix", prefix_tokens=em.prefix.num_virtual)
     elif em.cloud.carried:
         carried = dict(carried=em.cloud.carried, lora_rank=em.lora.cfg.r, lora_scaling=em.lora.cfg.scaling)
     elif em.cloud.lora_blocks and getattr(em.lora, "branch_on_output", False):
         carried = dict(branch_on_output=True)  # bottleneck adapters: the cloud sends each site's output
-    return em.cloud.link.open(fingerprint=em.fingerprint, k=cfg.k, m=cfg.m, wire_up=wire_dtype(cfg.wire_up),
-                              wire_down=wire_dtype(cfg.wire_down),
-                              lora_targets=em.lora.cfg.targets if em.cloud.lora_blocks else (),
-                              lora_blocks=em.cloud.lora_blocks, **carried)
+    try:
+        return em.cloud.link.open(fingerprint=em.fingerprint, k=cfg.k, m=cfg.m, wire_up=wire_dtype(cfg.wire_up),
+                                  wire_down=wire_dtype(cfg.wire_down),
+                                  lora_targets=em.lora.cfg.targets if em.cloud.lora_blocks and em.prefix is None
+                                  else (), lora_blocks=em.cloud.lora_blocks, **carried)
+    except StepFailed as e:
+        if em.prefix is not None and "max_prefix_tokens" in str(e):  # the user's flag, not the link's fault
+            raise ValueError(f"the cloud refused the session: {e.details}: lower --prefix-tokens") from None
+        raise
 
 
 def evaluate(em: EdgeModel, items: list[dict], pad_id: int, batch_size: int = 32, label_ids=None,

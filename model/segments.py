@@ -58,8 +58,9 @@ class BlockRun(nn.Module):
         self.block_ids = block_ids
         self.blocks = nn.ModuleList(self.family.blocks(model)[i] for i in block_ids)
 
-    def forward(self, hidden, attention_mask):
-        ctx = self.family.context(self._model[0], hidden, attention_mask)
+    def forward(self, hidden, attention_mask, prefix=None):
+        """`prefix`: prefix tuning's per-layer keys and values (model/tuners/prefix.py LayerPrefixes), or None."""
+        ctx = self.family.context(self._model[0], hidden, attention_mask, prefix)
         for block in self.blocks:
             hidden = self.family.run_block(block, hidden, ctx)
         return hidden
@@ -75,10 +76,10 @@ class EdgeBottom(nn.Module):
         """Token ids -> their embeddings, the model's `inputs_embeds` (an input PEFT method prepends to these)."""
         return self.embedding(input_ids)
 
-    def forward(self, input_ids, attention_mask, token_embeds=None):
+    def forward(self, input_ids, attention_mask, token_embeds=None, prefix=None):
         """Token ids (or their embeddings, `token_embeds`) -> the bottom blocks' output."""
         h = self.token_embeds(input_ids) if token_embeds is None else token_embeds
-        return self.run(self.run.family.finish_embed(self.run._model[0], h), attention_mask)
+        return self.run(self.run.family.finish_embed(self.run._model[0], h), attention_mask, prefix)
 
 
 class EdgeTop(nn.Module):
@@ -90,8 +91,8 @@ class EdgeTop(nn.Module):
         self.norm = family_of(model).final_norm(model)
         self.lm_head = model.get_output_embeddings()
 
-    def forward(self, hidden, attention_mask):
-        return self.norm(self.run(hidden, attention_mask))
+    def forward(self, hidden, attention_mask, prefix=None):
+        return self.norm(self.run(hidden, attention_mask, prefix))
 
 
 def drop_blocks(model, block_ids) -> None:

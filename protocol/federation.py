@@ -9,9 +9,10 @@ Keys are the field names in kebab-case (`cut_bottom` -> `cut-bottom`), in both d
 
 Each round's arrays are the PEFT method's trainable weights in the form `exchange` names: PEFT's state dict of the
 method (what `save_peft` writes: LoRA's A and B, DoRA's magnitudes, (IA)³'s vectors, the bottleneck adapters' weights,
-prompt tuning's virtual tokens),
-except for P-tuning, whose PEFT form is only the prompt encoder's output: its devices exchange the encoder's own
-weights (`PromptSet.state_dict()`), and only the federation's final adapter is written in PEFT's form.
+prompt tuning's virtual tokens, prefix tuning's prefix table),
+except for P-tuning and prefix tuning with a projection, whose PEFT form is only the encoder's output: their devices
+exchange the encoder's own weights (`PromptSet.state_dict()`, `PrefixSet.state_dict()`: the table and the MLP), and
+only the federation's final adapter is written in PEFT's form.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class DeviceSettings:
     cut_bottom: int = 1  # k: blocks at the bottom of the edge
     cut_top: int = 1  # m: blocks at the top of the edge
     cloud_lora: CloudLoRA = "edge"  # edge: DLoRA (LoRA in every block, on the device); carried; none: split
-    peft: str = "lora"  # the PEFT method every device trains: lora, ia3, adapter, prompt, ptuning (model/tuners/)
+    peft: str = "lora"  # what every device trains: lora, ia3, adapter, prompt, ptuning, prefix (model/tuners/)
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 16  # LoRA scale numerator (the update is scaled by alpha / r)
     lora_targets: str = "q_proj,v_proj"  # comma-separated linear layers that get LoRA
@@ -48,6 +49,8 @@ class DeviceSettings:
     prompt_tokens: int = 20  # prompt, ptuning: virtual tokens prepended to every input
     prompt_init_text: str = ""  # prompt: the virtual tokens start from this text's embeddings (empty: random)
     ptuning_hidden: int = 0  # ptuning: hidden size of the prompt encoder's MLP (0: the model's)
+    prefix_tokens: int = 20  # prefix: virtual keys and values put in front of every layer's attention
+    prefix_projection: int = 0  # prefix: hidden size of the MLP that makes them (Li & Liang; 0: none, P-tuning v2)
     local_steps: int = 4  # training steps per device per round
     batch_size: int = 8  # training examples per step
     lr: float = 2e-3  # AdamW learning rate on the devices
@@ -84,9 +87,9 @@ class DeviceSettings:
 
     @property
     def exchange(self) -> str:
-        """What a round's arrays hold (module docstring): "peft", the method's PEFT state dict, or "encoder",
-        P-tuning's prompt encoder weights."""
-        return "encoder" if self.peft == "ptuning" else "peft"
+        """What a round's arrays hold (module docstring): "peft", the method's PEFT state dict, or "encoder", the
+        encoder's weights of P-tuning or of prefix tuning with a projection (PEFT saves only their output)."""
+        return "encoder" if self.peft == "ptuning" or (self.peft == "prefix" and self.prefix_projection) else "peft"
 
     def record(self, **override) -> ConfigRecord:
         """The device settings (DeviceSettings' fields, not a subclass's) as a round's ConfigRecord."""
@@ -100,7 +103,8 @@ def csv(text: str) -> tuple[str, ...]:
 
 
 def exchanged_state(tuners, settings: DeviceSettings) -> dict:
-    """A method's set of trainable weights (model/tuners/: LoRASet, IA3Set, PromptSet) in a round's form."""
+    """A method's set of trainable weights (model/tuners/: LoRASet, IA3Set, AdapterSet, PromptSet, PrefixSet) in a
+    round's form."""
     if settings.exchange == "encoder":
         return {k: v.detach().cpu().contiguous() for k, v in tuners.state_dict().items()}
     return tuners.peft_state_dict()
@@ -110,8 +114,8 @@ def load_exchanged(tuners, state: Mapping, settings: DeviceSettings) -> None:
     """Put a round's arrays (tensors, in `exchanged_state`'s form) into a method's set."""
     if settings.exchange == "encoder":
         if set(state) != set(tuners.state_dict()):
-            raise ValueError(f"the P-tuning round carries the prompt encoder's weights; these arrays are not this "
-                             f"encoder's: {sorted(set(state) ^ set(tuners.state_dict()))[:3]}")
+            raise ValueError(f"the peft {settings.peft} round carries the encoder's weights; these arrays are not "
+                             f"this encoder's: {sorted(set(state) ^ set(tuners.state_dict()))[:3]}")
         tuners.load_state_dict(dict(state))
     else:
         tuners.load_peft_state_dict(dict(state))

@@ -13,7 +13,7 @@ step ends after `hidden`):
     down  input_grad                                 dL/d(begin.hidden); the stream ends
 
 The carried mode (`--cloud-lora carried`) has no exchanges: `begin` carries the trainable weights of the active cloud
-blocks (`lora_weights`: LoRA, DoRA or (IA)³ parameters) and `input_grad` returns their gradients (`lora_grads`), so
+blocks (`lora_weights`: LoRA, DoRA or (IA)³ parameters, or prefix tuning's keys and values) and `input_grad` returns their gradients (`lora_grads`), so
 its plan is frozen split's. Which pattern each PEFT method uses in each mode is `WIRE_PATTERNS`, below.
 
 `StepPlan.messages()` is that list for one step; it is the only place the order is written. `StepProtocol` walks it
@@ -52,9 +52,12 @@ WIRE_PATTERNS: dict[str, dict[str, WirePattern]] = {
     "adapter": {"none": "frozen", "edge": "edge-branch"},  # the branch reads the site's output (branch_on_output)
     "prompt": {"none": "input-only"},
     "ptuning": {"none": "input-only"},
+    "prefix": {"carried": "carried"},  # every layer has a prefix, the cloud's too: they ride each step
 }
 # carried: the SiteWeights fields set for each carried method (DoRA is LoRA with use_dora)
-CARRIED_PARAMS = {"lora": ("a", "b"), "dora": ("a", "b", "magnitude"), "ia3": ("scale",)}
+CARRIED_PARAMS = {"lora": ("a", "b"), "dora": ("a", "b", "magnitude"), "ia3": ("scale",),
+                  "prefix": ("prefix_key", "prefix_value")}
+PREFIX_TARGET = "prefix"  # a carried prefix's SiteWeights.target: one per block, not per linear
 
 
 def carried_shapes(method: str, r: int, n_in: int, n_out: int, feedforward: bool = False) -> dict[str, list[int]]:
@@ -65,6 +68,11 @@ def carried_shapes(method: str, r: int, n_in: int, n_out: int, feedforward: bool
     if method == "dora":
         shapes["magnitude"] = [n_out]
     return shapes
+
+
+def prefix_shapes(kv_heads: int, num_virtual: int, head_dim: int) -> dict[str, list[int]]:
+    """The shape of each carried parameter of one block's prefix (one for the whole batch)."""
+    return {"prefix_key": [kv_heads, num_virtual, head_dim], "prefix_value": [kv_heads, num_virtual, head_dim]}
 
 
 def carried_sites(active_blocks, targets) -> list[tuple[int, str]]:

@@ -54,15 +54,26 @@ class Family(ABC):
     def block_prefix(self, i: int) -> str:
         """Module path of block i in the full model (PEFT keys are built on it)."""
 
-    def context(self, model, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    def context(self, model, hidden: torch.Tensor, attention_mask: torch.Tensor, prefix=None) -> dict:
         """Per-forward inputs every block needs (mask, positions), rebuilt locally on each side from the mask:
         right padding and positions 0..T-1, exactly as the unsplit model computes them. Models with per-layer
         attention types (`config.layer_types`: Qwen2, Qwen3) get one mask per type; a `sliding_window` without
-        layer types (Mistral, Phi-3) gets the sliding-window mask, as their own forward does."""
+        layer types (Mistral, Phi-3) gets the sliding-window mask, as their own forward does.
+
+        `prefix` (model/tuners/prefix.py LayerPrefixes): prefix tuning's V keys and values in front of every layer,
+        as PEFT runs it: the cache holds them (`ctx["cache"]`), the mask gets V ones in front and the tokens
+        positions V..V+T-1."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
         config = model.config
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+        V, cache = 0, None
+        if prefix is not None:
+            from model.tuners.prefix import prefix_cache
+            V = prefix.num_virtual
+            cache = prefix_cache(prefix, hidden.shape[0], config.num_hidden_layers, hidden)
+            ones = torch.ones(hidden.shape[0], V, dtype=attention_mask.dtype, device=attention_mask.device)
+            attention_mask = torch.cat((ones, attention_mask), dim=1)
+        position_ids = torch.arange(V, V + hidden.shape[1], device=hidden.device).unsqueeze(0)
+        kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
                   position_ids=position_ids)
         types = getattr(config, "layer_types", None)
         if types:
@@ -73,7 +84,7 @@ class Family(ABC):
             mask = create_sliding_window_causal_mask(**kw)
         else:
             mask = create_causal_mask(**kw)
-        return {"attention_mask": mask, "position_ids": position_ids}
+        return {"attention_mask": mask, "position_ids": position_ids, "cache": cache}
 
     @abstractmethod
     def run_block(self, block, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:

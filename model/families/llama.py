@@ -21,8 +21,8 @@ class LlamaFamily(Family):
     def block_prefix(self, i):
         return f"model.layers.{i}"
 
-    def context(self, model, hidden, attention_mask):
-        ctx = super().context(model, hidden, attention_mask)
+    def context(self, model, hidden, attention_mask, prefix=None):
+        ctx = super().context(model, hidden, attention_mask, prefix)
         ctx["position_embeddings"] = model.model.rotary_emb(hidden, position_ids=ctx["position_ids"])
         ctx["layer_types"] = getattr(model.config, "layer_types", None)
         return ctx
@@ -33,5 +33,5 @@ class LlamaFamily(Family):
             kind = getattr(block.self_attn, "layer_type", None) or ctx["layer_types"][block.self_attn.layer_idx]
             mask = mask[kind]
         out = block(hidden, attention_mask=mask, position_ids=ctx["position_ids"],
-                    position_embeddings=ctx["position_embeddings"])
+                    position_embeddings=ctx["position_embeddings"], cache=ctx.get("cache"))
         return out[0] if isinstance(out, tuple) else out

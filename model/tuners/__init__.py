@@ -7,11 +7,13 @@ layer math, and the set of every trainable weight of one model with how it attac
     adapter   adapter.py   (none: Tandem's) a bottleneck MLP after attention and the MLP    yes (weights average)
     prompt    prompt.py    PROMPT_TUNING   virtual token embeddings before the input    yes (exact)
     ptuning   prompt.py    P_TUNING        a prompt encoder that makes them             yes (encoder weights)
+    prefix    prefix.py    PREFIX_TUNING   keys and values in front of every layer      yes (the prefixes)
 
 How each crosses the cut in each --cloud-lora mode is declared once, in protocol/step.py `WIRE_PATTERNS`. Every
 set has `parameters()`, `peft_config(base_name)`, `peft_state_dict()`, `load_peft_state_dict(state)`,
 `save_peft(path, base_name)`; a site method (lora, ia3) also `attach(model, blocks)` and `site(block, name)`, whose
-`carried()` gives the SiteWeights fields the carried mode sends; an input method (prompt, ptuning) `prepend`.
+`carried()` gives the SiteWeights fields the carried mode sends; an input method (prompt, ptuning) `prepend`; prefix
+tuning `prefixes()`, every layer's keys and values of the step.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from protocol.step import WIRE_PATTERNS
 class Method:
     name: str
     peft_type: str  # peft.PeftType's name
-    kind: str  # "sites": it adapts linears of blocks; "input": it prepends virtual tokens
+    kind: str  # "sites": it adapts linears of blocks; "input": it prepends virtual tokens; "prefix": keys and values
     options: tuple[str, ...]  # its own flags (their dests); giving one with another method is an error
     fedavg: str  # what averaging the clients' weights means for it
 
@@ -51,4 +53,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ptuning", "P_TUNING", "input", (*PROMPT_OPTIONS, "ptuning_hidden"),
            "the encoder's weights average (devices exchange them, not PEFT's saved tokens); the encoder's output, "
            "the virtual tokens, is not the mean of the devices' outputs"),
+    Method("prefix", "PREFIX_TUNING", "prefix", ("prefix_tokens", "prefix_projection"),
+           "the prefixes (or, with --prefix-projection, the encoder's weights) average; attention is not linear in "
+           "them, so the mean prefix is not the mean of the devices' models"),
 )}

@@ -24,47 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ctandem.proto\x12\ttandem.v1\"U\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.tandem.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x0c\"\x8b\x03\n\x12OpenSessionRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1a\n\x12\x65\x64ge_bottom_blocks\x18\x03 \x01(\r\x12\x17\n\x0f\x65\x64ge_top_blocks\x18\x04 \x01(\r\x12\'\n\rwire_dtype_up\x18\x05 \x01(\x0e\x32\x10.tandem.v1.DType\x12)\n\x0fwire_dtype_down\x18\x06 \x01(\x0e\x32\x10.tandem.v1.DType\x12\x14\n\x0clora_targets\x18\x07 \x03(\t\x12\x13\n\x0blora_blocks\x18\x08 \x03(\r\x12\x14\n\x0c\x63\x61rried_lora\x18\t \x01(\x08\x12\x11\n\tlora_rank\x18\n \x01(\r\x12\x14\n\x0clora_scaling\x18\x0b \x01(\x02\x12\x16\n\x0e\x63\x61rried_method\x18\x0c \x01(\t\x12\x1b\n\x13\x66\x65\x65\x64\x66orward_targets\x18\r \x03(\t\x12\x18\n\x10\x62ranch_on_output\x18\x0e \x01(\x08\"\xb0\x01\n\x0bSiteWeights\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x1c\n\x01\x61\x18\x03 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x1c\n\x01\x62\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12$\n\tmagnitude\x18\x05 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12 \n\x05scale\x18\x06 \x01(\x0b\x32\x11.tandem.v1.Tensor\"\xa2\x01\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11\x66irst_cloud_block\x18\x02 \x01(\r\x12\x18\n\x10last_cloud_block\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x1b\n\x13max_tokens_per_step\x18\x05 \x01(\r\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\" \n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\"|\n\x0cSessionStats\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x1d\n\x15\x63loud_compute_seconds\x18\x05 \x01(\x01\"\xcb\x01\n\x05\x42\x65gin\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05train\x18\x03 \x01(\x08\x12!\n\x06hidden\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x15\n\ractive_blocks\x18\x06 \x03(\r\x12,\n\x0clora_weights\x18\x07 \x03(\x0b\x32\x16.tandem.v1.SiteWeights\"I\n\x0bLoraRequest\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x1c\n\x01x\x18\x02 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\r\n\x05group\x18\x03 \x01(\t\"M\n\tLoraReply\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\"\n\x07outputs\x18\x02 \x03(\x0b\x32\x11.tandem.v1.Tensor\x12\r\n\x05group\x18\x03 \x01(\t\"B\n\x06Hidden\x12!\n\x06hidden\x18\x01 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x15\n\rcloud_seconds\x18\x02 \x01(\x01\"-\n\nOutputGrad\x12\x1f\n\x04grad\x18\x01 \x01(\x0b\x32\x11.tandem.v1.Tensor\"Q\n\x0fLoraGradRequest\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12 \n\x05grads\x18\x02 \x03(\x0b\x32\x11.tandem.v1.Tensor\x12\r\n\x05group\x18\x03 \x01(\t\"N\n\rLoraGradReply\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x1f\n\x04grad\x18\x02 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\r\n\x05group\x18\x03 \x01(\t\"o\n\tInputGrad\x12\x1f\n\x04grad\x18\x01 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x15\n\rcloud_seconds\x18\x02 \x01(\x01\x12*\n\nlora_grads\x18\x03 \x03(\x0b\x32\x16.tandem.v1.SiteWeights\"\xc7\x01\n\x0b\x45\x64geMessage\x12!\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x10.tandem.v1.BeginH\x00\x12*\n\nlora_reply\x18\x02 \x01(\x0b\x32\x14.tandem.v1.LoraReplyH\x00\x12,\n\x0boutput_grad\x18\x03 \x01(\x0b\x32\x15.tandem.v1.OutputGradH\x00\x12\x33\n\x0flora_grad_reply\x18\x04 \x01(\x0b\x32\x18.tandem.v1.LoraGradReplyH\x00\x42\x06\n\x04kind\"\xd0\x01\n\x0c\x43loudMessage\x12.\n\x0clora_request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.LoraRequestH\x00\x12#\n\x06hidden\x18\x02 \x01(\x0b\x32\x11.tandem.v1.HiddenH\x00\x12\x37\n\x11lora_grad_request\x18\x03 \x01(\x0b\x32\x1a.tandem.v1.LoraGradRequestH\x00\x12*\n\ninput_grad\x18\x04 \x01(\x0b\x32\x14.tandem.v1.InputGradH\x00\x42\x06\n\x04kind*e\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\t\n\x05INT64\x10\x05\x12\x08\n\x04\x42OOL\x10\x06\x32\xd2\x01\n\x08\x42\x61\x63kbone\x12I\n\x0bOpenSession\x12\x1d.tandem.v1.OpenSessionRequest\x1a\x1b.tandem.v1.OpenSessionReply\x12>\n\x0c\x43loseSession\x12\x15.tandem.v1.SessionRef\x1a\x17.tandem.v1.SessionStats\x12;\n\x04Step\x12\x16.tandem.v1.EdgeMessage\x1a\x17.tandem.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ctandem.proto\x12\ttandem.v1\"U\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.tandem.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x0c\"\xa2\x03\n\x12OpenSessionRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1a\n\x12\x65\x64ge_bottom_blocks\x18\x03 \x01(\r\x12\x17\n\x0f\x65\x64ge_top_blocks\x18\x04 \x01(\r\x12\'\n\rwire_dtype_up\x18\x05 \x01(\x0e\x32\x10.tandem.v1.DType\x12)\n\x0fwire_dtype_down\x18\x06 \x01(\x0e\x32\x10.tandem.v1.DType\x12\x14\n\x0clora_targets\x18\x07 \x03(\t\x12\x13\n\x0blora_blocks\x18\x08 \x03(\r\x12\x14\n\x0c\x63\x61rried_lora\x18\t \x01(\x08\x12\x11\n\tlora_rank\x18\n \x01(\r\x12\x14\n\x0clora_scaling\x18\x0b \x01(\x02\x12\x16\n\x0e\x63\x61rried_method\x18\x0c \x01(\t\x12\x1b\n\x13\x66\x65\x65\x64\x66orward_targets\x18\r \x03(\t\x12\x18\n\x10\x62ranch_on_output\x18\x0e \x01(\x08\x12\x15\n\rprefix_tokens\x18\x0f \x01(\r\"\x80\x02\n\x0bSiteWeights\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x1c\n\x01\x61\x18\x03 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x1c\n\x01\x62\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12$\n\tmagnitude\x18\x05 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12 \n\x05scale\x18\x06 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12%\n\nprefix_key\x18\x07 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\'\n\x0cprefix_value\x18\x08 \x01(\x0b\x32\x11.tandem.v1.Tensor\"\xa2\x01\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11\x66irst_cloud_block\x18\x02 \x01(\r\x12\x18\n\x10last_cloud_block\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x1b\n\x13max_tokens_per_step\x18\x05 \x01(\r\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\" \n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\"|\n\x0cSessionStats\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x1d\n\x15\x63loud_compute_seconds\x18\x05 \x01(\x01\"\xcb\x01\n\x05\x42\x65gin\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05train\x18\x03 \x01(\x08\x12!\n\x06hidden\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x15\n\ractive_blocks\x18\x06 \x03(\r\x12,\n\x0clora_weights\x18\x07 \x03(\x0b\x32\x16.tandem.v1.SiteWeights\"I\n\x0bLoraRequest\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x1c\n\x01x\x18\x02 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\r\n\x05group\x18\x03 \x01(\t\"M\n\tLoraReply\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\"\n\x07outputs\x18\x02 \x03(\x0b\x32\x11.tandem.v1.Tensor\x12\r\n\x05group\x18\x03 \x01(\t\"B\n\x06Hidden\x12!\n\x06hidden\x18\x01 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x15\n\rcloud_seconds\x18\x02 \x01(\x01\"-\n\nOutputGrad\x12\x1f\n\x04grad\x18\x01 \x01(\x0b\x32\x11.tandem.v1.Tensor\"Q\n\x0fLoraGradRequest\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12 \n\x05grads\x18\x02 \x03(\x0b\x32\x11.tandem.v1.Tensor\x12\r\n\x05group\x18\x03 \x01(\t\"N\n\rLoraGradReply\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x1f\n\x04grad\x18\x02 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\r\n\x05group\x18\x03 \x01(\t\"o\n\tInputGrad\x12\x1f\n\x04grad\x18\x01 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x15\n\rcloud_seconds\x18\x02 \x01(\x01\x12*\n\nlora_grads\x18\x03 \x03(\x0b\x32\x16.tandem.v1.SiteWeights\"\xc7\x01\n\x0b\x45\x64geMessage\x12!\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x10.tandem.v1.BeginH\x00\x12*\n\nlora_reply\x18\x02 \x01(\x0b\x32\x14.tandem.v1.LoraReplyH\x00\x12,\n\x0boutput_grad\x18\x03 \x01(\x0b\x32\x15.tandem.v1.OutputGradH\x00\x12\x33\n\x0flora_grad_reply\x18\x04 \x01(\x0b\x32\x18.tandem.v1.LoraGradReplyH\x00\x42\x06\n\x04kind\"\xd0\x01\n\x0c\x43loudMessage\x12.\n\x0clora_request\x18\x01 \x01(\x0b\x32\x16.tandem.v1.LoraRequestH\x00\x12#\n\x06hidden\x18\x02 \x01(\x0b\x32\x11.tandem.v1.HiddenH\x00\x12\x37\n\x11lora_grad_request\x18\x03 \x01(\x0b\x32\x1a.tandem.v1.LoraGradRequestH\x00\x12*\n\ninput_grad\x18\x04 \x01(\x0b\x32\x14.tandem.v1.InputGradH\x00\x42\x06\n\x04kind*e\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\t\n\x05INT64\x10\x05\x12\x08\n\x04\x42OOL\x10\x06\x32\xd2\x01\n\x08\x42\x61\x63kbone\x12I\n\x0bOpenSession\x12\x1d.tandem.v1.OpenSessionRequest\x1a\x1b.tandem.v1.OpenSessionReply\x12>\n\x0c\x43loseSession\x12\x15.tandem.v1.SessionRef\x1a\x17.tandem.v1.SessionStats\x12;\n\x04Step\x12\x16.tandem.v1.EdgeMessage\x1a\x17.tandem.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2180
-  _globals['_DTYPE']._serialized_end=2281
+  _globals['_DTYPE']._serialized_start=2283
+  _globals['_DTYPE']._serialized_end=2384
   _globals['_TENSOR']._serialized_start=27
   _globals['_TENSOR']._serialized_end=112
   _globals['_OPENSESSIONREQUEST']._serialized_start=115
-  _globals['_OPENSESSIONREQUEST']._serialized_end=510
-  _globals['_SITEWEIGHTS']._serialized_start=513
-  _globals['_SITEWEIGHTS']._serialized_end=689
-  _globals['_OPENSESSIONREPLY']._serialized_start=692
-  _globals['_OPENSESSIONREPLY']._serialized_end=854
-  _globals['_SESSIONREF']._serialized_start=856
-  _globals['_SESSIONREF']._serialized_end=888
-  _globals['_SESSIONSTATS']._serialized_start=890
-  _globals['_SESSIONSTATS']._serialized_end=1014
-  _globals['_BEGIN']._serialized_start=1017
-  _globals['_BEGIN']._serialized_end=1220
-  _globals['_LORAREQUEST']._serialized_start=1222
-  _globals['_LORAREQUEST']._serialized_end=1295
-  _globals['_LORAREPLY']._serialized_start=1297
-  _globals['_LORAREPLY']._serialized_end=1374
-  _globals['_HIDDEN']._serialized_start=1376
-  _globals['_HIDDEN']._serialized_end=1442
-  _globals['_OUTPUTGRAD']._serialized_start=1444
-  _globals['_OUTPUTGRAD']._serialized_end=1489
-  _globals['_LORAGRADREQUEST']._serialized_start=1491
-  _globals['_LORAGRADREQUEST']._serialized_end=1572
-  _globals['_LORAGRADREPLY']._serialized_start=1574
-  _globals['_LORAGRADREPLY']._serialized_end=1652
-  _globals['_INPUTGRAD']._serialized_start=1654
-  _globals['_INPUTGRAD']._serialized_end=1765
-  _globals['_EDGEMESSAGE']._serialized_start=1768
-  _globals['_EDGEMESSAGE']._serialized_end=1967
-  _globals['_CLOUDMESSAGE']._serialized_start=1970
-  _globals['_CLOUDMESSAGE']._serialized_end=2178
-  _globals['_BACKBONE']._serialized_start=2284
-  _globals['_BACKBONE']._serialized_end=2494
+  _globals['_OPENSESSIONREQUEST']._serialized_end=533
+  _globals['_SITEWEIGHTS']._serialized_start=536
+  _globals['_SITEWEIGHTS']._serialized_end=792
+  _globals['_OPENSESSIONREPLY']._serialized_start=795
+  _globals['_OPENSESSIONREPLY']._serialized_end=957
+  _globals['_SESSIONREF']._serialized_start=959
+  _globals['_SESSIONREF']._serialized_end=991
+  _globals['_SESSIONSTATS']._serialized_start=993
+  _globals['_SESSIONSTATS']._serialized_end=1117
+  _globals['_BEGIN']._serialized_start=1120
+  _globals['_BEGIN']._serialized_end=1323
+  _globals['_LORAREQUEST']._serialized_start=1325
+  _globals['_LORAREQUEST']._serialized_end=1398
+  _globals['_LORAREPLY']._serialized_start=1400
+  _globals['_LORAREPLY']._serialized_end=1477
+  _globals['_HIDDEN']._serialized_start=1479
+  _globals['_HIDDEN']._serialized_end=1545
+  _globals['_OUTPUTGRAD']._serialized_start=1547
+  _globals['_OUTPUTGRAD']._serialized_end=1592
+  _globals['_LORAGRADREQUEST']._serialized_start=1594
+  _globals['_LORAGRADREQUEST']._serialized_end=1675
+  _globals['_LORAGRADREPLY']._serialized_start=1677
+  _globals['_LORAGRADREPLY']._serialized_end=1755
+  _globals['_INPUTGRAD']._serialized_start=1757
+  _globals['_INPUTGRAD']._serialized_end=1868
+  _globals['_EDGEMESSAGE']._serialized_start=1871
+  _globals['_EDGEMESSAGE']._serialized_end=2070
+  _globals['_CLOUDMESSAGE']._serialized_start=2073
+  _globals['_CLOUDMESSAGE']._serialized_end=2281
+  _globals['_BACKBONE']._serialized_start=2387
+  _globals['_BACKBONE']._serialized_end=2597
 # @@protoc_insertion_point(module_scope)

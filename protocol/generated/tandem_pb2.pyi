@@ -37,7 +37,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scale: _Optional[bytes] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("protocol_version", "model_fingerprint", "edge_bottom_blocks", "edge_top_blocks", "wire_dtype_up", "wire_dtype_down", "lora_targets", "lora_blocks", "carried_lora", "lora_rank", "lora_scaling", "carried_method", "feedforward_targets", "branch_on_output")
+    __slots__ = ("protocol_version", "model_fingerprint", "edge_bottom_blocks", "edge_top_blocks", "wire_dtype_up", "wire_dtype_down", "lora_targets", "lora_blocks", "carried_lora", "lora_rank", "lora_scaling", "carried_method", "feedforward_targets", "branch_on_output", "prefix_tokens")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EDGE_BOTTOM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class OpenSessionRequest(_message.Message):
     CARRIED_METHOD_FIELD_NUMBER: _ClassVar[int]
     FEEDFORWARD_TARGETS_FIELD_NUMBER: _ClassVar[int]
     BRANCH_ON_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model_fingerprint: str
     edge_bottom_blocks: int
@@ -66,23 +67,28 @@ class OpenSessionRequest(_message.Message):
     carried_method: str
     feedforward_targets: _containers.RepeatedScalarFieldContainer[str]
     branch_on_output: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., edge_bottom_blocks: _Optional[int] = ..., edge_top_blocks: _Optional[int] = ..., wire_dtype_up: _Optional[_Union[DType, str]] = ..., wire_dtype_down: _Optional[_Union[DType, str]] = ..., lora_targets: _Optional[_Iterable[str]] = ..., lora_blocks: _Optional[_Iterable[int]] = ..., carried_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., lora_scaling: _Optional[float] = ..., carried_method: _Optional[str] = ..., feedforward_targets: _Optional[_Iterable[str]] = ..., branch_on_output: _Optional[bool] = ...) -> None: ...
+    prefix_tokens: int
+    def __init__(self, protocol_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., edge_bottom_blocks: _Optional[int] = ..., edge_top_blocks: _Optional[int] = ..., wire_dtype_up: _Optional[_Union[DType, str]] = ..., wire_dtype_down: _Optional[_Union[DType, str]] = ..., lora_targets: _Optional[_Iterable[str]] = ..., lora_blocks: _Optional[_Iterable[int]] = ..., carried_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., lora_scaling: _Optional[float] = ..., carried_method: _Optional[str] = ..., feedforward_targets: _Optional[_Iterable[str]] = ..., branch_on_output: _Optional[bool] = ..., prefix_tokens: _Optional[int] = ...) -> None: ...
 
 class SiteWeights(_message.Message):
-    __slots__ = ("block", "target", "a", "b", "magnitude", "scale")
+    __slots__ = ("block", "target", "a", "b", "magnitude", "scale", "prefix_key", "prefix_value")
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     A_FIELD_NUMBER: _ClassVar[int]
     B_FIELD_NUMBER: _ClassVar[int]
     MAGNITUDE_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_KEY_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_VALUE_FIELD_NUMBER: _ClassVar[int]
     block: int
     target: str
     a: Tensor
     b: Tensor
     magnitude: Tensor
     scale: Tensor
-    def __init__(self, block: _Optional[int] = ..., target: _Optional[str] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ..., magnitude: _Optional[_Union[Tensor, _Mapping]] = ..., scale: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    prefix_key: Tensor
+    prefix_value: Tensor
+    def __init__(self, block: _Optional[int] = ..., target: _Optional[str] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ..., magnitude: _Optional[_Union[Tensor, _Mapping]] = ..., scale: _Optional[_Union[Tensor, _Mapping]] = ..., prefix_key: _Optional[_Union[Tensor, _Mapping]] = ..., prefix_value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
     __slots__ = ("session_id", "first_cloud_block", "last_cloud_block", "hidden_size", "max_tokens_per_step", "ttl_seconds")
