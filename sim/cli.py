@@ -43,7 +43,8 @@ def _add_workload(p: argparse.ArgumentParser, model: str, edge: str, cloud: str,
                                                   "config.json / a folder holding one (default: %(default)s)")
     p.add_argument("--paths", type=_subset(PATHS), default=None, metavar="PATH[,PATH...]",
                    help=f"training paths to cost, comma-separated, from {','.join(PATHS)} (default: every path "
-                        "--peft has: prompt and ptuning have no dlora or carried, ia3 and --lora-dora no dlora)")
+                        "--peft has: prompt and ptuning have no dlora or carried, ia3 and --lora-dora no dlora, "
+                        "prefix only carried of the remote paths)")
     _add_method_flags(p, w)
     p.add_argument("--batch", type=int, default=w.batch, help="sequences per training step (default: %(default)s)")
     p.add_argument("--seq", type=int, default=w.seq, help="padded tokens per sequence (default: %(default)s)")
@@ -90,9 +91,10 @@ def _add_method_flags(p: argparse.ArgumentParser, w: Workload) -> None:
     from sim.wire import IA3_FEEDFORWARD, IA3_TARGETS, SIM_METHODS
     p.add_argument("--peft", choices=SIM_METHODS, default=w.peft,
                    help="the PEFT method, as `tandem edge train --peft`: lora (--rank, --targets, --lora-dora), ia3 "
-                        "((IA)³ vectors, --ia3-targets), adapter (bottleneck adapters, --adapter-reduction), prompt (prompt tuning) or ptuning (P-tuning), both "
-                        "--prompt-tokens; split/dlora/carried are its --cloud-lora none/edge/carried "
-                        "(default: %(default)s)")
+                        "((IA)³ vectors, --ia3-targets), adapter (bottleneck adapters, --adapter-reduction), prompt "
+                        "(prompt tuning) or ptuning (P-tuning), both --prompt-tokens, or prefix (prefix tuning, "
+                        "P-tuning v2: --prefix-tokens, --prefix-projection; --cloud-lora carried only); "
+                        "split/dlora/carried are its --cloud-lora none/edge/carried (default: %(default)s)")
     p.add_argument("--lora-dora", action="store_true",
                    help="lora: DoRA (a magnitude per site; the weight norm every step where the site runs; "
                         "no dlora path)")
@@ -108,6 +110,12 @@ def _add_method_flags(p: argparse.ArgumentParser, w: Workload) -> None:
                         "many (default: %(default)s)")
     p.add_argument("--ptuning-hidden", type=int, default=None,
                    help="ptuning: hidden size of the prompt encoder's MLP (default: the model's hidden size)")
+    p.add_argument("--prefix-tokens", type=int, default=w.prefix_tokens,
+                   help="prefix: virtual keys and values in front of every block's attention; each cloud block's "
+                        "ride every step (default: %(default)s)")
+    p.add_argument("--prefix-projection", type=int, default=None,
+                   help="prefix: make the prefixes with PEFT's encoder MLP of this hidden size (Li & Liang; "
+                        "default: none, a table: P-tuning v2)")
     p.add_argument("--adapter-reduction", type=int, default=w.adapter_reduction,
                    help="adapter: bottleneck width = the site's output width / this (default: %(default)s)")
 
@@ -125,6 +133,7 @@ def _setup(args):
                  local_steps=args.local_steps, epoch_examples=args.epoch_examples, peft=args.peft,
                  dora=args.lora_dora, ia3_targets=args.ia3_targets, ia3_feedforward=args.ia3_feedforward,
                  prompt_tokens=args.prompt_tokens, ptuning_hidden=args.ptuning_hidden,
+                 prefix_tokens=args.prefix_tokens, prefix_projection=args.prefix_projection,
                  adapter_reduction=args.adapter_reduction)
     _check_method(args, w)
     rtt = None if args.rtt_ms is None else args.rtt_ms / 1e3
@@ -140,6 +149,8 @@ def _check_method(args, w: Workload) -> None:
              "--ia3-feedforward": args.ia3_feedforward and "ia3",
              "--prompt-tokens": args.prompt_tokens != Workload.prompt_tokens and "prompt",
              "--ptuning-hidden": args.ptuning_hidden is not None and "ptuning",
+             "--prefix-tokens": args.prefix_tokens != Workload.prefix_tokens and "prefix",
+             "--prefix-projection": args.prefix_projection is not None and "prefix",
              "--adapter-reduction": args.adapter_reduction != Workload.adapter_reduction and "adapter"}
     for flag, owner in given.items():
         if owner and not (args.peft == owner or owner == "prompt" and args.peft == "ptuning"):
@@ -149,6 +160,15 @@ def _check_method(args, w: Workload) -> None:
         error(f"--prompt-tokens must be at least 1, got {w.prompt_tokens}")
     if w.ptuning_hidden is not None and w.ptuning_hidden < 1:
         error(f"--ptuning-hidden must be at least 1, got {w.ptuning_hidden}")
+    if w.peft == "prefix":
+        from sim.wire import check_prefix
+        try:
+            check_prefix(w.prefix_tokens, w.prefix_projection)
+        except ValueError as e:
+            error(str(e))
+        if w.active_fraction != 1.0:
+            error(f"--active-fraction is DLoRA's Kill & Revive: --peft prefix has a prefix in every layer every "
+                  f"step (drop --active-fraction {w.active_fraction:g})")
     if stray := [t for t in w.ia3_feedforward if t not in w.sites()[0]]:
         error(f"--ia3-feedforward {','.join(stray)} is not among the (IA)³ targets ({','.join(w.sites()[0])})")
     if args.paths is None:

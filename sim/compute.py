@@ -12,6 +12,11 @@ FLOPs (per step, B sequences of T tokens, t = B*T):
   (IA)³ on in->out           a vector of d = out (or in, feed-forward): forward t*d, backward 3*t*d (dX, dl)
   prompt / P-tuning          every block runs on T + V tokens and passes gradients down to the virtual tokens;
                              P-tuning's encoder MLP (H -> h -> h -> H) runs once a step on V rows
+  prefix tuning              every block's attention has V more keys and values: T x (V + T) scores, forward
+                             4*B*T*(V+T)*heads*head_dim (backward twice that, the prefixes' gradients inside);
+                             the linears still see T tokens. The edge makes all L layers' prefixes once a step:
+                             a table (nothing computed) or, with --prefix-projection h, PEFT's PrefixEncoder MLP
+                             (kv_dim -> h -> L*2*kv_dim, kv_dim = kv heads x head dim) on V rows
   LM head                    forward 2*H*V per position that needs logits (classify: B, lm: B*T); backward dX the
                              same, dW again only in full fine-tuning
   the lowest adapted block   receives no input gradient: its q/k/v input-gradient matmuls are skipped
@@ -26,6 +31,7 @@ Activations autograd keeps for backward, per token:
   LoRA                + the input of each input group + r per target
   DoRA                + the base output and the branch output per target (for the magnitude's gradient)
   (IA)³               + the scaled tensor per target (d per token, for the vector's gradient)
+  prefix              + the V prefix keys and values per sequence (expanded to every query head, as the step's)
   LM head             fp32 logits and their gradient at the positions that need them
 The frozen-block figure is checked against what autograd actually saves (tests/test_sim_costmodel.py); the rest of
 the memory model is an estimate.
@@ -59,7 +65,7 @@ class Workload:
     local_steps: int = 10  # federated: local steps per round
     epoch_examples: int = SST2_TRAIN
     step_index: int = 1  # Begin.step (its varint length changes the byte count by a byte or two)
-    peft: str = "lora"  # the PEFT method (--peft): lora, ia3, adapter, prompt, ptuning (sim.wire.SIM_METHODS)
+    peft: str = "lora"  # the PEFT method (--peft): lora, ia3, adapter, prompt, ptuning, prefix (sim.wire.SIM_METHODS)
     adapter_reduction: int = 16  # adapter: bottleneck = the site's output width / this
     adapter_targets: tuple[str, ...] = ()  # adapter: the linears followed by an adapter; () = sim.wire.ADAPTER_TARGETS
     dora: bool = False  # lora: DoRA's magnitude per site (--lora-dora)
@@ -67,6 +73,8 @@ class Workload:
     ia3_feedforward: tuple[str, ...] = ()  # ia3: of those, the ones scaled at their input
     prompt_tokens: int = 20  # prompt, ptuning: virtual tokens V before every sequence
     ptuning_hidden: int | None = None  # ptuning: the encoder MLP's hidden size (None: the model's)
+    prefix_tokens: int = 20  # prefix: virtual keys and values V in front of every layer's attention
+    prefix_projection: int | None = None  # prefix: the PrefixEncoder MLP's hidden size (None: a table, P-tuning v2)
 
     @property
     def tokens(self) -> int:
@@ -76,6 +84,11 @@ class Workload:
     @property
     def virtual_tokens(self) -> int:
         return self.prompt_tokens if self.peft in INPUT_METHODS else 0
+
+    @property
+    def prefix_keys(self) -> int:
+        """Keys and values every block's attention has in front of the sequence's (prefix tuning's V; else 0)."""
+        return self.prefix_tokens if self.peft == "prefix" else 0
 
     @property
     def block_seq(self) -> int:
@@ -88,11 +101,13 @@ class Workload:
 
     @property
     def method(self) -> str:
-        """The method's name as the cost model and the carried mode know it: lora, dora, ia3, prompt, ptuning."""
+        """The method's name as the cost model and the carried mode know it: lora, dora, ia3, adapter, prompt,
+        ptuning, prefix."""
         return "dora" if self.peft == "lora" and self.dora else self.peft
 
     def sites(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(targets, feed-forward targets) of a site method's every adapted block; ((), ()) for an input method."""
+        """(targets, feed-forward targets) of a site method's every adapted block; ((), ()) for an input method and
+        prefix tuning."""
         if self.peft == "ia3":
             return ia3_sites(self.ia3_targets, self.ia3_feedforward)
         if self.peft == "adapter":
@@ -130,8 +145,9 @@ class Compute:
                        self.activations * n)
 
 
-def attention_flops(shape: ModelShape, batch: int, seq: int) -> float:
-    return 4.0 * batch * seq * seq * shape.q_dim
+def attention_flops(shape: ModelShape, batch: int, seq: int, prefix: int = 0) -> float:
+    """Scores and weighted values of one block: `seq` queries over `prefix` + `seq` keys per sequence."""
+    return 4.0 * batch * seq * (prefix + seq) * shape.q_dim
 
 
 def activation_elements_per_token(shape: ModelShape, trained: bool = False) -> int:
@@ -219,12 +235,36 @@ def prompt_compute(shape: ModelShape, w: "Workload") -> Compute:
     return Compute(fwd, 2 * fwd, ADAM_BYTES_PER_PARAM * trained, trained, float(V * H))
 
 
+def prefix_compute(shape: ModelShape, w: "Workload") -> Compute:
+    """Prefix tuning's encoder, PEFT's PrefixEncoder with token_dim = kv_dim (PEFT's for GQA): all L layers'
+    prefixes once a step. Without a projection a table [V, L*2*kv_dim], looked up (nothing computed); with
+    projection h an embedding [V, kv_dim] and an MLP kv_dim -> h -> tanh -> L*2*kv_dim (both with biases) on the V
+    rows: forward 2*V*(kv_dim*h + h*L*2*kv_dim), backward twice that (weights and the rows' inputs); kept: the
+    rows and the tanh output."""
+    if w.peft != "prefix":
+        return Compute()
+    V, h, out = w.prefix_tokens, w.prefix_projection, shape.layers * 2 * shape.kv_dim
+    if h is None:
+        trained = V * out
+        return Compute(0.0, 0.0, ADAM_BYTES_PER_PARAM * trained, trained, 0.0)
+    kv = shape.kv_dim
+    trained = V * kv + kv * h + h + h * out + out
+    fwd = 2.0 * V * (kv * h + h * out)
+    return Compute(fwd, 2 * fwd, ADAM_BYTES_PER_PARAM * trained, trained, float(V * (kv + h)))
+
+
+def prefix_params(shape: ModelShape, w: "Workload") -> int:
+    """Trained weights of prefix tuning (sum(p.numel() for p in PrefixSet(...).parameters())); 0 for others."""
+    return prefix_compute(shape, w).trained
+
+
 def block_compute(shape: ModelShape, batch: int, seq: int, *, backward: bool = True, train_weights: bool = False,
-                  input_grad: bool = True, lora: tuple[str, ...] = (), rank: int = 8) -> Compute:
-    """One decoder block. `input_grad`: its input needs a gradient (false only for the lowest trained block)."""
+                  input_grad: bool = True, lora: tuple[str, ...] = (), rank: int = 8, prefix: int = 0) -> Compute:
+    """One decoder block. `input_grad`: its input needs a gradient (false only for the lowest trained block).
+    `prefix`: prefix tuning's V keys and values in front of its attention (and kept for backward)."""
     t = batch * seq
     lin = 2.0 * t * sum(i * o for i, o in shape.linears().values())
-    att = attention_flops(shape, batch, seq)
+    att = attention_flops(shape, batch, seq, prefix)
     c = Compute(forward=lin + att)
     if backward:
         skipped = 0.0 if input_grad else 2.0 * t * sum(i * o for n, (i, o) in shape.linears().items()
@@ -232,7 +272,7 @@ def block_compute(shape: ModelShape, batch: int, seq: int, *, backward: bool = T
         bwd = (lin - skipped) + (lin if train_weights else 0.0) + 2 * att
         trained = shape.block_params if train_weights else 0
         c = Compute(lin + att, bwd, ADAM_BYTES_PER_PARAM * trained, trained,
-                    float(t * activation_elements_per_token(shape, train_weights)))
+                    float(t * activation_elements_per_token(shape, train_weights) + batch * prefix * 2 * shape.q_dim))
     if lora:
         c = c + lora_compute(shape, t, rank, lora, train=backward)
     return c
@@ -249,16 +289,18 @@ def head_compute(shape: ModelShape, w: Workload, *, train_head: bool = False, ba
 
 
 def peft_blocks(shape: ModelShape, w: Workload, blocks) -> Compute:
-    """`blocks` (frozen weights) with the method's sites, on the tokens blocks see (T + V with virtual tokens); the
-    lowest block (0) needs no input gradient, unless virtual tokens below it train."""
+    """`blocks` (frozen weights) with the method's sites, on the tokens blocks see (T + V with virtual tokens; a
+    prefix's V keys in front of each attention); the lowest block (0) needs no input gradient, unless virtual tokens
+    below it train (a prefix's gradient comes from the attention itself, not through the block's input)."""
     c = Compute()
     for i in blocks:
-        c = c + block_compute(shape, w.batch, w.block_seq, input_grad=i != 0 or w.peft in INPUT_METHODS)
+        c = c + block_compute(shape, w.batch, w.block_seq, input_grad=i != 0 or w.peft in INPUT_METHODS,
+                              prefix=w.prefix_keys)
         c = c + site_compute(shape, w)
     return c
 
 
 __all__ = ["Workload", "Compute", "ADAM_BYTES_PER_PARAM", "SST2_TRAIN", "SITE_METHODS", "INPUT_METHODS",
            "SIM_METHODS", "attention_flops", "activation_elements_per_token", "lora_compute", "dora_compute",
-           "ia3_compute", "site_params", "site_compute", "prompt_compute", "block_compute", "head_compute",
-           "peft_blocks"]
+           "ia3_compute", "site_params", "site_compute", "prompt_compute", "prefix_compute", "prefix_params",
+           "block_compute", "head_compute", "peft_blocks"]

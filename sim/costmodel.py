@@ -11,15 +11,17 @@ Paths
                `active_fraction` < 1 is Kill & Revive (only that share of cloud blocks runs its LoRA this step)
   carried      split + LoRA (DoRA, (IA)³) on every (active) cloud block whose weights ride the step's first message
                and whose gradients come back with the last: the cloud computes the sites, the edge keeps weights and
-               optimizer
+               optimizer; prefix tuning: every cloud block's prefix rides it, the edge's encoder makes them
   offsite      offsite-tuning: the edge trains k bottom and m top blocks (adapters, full weights) around an emulator
                that keeps `emulator_fraction` of the middle blocks (layer drop); nothing crosses per step
   federated    every client runs `local_steps` local-PEFT steps, then uploads its adapter and downloads the average
 
-PEFT methods (`Workload.peft`: lora, with `dora`, ia3, prompt, ptuning): the remote paths are a method's --cloud-lora
-modes as protocol/step.py WIRE_PATTERNS declares them: split = none (the method on the edge's blocks, or prompt /
-P-tuning's virtual tokens, with which every block runs on T + V tokens), dlora = edge (LoRA only), carried = carried
-(LoRA, DoRA, (IA)³); `paths_for` lists a method's paths. local-full and offsite train whole weights: no method.
+PEFT methods (`Workload.peft`: lora, with `dora`, ia3, adapter, prompt, ptuning, prefix): the remote paths are a
+method's --cloud-lora modes as protocol/step.py WIRE_PATTERNS declares them: split = none (the method on the edge's
+blocks, or prompt / P-tuning's virtual tokens, with which every block runs on T + V tokens), dlora = edge (LoRA,
+adapters), carried = carried (LoRA, DoRA, (IA)³, and prefix tuning, whose only remote path it is: every block's
+attention has V more keys); `paths_for` lists a method's paths. local-full and offsite train whole weights: no
+method.
 
 Compute time = FLOPs / the device's throughput at the step's tokens (measured at several sizes for `here`).
 Time of one step = edge compute + cloud compute + for each message: transfer (wire bytes with HTTP/2 framing over
@@ -36,7 +38,7 @@ from dataclasses import dataclass, replace
 
 from sim.compute import (ADAM_BYTES_PER_PARAM, adapter_compute, INPUT_METHODS, SIM_METHODS, SST2_TRAIN, Compute, Workload,
                          activation_elements_per_token, attention_flops, block_compute, head_compute, lora_compute,
-                         peft_blocks, prompt_compute, site_compute, site_params)
+                         peft_blocks, prefix_compute, prompt_compute, site_compute, site_params)
 from sim.profiles import DeviceProfile, LinkProfile
 from sim.shape import ModelShape
 from protocol.step import WIRE_PATTERNS, Traffic
@@ -46,7 +48,7 @@ from sim.wire import WireSetup, cloud_blocks, method_setup, step_traffic
 PATHS = ("local-full", "local-peft", "split", "dlora", "carried", "offsite", "federated")
 REMOTE_MODES = {"split": "none", "dlora": "edge", "carried": "carried"}  # remote path -> its --cloud-lora mode
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "(IA)³", "adapter": "bottleneck adapters",
-                "prompt": "prompt tuning", "ptuning": "P-tuning"}
+                "prompt": "prompt tuning", "ptuning": "P-tuning", "prefix": "prefix tuning"}
 OPTIMIZER_STATE_BYTES = 12  # fp32 gradient + two fp32 moments per trained weight
 NPY_HEADER = 128  # numpy .npy header Flower puts before each array it ships (format 1.0, padded)
 
@@ -59,6 +61,12 @@ def path_problem(path: str, w: Workload) -> str | None:
         return f"the simulator does not model --peft {w.peft}: it knows {', '.join(SIM_METHODS)}"
     if w.dora and w.peft != "lora":
         return f"DoRA is a LoRA variant: --peft {w.peft} has none"
+    if w.peft == "prefix":
+        from sim.wire import check_prefix
+        try:
+            check_prefix(w.prefix_tokens, w.prefix_projection)
+        except ValueError as e:
+            return str(e)
     mode = REMOTE_MODES.get(path)
     if mode is None:
         return None
@@ -86,6 +94,11 @@ def method_note(w: Workload) -> str:
         return f"{name} on {','.join(targets)}" + (f" (input-scaled: {','.join(feedforward)})" if feedforward else "")
     if w.peft == "adapter":
         return f"{name} (reduction {w.adapter_reduction}) after {','.join(targets)}"
+    if w.peft == "prefix":
+        encoder = (f"from an encoder MLP of hidden {w.prefix_projection}" if w.prefix_projection is not None
+                   else "a table (P-tuning v2)")
+        return (f"{name}: {w.prefix_tokens} virtual keys and values in front of every block's attention, "
+                f"{encoder}; attention T x (V + T) = {w.seq} x {w.prefix_tokens + w.seq}")
     encoder = f", from an encoder MLP of hidden {w.ptuning_hidden or 'H'}" if w.peft == "ptuning" else ""
     return f"{name}: {w.prompt_tokens} virtual tokens{encoder}; every block runs on T + V = {w.block_seq} tokens"
 
@@ -130,7 +143,8 @@ def local_full(shape, w, edge, cloud, link) -> StepCost:
 
 
 def local_peft(shape, w, edge, cloud, link) -> StepCost:
-    c = prompt_compute(shape, w) + peft_blocks(shape, w, range(shape.layers)) + head_compute(shape, w)
+    c = prompt_compute(shape, w) + prefix_compute(shape, w) + peft_blocks(shape, w, range(shape.layers))
+    c = c + head_compute(shape, w)
     where = "" if w.peft in INPUT_METHODS else f" of all {shape.layers} blocks"
     return _local(shape, "local-peft", w, edge, cloud, c, shape.total_params,
                   [f"{method_note(w)}{where}, all on the edge"], tokens=w.block_tokens)
@@ -149,11 +163,13 @@ def _remote_setup(shape: ModelShape, path: str, w: Workload) -> WireSetup:
     """The wire setup of the path for the workload's method (sim.wire.method_setup reads WIRE_PATTERNS)."""
     targets, feedforward = w.sites()
     return method_setup(shape, w.peft, REMOTE_MODES[path], w.k, w.m, w.wire_up, w.wire_down, targets or None,
-                        w.rank, w.dora, feedforward, w.active_fraction, w.prompt_tokens)
+                        w.rank, w.dora, feedforward, w.active_fraction, w.prompt_tokens, w.prefix_tokens,
+                        w.prefix_projection)
 
 
 def _edge_work(shape: ModelShape, w: Workload, setup: WireSetup, groups, active) -> _EdgeWork:
-    bottom = prompt_compute(shape, w) + peft_blocks(shape, w, range(w.k))  # virtual tokens go in below block 0
+    # virtual tokens go in below block 0; a prefix's encoder makes every layer's, the cloud's too, before block 0
+    bottom = prompt_compute(shape, w) + prefix_compute(shape, w) + peft_blocks(shape, w, range(w.k))
     top = peft_blocks(shape, w, range(shape.layers - w.m, shape.layers)) + head_compute(shape, w)
     site = {g: adapter_compute(shape, w.block_tokens, w.adapter_reduction, ts) if w.peft == "adapter"
             else lora_compute(shape, w.block_tokens, w.rank, ts) for g, ts in groups}  # one group at one block
@@ -175,7 +191,7 @@ def _remote_phases(traffic: Traffic, work: _EdgeWork, cloud_c: Compute, read_byt
     """The step in order: each message, and the cloud slice or edge compute that follows it.
     Cloud work is cut into slices at each LoRA exchange; the same weights (`read_bytes`) are read by forward and
     backward.
-    `alone`: the cloud runs this step's jobs in no batch with other sessions' (carried DoRA and (IA)³)."""
+    `alone`: the cloud runs this step's jobs in no batch with other sessions' (carried DoRA, (IA)³ and prefix)."""
     fwd_slice, bwd_slice = cloud_c.forward / n_slices, cloud_c.backward / n_slices
     wb_slice = read_bytes / n_slices
     phases: list[Phase] = []
@@ -210,11 +226,16 @@ def _remote_phases(traffic: Traffic, work: _EdgeWork, cloud_c: Compute, read_byt
     return phases
 
 
-def _remote_notes(path: str, w: Workload, n_cloud: int, setup: WireSetup, active) -> tuple[str, ...]:
+def _remote_notes(shape: ModelShape, path: str, w: Workload, n_cloud: int, setup: WireSetup,
+                  active) -> tuple[str, ...]:
     notes = [f"cut k={w.k}, m={w.m}: {n_cloud} frozen cloud blocks; wire up {w.wire_up}, down {w.wire_down}"]
     if path == "split":
         where = "" if w.peft in INPUT_METHODS else f" on the edge's {w.k + w.m} blocks"
         notes.append(f"{method_note(w)}{where}")
+    elif setup.method == "prefix":
+        notes.append(f"carried {method_note(w)}; the edge makes all {shape.layers} layers' prefixes, each of the "
+                     f"{len(setup.lora_blocks)} cloud blocks' (key and value [{shape.kv_heads}, {w.prefix_tokens}, "
+                     f"{shape.head_dim}]) rides begin, its gradient input_grad; the cloud runs the step alone")
     else:
         notes.append(f"{'DLoRA' if path == 'dlora' else 'carried'} {method_note(w)} of {len(setup.lora_blocks)} "
                      f"cloud blocks, {len(active)} active (fraction {w.active_fraction:g})")
@@ -235,7 +256,8 @@ def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud
     active = setup.active()
     work = _edge_work(shape, w, setup, groups, active)
     edge_weights = shape.embedding_params + shape.head_params + (w.k + w.m) * shape.block_params
-    cloud_c = block_compute(shape, w.batch, w.block_seq).times(len(cb))  # frozen, input gradient needed
+    # frozen, input gradient needed; a prefix's V keys in front of every cloud block's attention
+    cloud_c = block_compute(shape, w.batch, w.block_seq, prefix=w.prefix_keys).times(len(cb))
     cloud_weight_bytes = len(cb) * shape.block_params * cloud.dtype_bytes
     read_bytes = cloud_weight_bytes  # weights the cloud reads per step (memory-bound time)
     if setup.carried:  # the cloud runs the carried sites (forward, their gradients, dX; the optimizer is the edge's)
@@ -244,6 +266,8 @@ def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud
         if setup.method == "dora":  # the norm reads each site's W once more
             reread = sum(i * o for i, o in (shape.linear(t) for t in setup.lora_targets))
             read_bytes += len(active) * reread * cloud.dtype_bytes
+    # as cloud/step_runner.py: of the carried steps only carried LoRA joins other sessions' batches (carried DoRA,
+    # (IA)³ and prefix run alone)
     phases = _remote_phases(traffic, work, cloud_c, read_bytes, 1 + len(active) * len(groups), w, edge,
                             cloud, link, alone=setup.carried and setup.method != "lora")
 
@@ -260,7 +284,7 @@ def remote(shape: ModelShape, path: str, w: Workload, edge: DeviceProfile, cloud
     return StepCost(path, shape.name, w, edge_side, cloud_side, traffic.bytes_up, traffic.bytes_down,
                     traffic.payload_up, traffic.payload_down, len(traffic.messages), traffic.round_trips, transfer,
                     codec, len(traffic.messages) * link.rtt / 2, tuple(phases), traffic=traffic,
-                    notes=_remote_notes(path, w, len(cb), setup, active),
+                    notes=_remote_notes(shape, path, w, len(cb), setup, active),
                     edge_fits=edge_side.peak_bytes <= edge.memory, cloud_fits=cloud_side.peak_bytes <= cloud.memory)
 
 
@@ -295,8 +319,12 @@ def offsite(shape, w, edge, cloud, link) -> StepCost:
 def adapter_arrays(shape: ModelShape, w: Workload) -> tuple[int, int]:
     """(weights, arrays) of the whole model's adapter as the federation averages it: LoRA's A and B per target and
     block (+ DoRA's magnitude), (IA)³'s vector per target and block, prompt tuning's [V, H] embeddings, P-tuning's
-    encoder (its embedding table and MLP: the weights FedAvg averages, model/tuners METHODS)."""
+    encoder (its embedding table and MLP: the weights FedAvg averages, model/tuners METHODS), prefix tuning's
+    prefixes [V, L*2*kv_dim] or, with a projection, its encoder (embedding, two linears with biases: the round's
+    arrays are the encoder's weights, protocol/federation.py `exchange`)."""
     targets, _ = w.sites()
+    if w.peft == "prefix":
+        return prefix_compute(shape, w).trained, 1 if w.prefix_projection is None else 5
     if w.peft in INPUT_METHODS:
         return prompt_compute(shape, w).trained, 1 if w.peft == "prompt" else 7
     per_site = 1 if w.peft == "ia3" else 4 if w.peft == "adapter" else 3 if w.dora else 2

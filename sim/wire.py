@@ -10,7 +10,9 @@ sizes are exact whatever the values. Sizes are cached per distinct message so th
 Every PEFT method's step is one of protocol/step.py's wire patterns (`method_setup` reads WIRE_PATTERNS): frozen
 split, input-only (prompt and P-tuning: every hidden state V tokens longer), DLoRA's exchanges, or carried (Begin's
 SiteWeights hold each site's parameters in the shapes `protocol.step.carried_shapes` gives for LoRA, DoRA or (IA)³,
-InputGrad their gradients), all through the one `step_traffic`.
+or each cloud block's prefix, `prefix_shapes`' [kv heads, V, head dim] key and value, batch-free; InputGrad their
+gradients), all through the one `step_traffic`. Prefix tuning's hidden states keep their T tokens: it adds keys and
+values in the cloud's attention, not tokens.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from functools import lru_cache
 
 from model.sites import site_groups
 from protocol import pb, wire_size
-from protocol.step import CARRIED_PARAMS, UP_KINDS, WIRE_PATTERNS, StepPlan, Traffic, carried_shapes, carried_sites
+from protocol.step import (CARRIED_PARAMS, PREFIX_TARGET, UP_KINDS, WIRE_PATTERNS, StepPlan, Traffic, carried_shapes,
+                           carried_sites, prefix_shapes)
 from protocol.tensors import WIRE_DTYPES, payload_bytes, tensor_payload
 from sim.shape import ModelShape
 
@@ -57,7 +60,7 @@ def build(kind: str, fields: tuple, shapes, dtype: int):
     """A message of `kind` with the scalar `fields` ((name, value) pairs) set and its tensor field filled with
     zero bytes of `shapes` in wire `dtype` (Begin also gets its [B, T] bool mask; Hidden/InputGrad a cloud time).
     A `carried` field is ((block, target, ((SiteWeights field, shape), ...)), ...): the carried mode's SiteWeights,
-    each with the fields of its carried method (LoRA a, b; DoRA also magnitude; (IA)³ scale)."""
+    each with the fields of its carried method (LoRA a, b; DoRA also magnitude; (IA)³ scale; a prefix's key, value)."""
     m = (pb.EdgeMessage if kind in UP_KINDS else pb.CloudMessage)()
     inner = getattr(m, kind)
     for name, value in fields:
@@ -105,7 +108,9 @@ class WireSetup:
     vector per site, scaling the input of the `feedforward` targets). `active_blocks` is the subset that runs this
     step (Kill & Revive); None means all of `lora_blocks`. The edge always sends its active list in Begin when it
     has cloud sites (it is empty only in frozen split). `virtual_tokens`: prompt / P-tuning's V tokens, which the
-    edge puts before every sequence, so every hidden state on the wire is V tokens longer."""
+    edge puts before every sequence, so every hidden state on the wire is V tokens longer. Carried prefix tuning
+    (`method` "prefix") has the one target PREFIX_TARGET per block and `prefix_tokens` V: each block's key and value
+    [kv heads, V, head dim] ride Begin; the hidden states keep their length."""
     k: int = 1
     m: int = 1
     wire_up: str = "fp32"
@@ -119,6 +124,7 @@ class WireSetup:
     feedforward: tuple[str, ...] = ()
     virtual_tokens: int = 0
     branch_on_output: bool = False  # the edge-computed branch reads each site's output (bottleneck adapters)
+    prefix_tokens: int = 0  # carried prefix tuning: V keys and values in front of every cloud block's attention
 
     def active(self) -> tuple[int, ...]:
         return tuple(sorted(self.lora_blocks if self.active_blocks is None else self.active_blocks))
@@ -129,7 +135,10 @@ class WireSetup:
         return () if self.carried else site_groups("llama", self.lora_targets)
 
     def carried_shapes(self, shape: ModelShape, target: str) -> dict[str, list[int]]:
-        """The carried parameters of `target` at one block, by SiteWeights field (protocol/step.py carried_shapes)."""
+        """The carried parameters of `target` at one block, by SiteWeights field (protocol/step.py carried_shapes,
+        or for a prefix prefix_shapes, with the kv heads and head dim PEFT sizes it by, as the cloud does)."""
+        if self.method == "prefix":
+            return prefix_shapes(shape.kv_heads, self.prefix_tokens, shape.head_dim)
         return carried_shapes(self.method, self.lora_rank, *shape.linear(target), target in self.feedforward)
 
 
@@ -173,7 +182,8 @@ def carried_setup(shape: ModelShape, k: int = 1, m: int = 1, wire_up: str = "fp3
 SITE_METHODS = ("lora", "ia3", "adapter")  # methods that adapt linears of blocks (LoRA, DoRA, (IA)³, bottleneck)
 ADAPTER_TARGETS = ("o_proj", "down_proj")  # bottleneck adapters' default sites (model/tuners/adapter.py)
 INPUT_METHODS = ("prompt", "ptuning")  # methods that train virtual tokens before the input (no block sites)
-SIM_METHODS = SITE_METHODS + INPUT_METHODS  # the --peft methods (of WIRE_PATTERNS) the simulator models
+PREFIX_METHODS = ("prefix",)  # keys and values in front of every layer's attention (the cloud's carried)
+SIM_METHODS = SITE_METHODS + INPUT_METHODS + PREFIX_METHODS  # the --peft methods (of WIRE_PATTERNS) the sim models
 
 # (IA)³'s targets when none are given: PEFT's defaults for Llama-family models (peft.utils.constants
 # TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING; the edge reads them there,
@@ -194,11 +204,14 @@ def ia3_sites(targets=None, feedforward=None) -> tuple[tuple[str, ...], tuple[st
 def method_setup(shape: ModelShape, peft: str = "lora", cloud_lora: str = "none", k: int = 1, m: int = 1,
                  wire_up: str = "fp32", wire_down: str = "fp32", targets: tuple[str, ...] | None = None,
                  rank: int = 8, dora: bool = False, feedforward: tuple[str, ...] | None = None,
-                 active_fraction: float = 1.0, prompt_tokens: int = 20) -> WireSetup:
+                 active_fraction: float = 1.0, prompt_tokens: int = 20, prefix_tokens: int = 20,
+                 prefix_projection: int | None = None) -> WireSetup:
     """The wire setup of `tandem edge train --peft PEFT --cloud-lora MODE`, from the method's wire pattern in that
     mode (protocol/step.py WIRE_PATTERNS): frozen, input-only (V = `prompt_tokens` more tokens), edge-branch (DLoRA)
-    or carried (LoRA, DoRA with `dora`, (IA)³). `targets` None or empty: the method's default (LoRA q,v; (IA)³
-    PEFT's, whose `feedforward` default is PEFT's too, as the edge resolves --ia3-targets / --ia3-feedforward)."""
+    or carried (LoRA, DoRA with `dora`, (IA)³, or prefix tuning's V = `prefix_tokens` keys and values per cloud
+    block). `targets` None or empty: the method's default (LoRA q,v; (IA)³ PEFT's, whose `feedforward` default is
+    PEFT's too, as the edge resolves --ia3-targets / --ia3-feedforward). `prefix_projection` (the encoder MLP's
+    hidden size, or None) changes only the edge's compute, never the wire: it is checked here, as the edge does."""
     modes = WIRE_PATTERNS.get(peft)
     if modes is None or peft not in SIM_METHODS:
         raise ValueError(f"the simulator does not model --peft {peft}: it knows {', '.join(SIM_METHODS)}")
@@ -207,6 +220,8 @@ def method_setup(shape: ModelShape, peft: str = "lora", cloud_lora: str = "none"
     if dora and peft != "lora":
         raise ValueError(f"DoRA is a LoRA variant: --peft {peft} has none")
     pattern = modes[cloud_lora]
+    if peft == "prefix":
+        return prefix_setup(shape, k, m, wire_up, wire_down, prefix_tokens, prefix_projection, active_fraction)
     if pattern == "frozen":
         return WireSetup(k, m, wire_up, wire_down)
     if pattern == "input-only":
@@ -230,10 +245,31 @@ def method_setup(shape: ModelShape, peft: str = "lora", cloud_lora: str = "none"
                          "dora" if dora else "lora")
 
 
+def check_prefix(prefix_tokens: int, prefix_projection: int | None = None) -> None:
+    """Prefix tuning's options, each mistake one line naming the flag (as model/tuners/prefix.py checks them)."""
+    if not isinstance(prefix_tokens, int) or prefix_tokens < 1:
+        raise ValueError(f"--prefix-tokens must be at least 1, got {prefix_tokens}")
+    if prefix_projection is not None and prefix_projection < 1:
+        raise ValueError(f"--prefix-projection must be at least 1 (the MLP's hidden size), got {prefix_projection}")
+
+
+def prefix_setup(shape: ModelShape, k: int = 1, m: int = 1, wire_up: str = "fp32", wire_down: str = "fp32",
+                 prefix_tokens: int = 20, prefix_projection: int | None = None,
+                 active_fraction: float = 1.0) -> WireSetup:
+    """Carried prefix tuning: every cloud block's prefix rides each step (the one target PREFIX_TARGET per block,
+    as the edge's RemoteCloud sends it). Every layer has its prefix every step: no Kill & Revive."""
+    check_prefix(prefix_tokens, prefix_projection)
+    if active_fraction != 1.0:
+        raise ValueError(f"--peft prefix puts a prefix in every layer every step: no Kill & Revive (--active-fraction "
+                         f"1, not {active_fraction:g})")
+    return WireSetup(k, m, wire_up, wire_down, (PREFIX_TARGET,), cloud_blocks(shape, k, m), None, True,
+                     method="prefix", prefix_tokens=prefix_tokens)
+
+
 def step_traffic(shape: ModelShape, setup: WireSetup, batch: int, seq: int, step: int = 1,
                  train: bool = True) -> Traffic:
     """All messages of one step of `batch` sequences of `seq` tokens (the padded length of the batch; prompt and
-    P-tuning send `setup.virtual_tokens` more per sequence)."""
+    P-tuning send `setup.virtual_tokens` more per sequence; a prefix's keys and values ride Begin, batch-free)."""
     up, down = WIRE_DTYPES[setup.wire_up], WIRE_DTYPES[setup.wire_down]
     seq = seq + setup.virtual_tokens
     H = (batch, seq, shape.hidden)

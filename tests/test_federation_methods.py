@@ -1,5 +1,5 @@
 """The federation trains every PEFT method: (IA)³, prompt tuning, P-tuning, DoRA, rsLoRA, bottleneck adapters (issue
-13).
+13), prefix tuning (carried; with a projection its devices exchange the encoder's weights, as P-tuning's do).
 
 In process (fast): two devices run the real ClientApp through the shared cloud from the server's initial adapter of
 the method; the server's strategy merges their replies into exactly the examples-weighted mean of what they returned,
@@ -24,6 +24,7 @@ import tasks as T
 from cloud.federation.server_app import FederationConfig, initial_adapter, make_strategy, save_adapter
 from cloud.federation.strategies.base import arrays_to_record, record_to_arrays
 from edge.federation import client_app
+from edge.methods import check_method
 from edge.trainer import evaluate as evaluate_edge
 from model.training import evaluate as evaluate_model
 from protocol.federation import load_exchanged
@@ -47,6 +48,12 @@ CASES = {
                          dict(lora_rslora=True, cloud_lora="edge", lora_targets=("q_proj", "v_proj")), True),
     "adapter-dlora": (dict(peft="adapter", cloud_lora="edge", strategy="fedavg", adapter_reduction=8),
                       dict(peft="adapter", cloud_lora="edge", adapter_reduction=8), False),
+    "prefix-carried": (dict(peft="prefix", cloud_lora="carried", strategy="fedavg", prefix_tokens=V),
+                       dict(peft="prefix", cloud_lora="carried", prefix_tokens=V), True),
+    "prefix-projection-carried": (dict(peft="prefix", cloud_lora="carried", strategy="fedavg", prefix_tokens=V,
+                                       prefix_projection=16),
+                                  dict(peft="prefix", cloud_lora="carried", prefix_tokens=V, prefix_projection=16),
+                                  False),
 }
 
 
@@ -177,6 +184,31 @@ def test_ptuning_exchanges_the_encoder_and_saves_its_output(tiny, tmp_path):
     torch.testing.assert_close(saved, ps.prompts()[0].detach(), rtol=0, atol=1e-6)  # the encoder's output
 
 
+@pytest.mark.parametrize("projection", [0, 16])
+def test_prefix_exchanges_the_table_or_the_encoder_and_saves_the_prefixes(tiny, tmp_path, projection):
+    """Prefix tuning's rounds carry PEFT's saved form (the prefix table) without a projection, and with one the
+    encoder's weights (table and MLP: PEFT's saved form is only their output); the final adapter is the prefixes,
+    and loads in PEFT as PREFIX_TUNING."""
+    cfg = FederationConfig(model="tiny-llama", peft="prefix", cloud_lora="carried", strategy="fedavg",
+                           prefix_tokens=V, prefix_projection=projection)
+    cfg.check()
+    start = initial_adapter(tiny.model, cfg)
+    from model.tuners.prefix import PrefixConfig, PrefixSet
+    torch.manual_seed(cfg.seed)
+    ps = PrefixSet(tiny.model, PrefixConfig(V, projection or None))
+    if projection:
+        assert cfg.exchange == "encoder" and set(start) == set(ps.state_dict()) and "prompt_embeddings" not in start
+        assert any(k.startswith("encoder.transform.") for k in start)
+    else:
+        assert cfg.exchange == "peft" and list(start) == ["prompt_embeddings"]
+        np.testing.assert_array_equal(start["prompt_embeddings"], ps.encoder.embedding.weight.detach().numpy())
+    save_adapter(tiny.model, cfg, start, tmp_path / "a")
+    full = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(tmp_path / "a"))
+    assert full.peft_config["default"].peft_type == "PREFIX_TUNING"
+    saved = full.prompt_encoder["default"].embedding.weight
+    torch.testing.assert_close(saved, ps.flat().detach(), rtol=0, atol=1e-6)  # the prefixes: the encoder's output
+
+
 BAD = {  # settings -> what the one line says
     "peft=ia3 (cloud-lora edge by default)": (dict(peft="ia3"), "peft ia3 takes cloud-lora"),
     "prompt with DLoRA": (dict(peft="prompt", cloud_lora="edge", strategy="fedavg"), "peft prompt takes cloud-lora none"),
@@ -198,6 +230,15 @@ BAD = {  # settings -> what the one line says
                          "peft adapter takes cloud-lora none or edge"),
     "the emulator with ia3": (dict(peft="ia3", cloud_lora="none", strategy="fedavg", emulator_devices="0",
                                    emulator_bundle="b"), "offsite emulator train plain LoRA"),
+    "prefix with DLoRA": (dict(peft="prefix", cloud_lora="edge", strategy="fedavg"),
+                          "peft prefix takes cloud-lora carried"),
+    "ffa with prefix": (dict(peft="prefix", cloud_lora="carried"), "strategy ffa merges peft lora only"),
+    "no prefix tokens": (dict(peft="prefix", cloud_lora="carried", strategy="fedavg", prefix_tokens=0),
+                         "prefix-tokens must be at least 1"),
+    "a negative projection": (dict(peft="prefix", cloud_lora="carried", strategy="fedavg", prefix_projection=-1),
+                              "prefix-projection must be at least 1"),
+    "a prefix option with ptuning": (dict(peft="ptuning", cloud_lora="none", strategy="fedavg", prefix_tokens=4),
+                                     "prefix-tokens is an option of peft prefix, not of peft ptuning"),
 }
 
 
@@ -238,6 +279,13 @@ def test_the_method_settings_reach_every_device():
     ins.freeze_a = True
     ec = client_app.edge_config(ins, None, 3)
     assert (ec.lora.dora, ec.lora.rslora, ec.lora.freeze_a) == (True, True, True)
+    for projection, want in ((0, None), (12, 12)):  # 0: no projection, the edge's default
+        prefix = FederationConfig(peft="prefix", cloud_lora="carried", strategy="fedavg", prefix_tokens=6,
+                                  prefix_projection=projection)
+        ec = client_app.edge_config(client_app.Instructions.read(prefix.instructions("h:1", "t"), {}), None, 3)
+        assert (ec.peft.method, ec.peft.prefix_tokens, ec.peft.prefix_projection, ec.lora.cloud) == (
+            "prefix", 6, want, "carried")
+        check_method(ec)  # the edge takes them: no other method's option set
 
 
 # ---- one Flower simulation, end to end ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The simulator knows every PEFT method (issue 13): its bytes equal a real gRPC step's for carried DoRA, carried
-(IA)³, prompt tuning and P-tuning; the methods' compute by hand; which paths each method has; `tandem sim --peft`."""
+(IA)³, bottleneck adapters, prompt tuning, P-tuning and carried prefix tuning; the methods' compute by hand; which
+paths each method has; `tandem sim --peft`."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,7 @@ import json
 import pytest
 import torch
 
-from sim.compute import Workload, block_compute
+from sim.compute import Workload, attention_flops, block_compute, prefix_params
 from sim.costmodel import PATHS, path_problem, paths_for, predict, predict_all
 from sim.events import simulate
 from sim.profiles import DeviceProfile, rate_link
@@ -38,6 +39,10 @@ REAL = {
     "prompt": dict(peft="prompt"),
     "prompt-7-int8": dict(peft="prompt", prompt_tokens=7, wire_up="int8", wire_down="int8"),
     "ptuning": dict(peft="ptuning", prompt_tokens=5),
+    "prefix-carried": dict(peft="prefix", cloud_lora="carried", prefix_tokens=5),
+    "prefix-projection-bf16-int8": dict(peft="prefix", cloud_lora="carried", prefix_tokens=3, prefix_projection=16,
+                                        wire_up="bf16", wire_down="int8"),
+    "prefix-v1-int8": dict(peft="prefix", cloud_lora="carried", prefix_tokens=1, wire_up="int8", wire_down="fp16"),
 }
 
 
@@ -46,7 +51,8 @@ def sim_setup(shape, kw: dict, em):
     setup = method_setup(shape, kw.get("peft", "lora"), kw.get("cloud_lora", "none"), 1, 1,
                          kw.get("wire_up", "fp32"), kw.get("wire_down", "fp32"),
                          kw.get("lora_targets", kw.get("ia3_targets")), kw.get("lora_r", 8), kw.get("lora_dora", False),
-                         kw.get("ia3_feedforward"), prompt_tokens=kw.get("prompt_tokens", 20))
+                         kw.get("ia3_feedforward"), prompt_tokens=kw.get("prompt_tokens", 20),
+                         prefix_tokens=kw.get("prefix_tokens", 20), prefix_projection=kw.get("prefix_projection"))
     if setup.lora_blocks:
         setup = dataclasses.replace(setup, active_blocks=tuple(em.cloud.active_blocks()))
     return setup
@@ -158,10 +164,83 @@ def test_federated_exchanges_each_methods_adapter():
 
 def test_the_cloud_runs_carried_dora_and_ia3_steps_alone():
     w = dataclasses.replace(W, batch=4, seq=64)
-    for kw, batched in ((dict(), True), (dict(dora=True), False), (dict(peft="ia3"), False)):
+    for kw, batched in ((dict(), True), (dict(dora=True), False), (dict(peft="ia3"), False),
+                        (dict(peft="prefix"), False), (dict(peft="prefix", prefix_projection=8), False)):
         c = predict(HAND, "carried", dataclasses.replace(w, **kw), DEV, DEV, FAST)
         assert all(p.alone != batched for p in c.phases if p.where == "cloud")
         assert (simulate(c, 4, DEV).mean_batch > 1) == batched
+
+
+def test_prefix_attention_sees_v_more_keys_everywhere_and_only_the_begin_and_input_grad_grow():
+    """Carried prefix tuning: every block's attention is T x (V + T) (its FLOPs grow with V, linearly), the linears
+    still run on T tokens; the hidden states keep their T tokens, begin and input_grad carry each cloud block's
+    key and value [kv heads, V, head dim]; the edge trains V x L x 2 x kv_dim (a table) and steps its optimizer."""
+    split = cost("split")
+    B, T, q_dim, kv_heads, head_dim, L = 2, 3, 8, 1, 4, 4
+    flops = {}
+    for V in (1, 5, 9):
+        p = cost("carried", peft="prefix", prefix_tokens=V)
+        assert attention_flops(HAND, B, T, V) - attention_flops(HAND, B, T) == 4 * B * T * V * q_dim
+        assert p.cloud.flops == 2 * block_compute(HAND, B, T, prefix=V).flops
+        assert p.cloud.flops - split.cloud.flops == 2 * 3 * 4 * B * T * V * q_dim  # 2 blocks, attention fwd + 2 bwd
+        flops[V] = p.cloud.flops
+        carried = 2 * 2 * kv_heads * V * head_dim * 4  # 2 cloud blocks, key and value, fp32
+        assert p.payload_up - split.payload_up == p.payload_down - split.payload_down == carried
+        assert p.messages == split.messages and p.round_trips == split.round_trips
+        # the edge: its two frozen blocks' attention on V more keys, block 0 passing no gradient below it (its
+        # prefix's comes from its attention); the head at B positions, forward and dX; the table computes nothing
+        bottom, top = block_compute(HAND, B, T, input_grad=False, prefix=V), block_compute(HAND, B, T, prefix=V)
+        assert p.edge.flops == bottom.flops + top.flops + 2 * (2 * 8 * 10 * B)
+        assert bottom.flops - block_compute(HAND, B, T, input_grad=False).flops == 3 * 4 * B * T * V * q_dim
+        assert p.edge.trained_params == V * L * 2 * kv_heads * head_dim
+        local = cost("local-peft", peft="prefix", prefix_tokens=V)
+        assert local.edge.trained_params == p.edge.trained_params
+    assert flops[9] - flops[5] == flops[5] - flops[1] > 0
+    proj = cost("carried", peft="prefix", prefix_tokens=5, prefix_projection=6)
+    table = cost("carried", peft="prefix", prefix_tokens=5)
+    kv = kv_heads * head_dim
+    assert proj.edge.flops - table.edge.flops == 3 * 2 * 5 * (kv * 6 + 6 * L * 2 * kv)  # the encoder MLP, fwd + bwd
+    assert proj.edge.trained_params == 5 * kv + kv * 6 + 6 + 6 * L * 2 * kv + L * 2 * kv
+    assert (proj.bytes_up, proj.bytes_down) == (table.bytes_up, table.bytes_down)  # the wire never sees the MLP
+
+
+@pytest.mark.parametrize("projection", [None, 16])
+def test_prefix_parameters_are_prefix_sets(tiny, projection):
+    """The trained weights the cost model counts are PrefixSet's (PEFT's PrefixEncoder: token_dim = kv_dim for GQA)."""
+    from model.tuners.prefix import PrefixConfig, PrefixSet
+    shape = shape_from_dict("tiny-llama", tiny.model.config.to_dict())
+    assert shape.kv_heads < shape.heads  # GQA: the prefixes are sized by the kv heads
+    for V in (1, 7):
+        w = Workload(peft="prefix", prefix_tokens=V, prefix_projection=projection)
+        ps = PrefixSet(tiny.model, PrefixConfig(V, projection))
+        assert prefix_params(shape, w) == sum(p.numel() for p in ps.parameters())
+        assert ps.prefix_shape() == [shape.kv_heads, V, shape.head_dim]
+
+
+def test_prefix_has_only_the_carried_remote_path_and_its_mistakes_are_one_line():
+    w = dataclasses.replace(W, peft="prefix")
+    assert set(paths_for(w)) == set(PATHS) - {"split", "dlora"}
+    assert "--cloud-lora carried" in path_problem("split", w) and "--cloud-lora carried" in path_problem("dlora", w)
+    assert "--prefix-tokens must be at least 1" in path_problem("carried", dataclasses.replace(w, prefix_tokens=0))
+    assert "--prefix-projection" in path_problem("local-peft", dataclasses.replace(w, prefix_projection=0))
+    shape = HAND
+    for kw, needle in ((dict(cloud_lora="none"), "takes --cloud-lora carried"),
+                       (dict(cloud_lora="carried", prefix_tokens=0), "--prefix-tokens must be at least 1"),
+                       (dict(cloud_lora="carried", active_fraction=0.5), "no Kill & Revive")):
+        with pytest.raises(ValueError) as e:
+            method_setup(shape, "prefix", **kw)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    setup = method_setup(shape, "prefix", "carried", prefix_tokens=4)
+    assert setup.lora_targets == ("prefix",) and setup.virtual_tokens == 0 and setup.carried
+    assert setup.carried_shapes(shape, "prefix") == {"prefix_key": [1, 4, 4], "prefix_value": [1, 4, 4]}
+
+
+def test_federated_prefix_exchanges_its_table_or_its_encoder():
+    n, header = W.local_steps, 128
+    table = cost("federated", peft="prefix", prefix_tokens=5)
+    assert table.bytes_up * n == 4 * 5 * 4 * 2 * 4 + header  # prompt_embeddings [V, L x 2 x kv_dim]
+    proj = cost("federated", peft="prefix", prefix_tokens=5, prefix_projection=6)
+    assert proj.bytes_up * n == 4 * proj.edge.trained_params + header * 5  # embedding, two linears with biases
 
 
 # ---- the command line ----------------------------------------------------------------------------------------------
@@ -179,6 +258,11 @@ def test_predict_peft_lists_the_methods_paths(capsys):
     main([*common, "--lora-dora", "--paths", "split,carried"])
     out = capsys.readouterr().out
     assert any(line.split()[:2] == ["carried", "dora"] for line in out.splitlines())
+    main([*common, "--peft", "prefix", "--prefix-tokens", "30", "--prefix-projection", "64"])
+    out = capsys.readouterr().out
+    assert "prefix tuning: 30 virtual keys and values" in out and "encoder MLP of hidden 64" in out
+    assert any(line.split()[:2] == ["carried", "prefix"] for line in out.splitlines())
+    assert not any(line.split()[:1] == ["split"] for line in out.splitlines())
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -189,6 +273,13 @@ def test_predict_peft_lists_the_methods_paths(capsys):
     (["--peft", "ia3", "--lora-dora"], "--lora-dora is an option of --peft lora"),
     (["--peft", "prompt", "--prompt-tokens", "0"], "at least 1"),
     (["--peft", "ia3", "--ia3-feedforward", "q_proj"], "not among the (IA)³ targets"),
+    (["--peft", "prefix", "--paths", "split"], "it takes --cloud-lora carried"),
+    (["--peft", "prefix", "--paths", "dlora"], "--peft prefix has no dlora path"),
+    (["--prefix-tokens", "5"], "--prefix-tokens is an option of --peft prefix, not of --peft lora"),
+    (["--peft", "prompt", "--prefix-projection", "8"], "--prefix-projection is an option of --peft prefix"),
+    (["--peft", "prefix", "--prefix-tokens", "0"], "--prefix-tokens must be at least 1"),
+    (["--peft", "prefix", "--prefix-projection", "0"], "--prefix-projection must be at least 1"),
+    (["--peft", "prefix", "--active-fraction", "0.5"], "Kill & Revive"),
 ])
 def test_a_method_s_mistake_is_a_usage_error(flags, needle, capsys):
     from cli.main import main as tandem

@@ -18,8 +18,8 @@ from protocol.federation import csv, exchanged_state, load_exchanged
 def initial_adapter(model, cfg) -> dict[str, np.ndarray]:
     """The round-1 adapter at the sites the devices will train, as a round carries it (protocol/federation.py
     `exchange`), PEFT's init seeded by `seed`: LoRA's A Kaiming-uniform and B zero (DoRA's magnitudes the base
-    weights' row norms), (IA)³'s vectors one, prompt tuning's tokens random (or the init text's), P-tuning's encoder
-    as PEFT builds it."""
+    weights' row norms), (IA)³'s vectors one, prompt tuning's tokens random (or the init text's), P-tuning's and
+    prefix tuning's encoder as PEFT builds it (without a projection: the prefix table, random normal)."""
     torch.manual_seed(cfg.seed)
     return {k: v.numpy() for k, v in exchanged_state(method_set(model, cfg), cfg).items()}
 
@@ -27,7 +27,8 @@ def initial_adapter(model, cfg) -> dict[str, np.ndarray]:
 def method_set(model, cfg):
     """The `peft` method's set of trainable weights (model/tuners/) at the sites the devices train, built from the
     same settings as the devices' edge/methods.py `tuner_set`: a site method (lora, ia3) at the devices' own blocks,
-    and with DLoRA or carried the cloud's too; an input method (prompt, ptuning) at no block."""
+    and with DLoRA or carried the cloud's too; an input method (prompt, ptuning) at no block; prefix tuning at every
+    layer (PEFT's PrefixTuningConfig has no layer choice; the cloud blocks' prefixes ride each step, carried)."""
     if METHODS[cfg.peft].kind == "input":
         from model.tuners.prompt import PromptConfig, PromptSet
         tokenizer = None
@@ -37,6 +38,9 @@ def method_set(model, cfg):
             tokenizer = load_tokenizer(cfg.model) or T.tiny_tokenizer()
         return PromptSet(model, PromptConfig(cfg.peft, cfg.prompt_tokens, cfg.prompt_init_text or None,
                                              cfg.ptuning_hidden or None), tokenizer)
+    if cfg.peft == "prefix":  # as edge/methods.py `_prefix_config`: prefix-projection 0 is none
+        from model.tuners.prefix import PrefixConfig, PrefixSet
+        return PrefixSet(model, PrefixConfig(cfg.prefix_tokens, cfg.prefix_projection or None))
     cut = cut_of(model, cfg.cut_bottom, cfg.cut_top)
     blocks = sorted([*cut.bottom, *cut.top] + (list(cut.cloud) if cfg.cloud_lora != "none" else []))
     if cfg.peft == "ia3":
@@ -54,7 +58,8 @@ def _tensors(adapter: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model, cfg, adapter: dict[str, np.ndarray], path: Path) -> Path:
-    """The global adapter (a round's form) written in PEFT's format; for P-tuning the encoder's output."""
+    """The global adapter (a round's form) written in PEFT's format; for P-tuning and prefix tuning with a
+    projection the encoder's output (PEFT loads it as a table without the encoder)."""
     tuners = method_set(model, cfg)
     load_exchanged(tuners, _tensors(adapter), cfg)
     return tuners.save_peft(path, cfg.model)
@@ -65,8 +70,10 @@ def effective_weights(model, cfg) -> Effective:
     rsLoRA: B A per site (the constant scaling cancels). DoRA: the change of each adapted weight,
     m (W + s B A) / ||W + s B A|| - W (row norms). (IA)³, prompt tuning: the parameters (the adapted weight l * W is
     linear in l; the tokens are the parameters): their deviation is float rounding. P-tuning: the encoder's output,
-    the virtual tokens. Bottleneck adapters: each site's adapter output up(act(down(y))) on a fixed random probe y
-    (16 rows, seeded): what an adapter adds to its site's output."""
+    the virtual tokens. Prefix tuning: the prefixes, the encoder's output (without a projection the exchanged table
+    itself, as prompt tuning's tokens; with one the MLP's output, in float64). Bottleneck adapters: each site's
+    adapter output up(act(down(y))) on a fixed random probe y (16 rows, seeded): what an adapter adds to its site's
+    output."""
     if cfg.peft in ("ia3", "prompt"):
         return as_float64
     if cfg.peft == "adapter":
@@ -88,6 +95,17 @@ def effective_weights(model, cfg) -> Effective:
             with torch.no_grad():
                 return {"prompt_embeddings": tuners.prompts()[0].double().numpy()}
         return prompts
+    if cfg.peft == "prefix":
+        if cfg.exchange == "peft":  # no projection: the exchanged table is the prefixes
+            return as_float64
+        tuners = method_set(model, cfg).double()  # the encoder's output in float64: only the MLP's deviation shows
+
+        def prefixes(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            load_exchanged(tuners, {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in adapter.items()},
+                           cfg)
+            with torch.no_grad():
+                return {"prompt_embeddings": tuners.flat().numpy()}
+        return prefixes
     if not cfg.lora_dora:
         return lora_products
     tuners = method_set(model, cfg)

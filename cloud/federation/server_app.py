@@ -1,5 +1,5 @@
 """The Tandem ServerApp: rounds of federated PEFT training (LoRA, DoRA, rsLoRA, (IA)³, bottleneck adapters, prompt
-tuning, P-tuning: `peft` and its options), aggregated on the cloud side.
+tuning, P-tuning, prefix tuning: `peft` and its options), aggregated on the cloud side.
 
 The ServerApp holds the global adapter and, unless told where one runs (`cloud-address`), hosts the one backbone
 service every device trains through. Round r:
@@ -16,15 +16,15 @@ service every device trains through. Round r:
 The server builds the round-1 adapter with the devices' method at the devices' sites (`method_set`, from the same
 settings as the devices' edge/methods.py `tuner_set`), seeded: every device starts from it. Round 0 evaluates it
 (LoRA's B = 0, (IA)³'s vectors = 1 and the adapters' up = 0 leave the backbone as it is: zero-shot; prompt tuning's
-random virtual tokens do not). The arrays exchanged are the method's PEFT state dict, except P-tuning's, whose devices exchange the prompt
-encoder's weights (protocol/federation.py `exchange`): PEFT saves only the encoder's output, and a set loaded from
-that trains the virtual tokens without the encoder. At the end the global adapter is saved in PEFT format to
-<out-dir>/adapter (for P-tuning: the averaged encoder's output; bottleneck adapters in Tandem's format, which PEFT
-has not). Settings that cannot run (a method with a
---cloud-lora mode it has no wire pattern for, another method's options, FFA-LoRA with a method that has no A to
-freeze) fail in `FederationConfig.check` with one line, before the backbone loads. Configuration comes from the run
-config ([tool.flwr.app.config] in pyproject.toml, `flwr run . --run-config ...`), or, under `tandem federate`, from
-`make_server_app(config)`.
+random virtual tokens and prefixes do not). The arrays exchanged are the method's PEFT state dict, except
+P-tuning's and prefix tuning's with a projection, whose devices exchange the encoder's weights (protocol/federation.py
+`exchange`): PEFT saves only the encoder's output, and a set loaded from that trains the virtual tokens (prefixes)
+without the encoder. At the end the global adapter is saved in PEFT format to <out-dir>/adapter (for P-tuning and a
+prefix projection: the averaged encoder's output; bottleneck adapters in Tandem's format, which PEFT has not).
+Settings that cannot run (a method with a --cloud-lora mode it has no wire pattern for, another method's options,
+FFA-LoRA with a method that has no A to freeze) fail in `FederationConfig.check` with one line, before the backbone
+loads. Configuration comes from the run config ([tool.flwr.app.config] in pyproject.toml, `flwr run . --run-config
+...`), or, under `tandem federate`, from `make_server_app(config)`.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ from model.load import load_model
 from model.tuners import METHODS
 
 
-FEDERATED = ("lora", "ia3", "adapter", "prompt", "ptuning")  # the PEFT methods a federation trains (`method_set`)
+FEDERATED = ("lora", "ia3", "adapter", "prompt", "ptuning", "prefix")  # the methods a federation trains (`method_set`)
 
 
 @dataclass
@@ -132,8 +132,13 @@ class FederationConfig(DeviceSettings):
         if self.ptuning_hidden < 0:
             raise ValueError(f"ptuning-hidden must be at least 1 (0: the model's hidden size), got "
                              f"{self.ptuning_hidden}")
-        if self.peft == "ptuning" and self.local_steps < 1:
-            raise ValueError("peft ptuning needs local-steps of at least 1: a device loads the round's encoder "
+        if self.prefix_tokens < 1:
+            raise ValueError(f"prefix-tokens must be at least 1, got {self.prefix_tokens}")
+        if self.prefix_projection < 0:
+            raise ValueError(f"prefix-projection must be at least 1 (the MLP's hidden size; 0: none), got "
+                             f"{self.prefix_projection}")
+        if self.exchange == "encoder" and self.local_steps < 1:
+            raise ValueError(f"peft {self.peft} needs local-steps of at least 1: a device loads the round's encoder "
                              "weights at its first step")
         if self.emulator_devices and (not self.emulator_bundle or self.cloud_lora != "none"):
             raise ValueError("devices on the offsite emulator need emulator-bundle, and split training (cloud-lora "

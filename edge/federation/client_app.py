@@ -1,12 +1,13 @@
 """The Tandem ClientApp: one edge device of a federation. Its data never leaves it.
 
 Each round the ServerApp sends the global adapter of the federation's PEFT method (`peft`: LoRA with its DoRA and
-rsLoRA variants, (IA)³, bottleneck adapters, prompt tuning, P-tuning) and the round's instructions (a ConfigRecord, keys below). The device
-starts from that adapter, trains `local-steps` steps on its own data, and replies with its adapter, in the same wire
-dtype and key order, plus metrics: its number of training examples (the FedAvg weight), its loss, and the split
-traffic of every step. The adapter is the method's PEFT state dict, or for P-tuning the prompt encoder's own weights
-(protocol/federation.py `exchange`; PEFT's form of it is the encoder's output, which loads as a table without the
-encoder). Two ways to train, per device:
+rsLoRA variants, (IA)³, bottleneck adapters, prompt tuning, P-tuning, prefix tuning) and the round's instructions
+(a ConfigRecord, keys below). The device starts from that adapter, trains `local-steps` steps on its own data, and
+replies with its adapter, in the same wire dtype and key order, plus metrics: its number of training examples (the
+FedAvg weight), its loss, and the split traffic of every step. The adapter is the method's PEFT state dict, or for
+P-tuning and prefix tuning with a projection the encoder's own weights (protocol/federation.py `exchange`; PEFT's
+form of it is the encoder's output, which loads as a table without the encoder). Prefix tuning trains carried
+(cloud-lora carried): the cloud blocks' prefixes ride each step. Two ways to train, per device:
   cloud     through the shared cloud backbone, split, DLoRA or carried (the ordinary `edge.trainer.train`)
   emulator  locally, on an offsite-tuning bundle (adapter blocks + a compressed emulator of the middle,
             `tandem offsite build`): no cloud traffic at all; plain LoRA only. The bundle's adapter blocks must be
@@ -57,6 +58,8 @@ def method_flags(ins: Instructions) -> dict:
         return dict(peft="ia3", ia3_targets=csv(ins.ia3_targets), ia3_feedforward=csv(ins.ia3_feedforward))
     if ins.peft == "adapter":
         return dict(peft="adapter", adapter_reduction=ins.adapter_reduction, adapter_targets=csv(ins.adapter_targets))
+    if ins.peft == "prefix":  # prefix-projection 0: none (the edge's --prefix-projection default)
+        return dict(peft="prefix", prefix_tokens=ins.prefix_tokens, prefix_projection=ins.prefix_projection or None)
     flags = dict(peft=ins.peft, prompt_tokens=ins.prompt_tokens)
     if ins.prompt_init_text:
         flags["prompt_init_text"] = ins.prompt_init_text
@@ -200,9 +203,9 @@ def backbone_of(ins: Instructions) -> Loaded:
 
 def train_through_cloud(ins: Instructions, start: dict[str, torch.Tensor], path: str):
     """`local-steps` steps through the cloud from the round's adapter: (the trained adapter in the round's form,
-    the step records, the cloud's session counts). P-tuning's adapter is its encoder's weights, which the trainer's
-    `initial_adapter` (PEFT's form) cannot take: they are put in before the first step, in place (the optimizer
-    holds the same parameters and has no state yet)."""
+    the step records, the cloud's session counts). P-tuning's adapter (and prefix tuning's with a projection) is its
+    encoder's weights, which the trainer's `initial_adapter` (PEFT's form) cannot take: they are put in before the
+    first step, in place (the optimizer holds the same parameters and has no state yet)."""
     cfg = edge_config(ins, path, ins.local_steps)
     if ins.exchange == "peft":
         result = train_edge(cfg, loaded=backbone_of(ins), initial_adapter=start)
@@ -216,7 +219,8 @@ def train_through_cloud(ins: Instructions, start: dict[str, torch.Tensor], path:
 
         result = train_edge(cfg, loaded=backbone_of(ins), step_hook=load_round)
         if not loaded:
-            raise RuntimeError("the round's prompt encoder was never loaded: no training step ran (local-steps 0?)")
+            raise RuntimeError(f"the round's {ins.peft} encoder was never loaded: no training step ran (local-steps "
+                               f"0?)")
     return exchanged_state(result.model.lora, ins), result.metrics["steps"], result.metrics.get("cloud_session", {})
 
 

@@ -20,7 +20,8 @@ every site:   || E(merged) - sum_i p_i E(client_i) ||_F  /  || sum_i p_i E(clien
 with p_i the clients' weights, `start` the adapter the round started from, and E the method's effective weights
 (the server gives it, server_app.py `effective_weights`): by default LoRA's products B A (`lora_products`), for DoRA
 the adapted weight's change, for (IA)³ and prompt tuning the trained parameters themselves (their deviation is then
-float rounding: FedAvg of them is exact), for P-tuning the encoder's output, the virtual tokens. Zero means the merge
+float rounding: FedAvg of them is exact), for P-tuning the encoder's output, the virtual tokens, for prefix tuning the
+prefixes (the encoder's output; without a projection its table, exact like prompt tuning's). Zero means the merge
 averaged what the clients' adapters do exactly.
 """
 from __future__ import annotations
