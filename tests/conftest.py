@@ -106,6 +106,23 @@ def train_edge_steps(em, batches, lr: float = 1e-2) -> list[float]:
     return losses
 
 
+def assert_peft_reproduces_edge(em, model, folder, batches, virtual: int = 0):
+    """The adapter the edge saves in `folder` loads with `peft.PeftModel.from_pretrained` onto (a copy of) the full
+    `model` and gives the edge's logits at each batch's answer positions within 1e-4; `virtual`: the V positions a
+    prompt method's PEFT output has first. Returns the PEFT model."""
+    import peft
+    em.lora.save_peft(folder, "tiny-llama")
+    full = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(folder)).eval()
+    em.eval()
+    with torch.no_grad():
+        for b in batches:
+            _, edge_logits = em.loss(b)
+            peft_logits = full(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, virtual:]
+            rows = torch.arange(len(b))
+            assert (edge_logits - peft_logits[rows, b.answer_pos]).abs().max().item() <= 1e-4
+    return full
+
+
 def grpc_dlora_edge(loaded):
     """A gRPC cloud serving a copy of `loaded`, and a DLoRA edge on another copy connected to it: (the started
     server, (edge model, tokenizer, link)). The caller stops the server; a failed connection stops it here."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import peft
 import pytest
 import torch
 
@@ -13,7 +12,7 @@ from edge.config import EdgeConfig
 from edge.methods import check_method
 from protocol import pb
 from protocol.step import StepPlan
-from tests.conftest import make_edge, sst2_batches, train_edge_steps
+from tests.conftest import assert_peft_reproduces_edge, make_edge, sst2_batches, train_edge_steps
 from tests.reference import peft_local as ref
 
 STEPS, LR = 20, 1e-2
@@ -61,14 +60,7 @@ def test_twenty_steps_match_peft_and_the_adapter_loads_there(cloud, tiny, tmp_pa
         assert len(sent) == len(em.cloud.lora_blocks) * len(em.cloud.targets)
         assert all({f.name for f, v in w.ListFields() if isinstance(v, pb.Tensor)} == fields for w in sent)
 
-    em.lora.save_peft(tmp_path / "adapter", "tiny-llama")
-    full = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(tmp_path / "adapter")).eval()
-    em.eval()
-    with torch.no_grad():
-        for b in batches[:3]:
-            peft_logits = full(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-            rows = torch.arange(len(b))
-            assert (edge_logits(em, b) - peft_logits[rows, b.answer_pos]).abs().max().item() <= 1e-4
+    assert_peft_reproduces_edge(em, tiny.model, tmp_path / "adapter", batches[:3])
     link.close()
 
 

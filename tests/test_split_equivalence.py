@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import copy
 
-import peft
 import pytest
-import torch
 
 import tasks as T
 from tests.reference import peft_local as ref
-from tests.conftest import make_edge, randomize_lora_b, sst2_batches, train_edge_steps
+from tests.conftest import (assert_peft_reproduces_edge, make_edge, randomize_lora_b, sst2_batches,
+                            train_edge_steps)
 
 STEPS, LR = 20, 1e-2
 
@@ -45,15 +44,7 @@ def test_twenty_steps_match_local_peft(cloud, tiny, tmp_path, cloud_lora):
     assert split_losses[-1] < split_losses[0]
 
     # The adapter the edge saves loads with PEFT onto the full model and reproduces the edge's logits.
-    em.lora.save_peft(tmp_path / "adapter", "tiny-llama")
-    full = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(tmp_path / "adapter")).eval()
-    em.eval()
-    with torch.no_grad():
-        for b in batches[:3]:
-            _, edge_logits = em.loss(b)
-            peft_logits = full(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-            rows = torch.arange(len(b))
-            assert (edge_logits - peft_logits[rows, b.answer_pos]).abs().max().item() <= 1e-4
+    assert_peft_reproduces_edge(em, tiny.model, tmp_path / "adapter", batches[:3])
     link.close()
 
 

@@ -21,7 +21,9 @@ from model.tuners.prefix import PrefixConfig, PrefixSet
 from protocol import pb
 from protocol.step import StepPlan
 from tests.cli_helpers import refused
-from tests.conftest import CloudHandle, TOKENS, make_edge, sst2_batches, train_edge_steps
+from tests.conftest import (TOKENS, CloudHandle, assert_peft_reproduces_edge, make_edge, sst2_batches,
+                            train_edge_steps)
+from tests.reference import peft_local as ref
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,21 +41,12 @@ def peft_reference(model, ps: PrefixSet):
 
 
 def peft_hidden(pm, batch: T.Batch) -> torch.Tensor:
-    return pm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states[-1]
+    out = pm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+    return out.hidden_states[-1]
 
 
 def train_peft(pm, batches) -> list[float]:
-    head, task = pm.base_model.get_output_embeddings(), T.TASKS["sst2"]
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-    pm.train()
-    losses = []
-    for b in batches:
-        opt.zero_grad(set_to_none=True)
-        loss, _ = T.loss_from_hidden(task, peft_hidden(pm, b), b, head)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return ref.train_steps(pm, T.TASKS["sst2"], batches, LR, hidden_of=peft_hidden)[0]
 
 
 def randomize(ps: PrefixSet, seed: int = 3) -> None:
@@ -126,16 +119,8 @@ def test_twenty_steps_match_peft_and_the_adapter_loads_in_peft(cloud, tiny, tmp_
     gap = ps.peft_state_dict()["prompt_embeddings"] - peft.get_peft_model_state_dict(pm)["prompt_embeddings"]
     assert gap.abs().max().item() <= 1e-4
 
-    ps.save_peft(tmp_path / "adapter", "tiny-llama")
-    full = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(tmp_path / "adapter")).eval()
+    full = assert_peft_reproduces_edge(em, tiny.model, tmp_path / "adapter", batches[:3])
     assert full.peft_config["default"].peft_type == "PREFIX_TUNING"
-    em.eval()
-    with torch.no_grad():
-        for b in batches[:3]:
-            _, edge_logits = em.loss(b)
-            peft_logits = full(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-            rows = torch.arange(len(b))
-            assert (edge_logits - peft_logits[rows, b.answer_pos]).abs().max().item() <= 1e-4
     link.close()
 
 

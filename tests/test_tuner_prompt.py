@@ -15,7 +15,8 @@ import torch
 import tasks as T
 from model.tuners.prompt import PromptConfig, PromptSet
 from tests.cli_helpers import refused, train_args
-from tests.conftest import CloudHandle, make_edge, sst2_batches, train_edge_steps
+from tests.conftest import CloudHandle, assert_peft_reproduces_edge, make_edge, sst2_batches, train_edge_steps
+from tests.reference import peft_local as ref
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,17 +41,7 @@ def peft_hidden(pm, batch: T.Batch) -> torch.Tensor:
 
 
 def train_peft(pm, batches) -> list[float]:
-    head, task = pm.base_model.get_output_embeddings(), T.TASKS["sst2"]
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-    pm.train()
-    losses = []
-    for b in batches:
-        opt.zero_grad(set_to_none=True)
-        loss, _ = T.loss_from_hidden(task, peft_hidden(pm, b), b, head)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return ref.train_steps(pm, T.TASKS["sst2"], batches, LR, hidden_of=peft_hidden)[0]
 
 
 # ---------------------------------------------------------------------------------------------- the set vs PEFT
@@ -145,16 +136,8 @@ def test_twenty_steps_match_peft_and_the_adapter_loads_in_peft(cloud, tiny, tmp_
     assert gap.abs().max().item() <= 1e-4
 
     # The adapter the edge saves loads with PEFT onto the full model and reproduces the edge's logits.
-    ps.save_peft(tmp_path / "adapter", "tiny-llama")
-    full = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.model), str(tmp_path / "adapter")).eval()
+    full = assert_peft_reproduces_edge(em, tiny.model, tmp_path / "adapter", batches[:3], virtual=V)
     assert full.peft_config["default"].peft_type == {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING"}[method]
-    em.eval()
-    with torch.no_grad():
-        for b in batches[:3]:
-            _, edge_logits = em.loss(b)
-            peft_logits = full(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, V:]
-            rows = torch.arange(len(b))
-            assert (edge_logits - peft_logits[rows, b.answer_pos]).abs().max().item() <= 1e-4
     link.close()
 
 

@@ -69,6 +69,51 @@ def copy_from_state(state: dict, wanted, what: str) -> None:
         raise KeyError(f"adapter lacks {len(missing)} {what}, e.g. {missing[:3]}")
 
 
+STATE_KEY = "prompt_embeddings"  # PEFT's one key for the prompt-learning methods (prompt, P-, prefix tuning)
+
+
+class SavedTableSet(nn.Module):
+    """What the prompt-learning sets share (PromptSet, PrefixSet): PEFT saves one table, `prompt_embeddings`, the
+    encoder's output for the V virtual tokens; a set whose encoder has an MLP loads it as PEFT's inference form, a
+    table with no MLP (what `PeftModel.from_pretrained` builds; training it on trains the table directly).
+
+    A subclass has `peft_type`, `num_virtual`, `encoder` (whose `embedding.weight` is the table), `inference`,
+    `_config(base_model_name=, inference_mode=)`, and gives `_output()` (the encoder's output, [V, width]),
+    `_width`, `_tokens_flag` (the flag that sets V) and `_inference_encoder()` (PEFT's inference form of its
+    encoder, or None when the encoder's table already is what PEFT saves)."""
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """PEFT's saved form (PeftModel.get_prompt_embedding_to_save): the encoder's output, [V, width]."""
+        with torch.no_grad():
+            return {STATE_KEY: self._output().detach().cpu().contiguous()}
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load PEFT's saved form into the table (first switching an MLP encoder to PEFT's inference form)."""
+        key = next((k for k in (STATE_KEY, f"{STATE_KEY}.default") if k in state), None)
+        if key is None:
+            raise KeyError(f"adapter lacks {STATE_KEY!r} (a {self.peft_type} adapter holds only that), it has "
+                           f"{sorted(state)[:3]}")
+        weights = state[key]
+        want = (self.num_virtual, self._width)
+        if tuple(weights.shape) != want:
+            raise ValueError(f"{key}: shape {tuple(weights.shape)} != {want} ({self._tokens_flag} {want[0]} here)")
+        table = self.encoder.embedding.weight
+        if not self.inference and (encoder := self._inference_encoder()) is not None:
+            self.encoder, self.inference = encoder.to(table.device, table.dtype), True
+            table = self.encoder.embedding.weight
+        with torch.no_grad():
+            table.copy_(weights.to(table.dtype))
+
+    def save_peft(self, path: str | Path, base_model_name: str = "") -> Path:
+        """adapter_config.json (inference_mode true, as PeftModel.save_pretrained writes it) and
+        adapter_model.safetensors in `path` (`save_adapter`)."""
+        return save_adapter(path, lambda base: self._config(base_model_name=base, inference_mode=True),
+                            self.peft_state_dict(), base_model_name)
+
+    def load_peft(self, path: str | Path) -> None:
+        self.load_peft_state_dict(load_adapter_state(path))
+
+
 class SiteModules(nn.Module):
     """What the (IA)³ and adapter sets share: `sites`, (block, site name) -> that site's module, made by
     `make(base linear, site name)` from a model's blocks, and `prefixes`, each one's module path in the full model."""

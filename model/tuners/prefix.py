@@ -24,16 +24,12 @@ windows, per-layer attention types, shared KV) are refused by `check_prefix_fami
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
-from torch import nn
 
 from model.segments import family_of
-from model.tuners.base import load_adapter_state, save_adapter
+from model.tuners.base import SavedTableSet
 
-STATE_KEY = "prompt_embeddings"  # PEFT's one key for the prompt-learning methods
-PREFIX_SITE = "prefix"  # the carried site name of a block's prefix (SiteWeights.target)
 
 
 @dataclass
@@ -90,7 +86,7 @@ def prefix_cache(prefixes: LayerPrefixes, batch: int, num_layers: int, like: tor
     return DynamicCache(layers)
 
 
-class PrefixSet(nn.Module):
+class PrefixSet(SavedTableSet):
     """Every layer's prefixes of one model: `encoder` is PEFT's PrefixEncoder. Built from the full model's config."""
 
     def __init__(self, model, cfg: PrefixConfig):
@@ -147,40 +143,23 @@ class PrefixSet(nn.Module):
         """PEFT's PrefixTuningConfig (training form: `get_peft_model` builds this set's encoder)."""
         return self._config(base_model_name=base_model_name)
 
-    def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """PEFT's saved form (get_prompt_embedding_to_save): the prefixes, [V, layers x 2 x kv dim]."""
-        with torch.no_grad():
-            return {STATE_KEY: self.flat().detach().cpu().contiguous()}
+    # ---- PEFT's saved form (model/tuners/base.py SavedTableSet): the prefixes, [V, layers x 2 x kv dim]; with a
+    # projection the MLP's output, loaded back as PEFT's inference encoder
+    _tokens_flag = "--prefix-tokens"
 
-    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load PEFT's saved form. Without a projection: the table. With one: the encoder becomes PEFT's inference
-        form, the saved prefixes as a table with no MLP (what `PeftModel.from_pretrained` builds)."""
-        key = next((k for k in (STATE_KEY, f"{STATE_KEY}.default") if k in state), None)
-        if key is None:
-            raise KeyError(f"adapter lacks {STATE_KEY!r} (a PREFIX_TUNING adapter holds only that), it has "
-                           f"{sorted(state)[:3]}")
-        weights = state[key]
-        want = (self.num_virtual, 2 * self.num_layers * self._dims.token_dim)
-        if tuple(weights.shape) != want:
-            raise ValueError(f"{key}: shape {tuple(weights.shape)} != {want} (--prefix-tokens {want[0]} here)")
-        table = self.encoder.embedding.weight
-        if self.cfg.projection is not None and not self.inference:
-            from peft.tuners.prefix_tuning import PrefixEncoder
-            self.encoder = PrefixEncoder(replace(self._dims, inference_mode=True)).to(table.device, table.dtype)
-            self.inference = True
-            table = self.encoder.embedding.weight
-        with torch.no_grad():
-            table.copy_(weights.to(table.dtype))
+    @property
+    def _width(self) -> int:
+        return 2 * self.num_layers * self._dims.token_dim
 
-    def save_peft(self, path: str | Path, base_model_name: str = "") -> Path:
-        """adapter_config.json (inference_mode true, as PeftModel.save_pretrained writes it) and
-        adapter_model.safetensors in `path` (model/tuners/base.py `save_adapter`)."""
-        return save_adapter(path, lambda base: self._config(base_model_name=base, inference_mode=True),
-                            self.peft_state_dict(), base_model_name)
+    def _output(self) -> torch.Tensor:
+        return self.flat()
 
-    def load_peft(self, path: str | Path) -> None:
-        self.load_peft_state_dict(load_adapter_state(path))
+    def _inference_encoder(self):
+        if self.cfg.projection is None:
+            return None
+        from peft.tuners.prefix_tuning import PrefixEncoder
+        return PrefixEncoder(replace(self._dims, inference_mode=True))
 
 
-__all__ = ["LayerPrefixes", "PREFIX_SITE", "PrefixConfig", "PrefixSet", "check_prefix_config", "check_prefix_family",
+__all__ = ["LayerPrefixes", "PrefixConfig", "PrefixSet", "check_prefix_config", "check_prefix_family",
            "prefix_cache"]

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from model.segments import family_of
-from model.tuners.base import load_adapter_state, save_adapter
+from model.tuners.base import SavedTableSet
 
 PROMPT_METHODS = {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING"}
-STATE_KEY = "prompt_embeddings"  # PEFT's one key for both methods (BasePromptEncoder._get_adapter_state_dict)
 
 
 @dataclass
@@ -62,7 +60,7 @@ def text_init_ids(tokenizer, text: str, n: int) -> list[int]:
     return (ids * math.ceil(n / len(ids)))[:n]
 
 
-class PromptSet(nn.Module):
+class PromptSet(SavedTableSet):
     """The virtual tokens of one model: `encoder` is PEFT's PromptEmbedding (prompt) or PromptEncoder (ptuning).
     Built from the full model (its embedding gives the token dim and, for a text init, the start)."""
 
@@ -137,41 +135,22 @@ class PromptSet(nn.Module):
         """PEFT's PromptTuningConfig or PromptEncoderConfig (training form: `get_peft_model` builds this set)."""
         return self._config(base_model_name=base_model_name)
 
-    def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """PEFT's saved form (`get_peft_model_state_dict`): the V virtual tokens, [V, H]; for P-tuning the encoder's
-        output (PeftModel.get_prompt_embedding_to_save)."""
-        with torch.no_grad():
-            return {STATE_KEY: self.prompts()[0].detach().cpu().contiguous()}
+    # ---- PEFT's saved form (model/tuners/base.py SavedTableSet): the V virtual tokens, [V, H]; for P-tuning the
+    # encoder's output, loaded back as PEFT's inference encoder
+    _tokens_flag = "--prompt-tokens"
 
-    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load PEFT's saved form. Prompt tuning: the embeddings. P-tuning: the encoder becomes PEFT's inference form,
-        the saved tokens as a table with no MLP (what `PeftModel.from_pretrained` builds); training it on trains
-        the tokens directly."""
-        key = next((k for k in (STATE_KEY, f"{STATE_KEY}.default") if k in state), None)
-        if key is None:
-            raise KeyError(f"adapter lacks {STATE_KEY!r} (a {PROMPT_METHODS[self.method]} adapter holds only that), "
-                           f"it has {sorted(state)[:3]}")
-        weights = state[key]
-        want = (self.num_virtual, self._dims.token_dim)
-        if tuple(weights.shape) != want:
-            raise ValueError(f"{key}: shape {tuple(weights.shape)} != {want} (--prompt-tokens {want[0]} here)")
-        table = self.encoder.embedding.weight
-        if self.method == "ptuning" and not self.inference:
-            from peft.tuners.p_tuning import PromptEncoder
-            self.encoder = PromptEncoder(replace(self._dims, inference_mode=True)).to(table.device, table.dtype)
-            self.inference = True
-            table = self.encoder.embedding.weight
-        with torch.no_grad():
-            table.copy_(weights.to(table.dtype))
+    @property
+    def _width(self) -> int:
+        return self._dims.token_dim
 
-    def save_peft(self, path: str | Path, base_model_name: str = "") -> Path:
-        """adapter_config.json (inference_mode true, as PeftModel.save_pretrained writes it) and
-        adapter_model.safetensors in `path` (model/tuners/base.py `save_adapter`)."""
-        return save_adapter(path, lambda base: self._config(base_model_name=base, inference_mode=True),
-                            self.peft_state_dict(), base_model_name)
+    def _output(self) -> torch.Tensor:
+        return self.prompts()[0]
 
-    def load_peft(self, path: str | Path) -> None:
-        self.load_peft_state_dict(load_adapter_state(path))
+    def _inference_encoder(self):
+        if self.method != "ptuning":
+            return None
+        from peft.tuners.p_tuning import PromptEncoder
+        return PromptEncoder(replace(self._dims, inference_mode=True))
 
 
 __all__ = ["PromptConfig", "PromptSet", "PROMPT_METHODS", "check_prompt_config", "text_init_ids"]

@@ -26,12 +26,13 @@ def hidden(pm, batch: T.Batch) -> torch.Tensor:
     return backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
 
 
-def train_steps(pm, task: T.Task, batches, lr: float) -> tuple[list[float], list[float]]:
-    """Train on each batch once with AdamW; returns (losses, step seconds)."""
+def train_steps(pm, task: T.Task, batches, lr: float, hidden_of=hidden) -> tuple[list[float], list[float]]:
+    """Train on each batch once with AdamW; returns (losses, step seconds). `hidden_of(pm, batch)`: the final hidden
+    state (a prompt-learning PeftModel's own forward, which puts its virtual tokens or prefixes in)."""
     batches = list(batches)
-    head = pm.base_model.model.get_output_embeddings()
+    head = pm.get_base_model().get_output_embeddings()
     pm.train()
-    run = fit(lambda batch: T.loss_from_hidden(task, hidden(pm, batch), batch, head)[0],
+    run = fit(lambda batch: T.loss_from_hidden(task, hidden_of(pm, batch), batch, head)[0],
               [p for p in pm.parameters() if p.requires_grad], batches, FitOptions(steps=len(batches), lr=lr))
     return run.losses, run.seconds
 
