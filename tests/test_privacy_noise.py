@@ -55,9 +55,9 @@ def test_edge_sends_clipped_noised_hidden_and_still_trains(cloud, tiny, monkeypa
     sent, clean = [], []
     real_forward = type(em.cloud).forward
 
-    def spy(self, hidden, mask):  # what the RemoteCloud is about to encode and send
+    def spy(self, hidden, mask, *rest):  # what the RemoteCloud is about to encode and send
         sent.append(hidden.detach())
-        return real_forward(self, hidden, mask)
+        return real_forward(self, hidden, mask, *rest)
 
     monkeypatch.setattr(type(em.cloud), "forward", spy)
     batch = sst2_batches(1)[0]
