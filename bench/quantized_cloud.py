@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from cloud.quantize import MiB, quantize_blocks  # noqa: E402
+from cloud.quantize import MemoryReport, MiB, quantize_blocks  # noqa: E402
 from edge.trainer import EdgeConfig, train  # noqa: E402
 from model.load import load_model  # noqa: E402
 
@@ -66,8 +66,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_mode(args, loaded, mode: str, seed: int, tokens: Path) -> dict:
-    report = quantize_blocks(copy.deepcopy(loaded.model), mode)  # the same quantization the cloud does
+def run_mode(args, loaded, mode: str, report: MemoryReport, seed: int, tokens: Path) -> dict:
+    """One training run against a `--quantize mode` cloud; `report` is that quantization's weight count."""
     port = free_port()
     proc = start_cloud(args.model, mode, args.threads, tokens, port)
     try:
@@ -143,10 +143,12 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     modes = args.modes.split(",")
     runs: dict[str, dict[int, dict]] = {m: {} for m in modes}
+    # the same quantization the cloud does, counted once per mode (a seed changes the training, not the weights)
+    reports = {m: quantize_blocks(copy.deepcopy(loaded.model), m) for m in modes}
     for i, (seed, mode) in enumerate((s, m) for s in seeds for m in modes):
         print(f"[{i + 1}/{len(seeds) * len(modes)}] {mode}: {args.steps} steps of {args.batch_size}, lr {args.lr}, "
               f"seed {seed}", flush=True)
-        runs[mode][seed] = run_mode(args, loaded, mode, seed, tokens)
+        runs[mode][seed] = run_mode(args, loaded, mode, reports[mode], seed, tokens)
         print(f"  {json.dumps(runs[mode][seed])}", flush=True)
     rows = summarize(runs)
     print(table(rows))
