@@ -66,6 +66,9 @@ class PeftOptions:
 class NoiseConfig:
     sigma: float = 0.0  # privacy/defences/noise.py: Gaussian noise on the hidden state sent to the cloud, x its RMS
     clip: float | None = None  # ... after clipping each token's hidden vector to this L2 norm (not DP)
+    label_mask: float | None = field(default=None, metadata={
+        "help": "privacy/defences/labels.py: scale each example's gradient sent to the cloud by a secret random "
+                "sign x factor in [1/R, R], divided out on its way back (frozen split only)"})
 
 
 @dataclass

@@ -31,6 +31,7 @@ def check_method(cfg: EdgeConfig) -> None:
             "ptuning": " (P-tuning trains nothing in the cloud's blocks)",
             "prefix": " (every layer has a prefix, the cloud's too: they ride each step)"}.get(method, ""))
     _check_foreign_options(cfg)
+    _check_label_mask(cfg.noise.label_mask, mode)
     if mode == "carried" and cfg.lora.dropout > 0:
         raise ValueError("--cloud-lora carried runs the cloud blocks' LoRA on the cloud, which applies no dropout: "
                          "give --lora-dropout 0, or use --cloud-lora edge")
@@ -45,6 +46,22 @@ def check_method(cfg: EdgeConfig) -> None:
     if method == "prefix":
         from model.tuners.prefix import check_prefix_config
         check_prefix_config(_prefix_config(cfg))
+
+
+def _check_label_mask(scale_range: float | None, mode: str) -> None:
+    """--noise-label-mask: the secret factors divide out on the edge only where the cloud's backward is per-example
+    linear and nothing of it is summed over the batch (privacy/defences/labels.py)."""
+    if scale_range is None:
+        return
+    if scale_range < 1:
+        raise ValueError(f"--noise-label-mask is a scale range R >= 1 (factors in [1/R, R]), got {scale_range}")
+    if mode == "carried":
+        raise ValueError("--noise-label-mask cannot be used with --cloud-lora carried: the cloud sums the weight "
+                         "gradients over the batch's examples, so the per-example factors would not divide out; "
+                         "use --cloud-lora none")
+    if mode == "edge":
+        raise ValueError("--noise-label-mask cannot be used with --cloud-lora edge yet: DLoRA's branch replies are "
+                         "not masked, so the cloud LoRA's gradients would carry the factors; use --cloud-lora none")
 
 
 def _check_foreign_options(cfg: EdgeConfig) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from edge.link import CloudLink, StepFailed
 from model.sites import site_groups
+from privacy.defences.labels import mask_factors, per_row
 from protocol import pb
 from protocol.step import CARRIED_PARAMS, Traffic, carried_sites
 from protocol.tensors import WireError, decode, encode
@@ -108,6 +109,9 @@ class _CloudFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         remote, first = ctx.remote, [True]
         before = remote.lora_grads()
+        factors = None if remote.label_mask is None else mask_factors(grad_out.shape[0], remote.label_mask,
+                                                                       remote.mask_rng)
+        sent = grad_out if factors is None else grad_out * per_row(factors, grad_out)
 
         def attempt():
             if not first[0]:  # replay: a fresh stream, the forward again, then this backward
@@ -119,12 +123,14 @@ class _CloudFn(torch.autograd.Function):
                     ctx.exchange.stream.close()
                     raise
             first[0] = False
-            return ctx.exchange.backward(grad_out, ctx.carried)
+            return ctx.exchange.backward(sent, ctx.carried)
 
         try:
             grad_in, carried_grads = remote.link.call(attempt)
         finally:
             ctx.exchange = None
+        if factors is not None:  # the frozen cloud's backward is linear per example: divide each row's factor out
+            grad_in = grad_in / per_row(factors, grad_in)
         return (grad_in, None, None, None, None, *carried_grads)
 
 
@@ -133,9 +139,11 @@ class RemoteCloud(nn.Module):
     or the carried mode's LoRA, DoRA, (IA)³), or None (frozen)."""
 
     def __init__(self, link: CloudLink, wire_up: int, wire_down: int, lora=None, lora_blocks=(), targets=(),
-                 carried: str | None = None):
+                 carried: str | None = None, label_mask: float | None = None, seed: int = 0):
         super().__init__()
         self.link, self.wire_up, self.wire_down = link, wire_up, wire_down
+        # privacy/defences/labels.py: the secret per-example factors' range R, or None (gradients sent as they are)
+        self.label_mask, self.mask_rng = label_mask, torch.Generator().manual_seed(seed)
         self.lora_blocks = list(lora_blocks)
         self.targets = list(targets)
         # the carried method ("lora", "dora", "ia3"): the weights ride the step, no exchange; None: DLoRA or frozen

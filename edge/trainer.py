@@ -60,7 +60,7 @@ class EdgeModel(nn.Module):
         targets = () if not remote_blocks else (PREFIX_TARGET,) if self.prefix is not None else self.lora.cfg.targets
         self.cloud = RemoteCloud(link, wire_dtype(cfg.wire_up), wire_dtype(cfg.wire_down), self.lora if remote_blocks else None,
                                  remote_blocks, targets, carried=carried_method(cfg) if cfg.lora.cloud == "carried"
-                                 else None)
+                                 else None, label_mask=cfg.noise.label_mask, seed=cfg.optim.seed)
         self.noise_sigma, self.noise_clip = cfg.noise.sigma, cfg.noise.clip
 
     def hidden(self, batch: T.Batch) -> torch.Tensor:
