@@ -6,7 +6,8 @@ the attacks (privacy/audit/) run on it, session by session, with the base weight
 
   dictionary, in-context    tokens from `begin.hidden` of the first `--token-steps` training steps (needs the cut k:
                             `--k`, or the run's settings with `--run`)
-  label-norm, label-cosine  labels from `output_grad` at the answer position (training steps)
+  label-norm, label-cosine, labels from `output_grad` at the answer position (training steps); label-lines
+  label-lines               is blind to each gradient's sign and norm (the attack on --noise-label-mask)
   adapter                   each DLoRA cloud block's ΔW from `lora_request` / `lora_reply`, after 1, 2 and 10 steps;
                             in the carried mode, the A and B that every `begin` carries
 

@@ -69,6 +69,10 @@ class NoiseConfig:
     label_mask: float | None = field(default=None, metadata={
         "help": "privacy/defences/labels.py: scale each example's gradient sent to the cloud by a secret random "
                 "sign x factor in [1/R, R], divided out on its way back (frozen split only)"})
+    label_free: bool = field(default=False, metadata={
+        "help": "privacy/defences/labels.py: send the cloud the gradient of the label words' logit margin, which "
+                "does not depend on the label, and scale what comes back by dL/dmargin on the edge (two-class "
+                "tasks; trains the two-way label-word loss; frozen split only)"})
 
 
 @dataclass

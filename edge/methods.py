@@ -31,7 +31,7 @@ def check_method(cfg: EdgeConfig) -> None:
             "ptuning": " (P-tuning trains nothing in the cloud's blocks)",
             "prefix": " (every layer has a prefix, the cloud's too: they ride each step)"}.get(method, ""))
     _check_foreign_options(cfg)
-    _check_label_mask(cfg.noise.label_mask, mode)
+    _check_label_defences(cfg, mode)
     if mode == "carried" and cfg.lora.dropout > 0:
         raise ValueError("--cloud-lora carried runs the cloud blocks' LoRA on the cloud, which applies no dropout: "
                          "give --lora-dropout 0, or use --cloud-lora edge")
@@ -48,20 +48,32 @@ def check_method(cfg: EdgeConfig) -> None:
         check_prefix_config(_prefix_config(cfg))
 
 
-def _check_label_mask(scale_range: float | None, mode: str) -> None:
-    """--noise-label-mask: the secret factors divide out on the edge only where the cloud's backward is per-example
-    linear and nothing of it is summed over the batch (privacy/defences/labels.py)."""
-    if scale_range is None:
-        return
-    if scale_range < 1:
-        raise ValueError(f"--noise-label-mask is a scale range R >= 1 (factors in [1/R, R]), got {scale_range}")
-    if mode == "carried":
-        raise ValueError("--noise-label-mask cannot be used with --cloud-lora carried: the cloud sums the weight "
-                         "gradients over the batch's examples, so the per-example factors would not divide out; "
-                         "use --cloud-lora none")
-    if mode == "edge":
-        raise ValueError("--noise-label-mask cannot be used with --cloud-lora edge yet: DLoRA's branch replies are "
-                         "not masked, so the cloud LoRA's gradients would carry the factors; use --cloud-lora none")
+def _check_label_defences(cfg: EdgeConfig, mode: str) -> None:
+    """--noise-label-mask and --noise-label-free: the per-example factors apply on the edge only where the cloud's
+    backward is per-example linear and nothing of it is summed over the batch (privacy/defences/labels.py)."""
+    scale_range, given = cfg.noise.label_mask, []
+    if scale_range is not None:
+        if scale_range < 1:
+            raise ValueError(f"--noise-label-mask is a scale range R >= 1 (factors in [1/R, R]), got {scale_range}")
+        given.append("--noise-label-mask")
+    if cfg.noise.label_free:
+        given.append("--noise-label-free")
+    for flag in given:
+        if mode == "carried":
+            raise ValueError(f"{flag} cannot be used with --cloud-lora carried: the cloud sums the weight gradients "
+                             "over the batch's examples, so the per-example factors would not apply; use "
+                             "--cloud-lora none")
+        if mode == "edge":
+            raise ValueError(f"{flag} cannot be used with --cloud-lora edge yet: DLoRA's branch replies are not "
+                             "masked, so the cloud LoRA's gradients would carry the factors; use --cloud-lora none")
+
+
+def check_label_free(cfg: EdgeConfig, task) -> None:
+    """--noise-label-free needs a two-class classification task: its loss is a function of one logit margin."""
+    if cfg.noise.label_free and (task.kind != "classify" or task.num_classes != 2):
+        what = "a language-modelling task" if task.kind != "classify" else f"{task.num_classes} classes"
+        raise ValueError(f"--noise-label-free takes a two-class task (one logit margin), and {task.name} has {what}: "
+                         "drop --noise-label-free or use a two-class task (sst2, mrpc)")
 
 
 def _check_foreign_options(cfg: EdgeConfig) -> None:

@@ -131,6 +131,8 @@ class _CloudFn(torch.autograd.Function):
             ctx.exchange = None
         if factors is not None:  # the frozen cloud's backward is linear per example: divide each row's factor out
             grad_in = grad_in / per_row(factors, grad_in)
+        if remote.grad_scale is not None:  # the margin's gradient came back: times dL/dmargin, the chain rule
+            grad_in, remote.grad_scale = grad_in * per_row(remote.grad_scale, grad_in), None
         return (grad_in, None, None, None, None, *carried_grads)
 
 
@@ -144,6 +146,7 @@ class RemoteCloud(nn.Module):
         self.link, self.wire_up, self.wire_down = link, wire_up, wire_down
         # privacy/defences/labels.py: the secret per-example factors' range R, or None (gradients sent as they are)
         self.label_mask, self.mask_rng = label_mask, torch.Generator().manual_seed(seed)
+        self.grad_scale = None  # --noise-label-free: this step's dL/dmargin per example, applied to what comes back
         self.lora_blocks = list(lora_blocks)
         self.targets = list(targets)
         # the carried method ("lora", "dora", "ia3"): the weights ride the step, no exchange; None: DLoRA or frozen

@@ -24,13 +24,14 @@ from edge import runs
 from edge.config import EdgeConfig
 from edge.data import check_data, load_items
 from edge.link import CloudLink, StepFailed
-from edge.methods import carried_method, check_method, check_step_tokens, trained_blocks, tuner_set
+from edge.methods import carried_method, check_label_free, check_method, check_step_tokens, trained_blocks, tuner_set
 from edge.records import (StepRecord, board_eval, board_step, open_board, run_summary, step_record, summarize,
                           traffic_postfix)
 from edge.remote import RemoteCloud
 from model.load import DTYPES, fingerprint, load_model
 from model.segments import EdgeBottom, EdgeTop, cut_of, drop_blocks
 from model.training import Checkpoint, FitOptions, FitResult, endless_batches, evaluate as evaluate_hidden, fit
+from privacy.defences.labels import label_free_loss
 from privacy.defences.noise import add_gaussian_noise, clip_rows, rms
 from privacy.security.files import write_atomic
 from protocol.step import PREFIX_TARGET
@@ -62,8 +63,11 @@ class EdgeModel(nn.Module):
                                  remote_blocks, targets, carried=carried_method(cfg) if cfg.lora.cloud == "carried"
                                  else None, label_mask=cfg.noise.label_mask, seed=cfg.optim.seed)
         self.noise_sigma, self.noise_clip = cfg.noise.sigma, cfg.noise.clip
+        # --noise-label-free: the two label words' token ids, whose logit margin's gradient is what the cloud gets
+        self.label_free_ids = T.label_token_ids(self.task, tokenizer) if cfg.noise.label_free else None
 
-    def hidden(self, batch: T.Batch) -> torch.Tensor:
+    def cloud_output(self, batch: T.Batch):
+        """(the cloud blocks' output, the attention mask, the step's prefixes): all below the edge's top blocks."""
         h, mask = self.bottom.token_embeds(batch.input_ids), batch.attention_mask
         if self.prompt is not None:  # prompt, ptuning: the virtual tokens go first (as PEFT puts them before the
             h, mask = self.prompt.prepend(h, mask)  # positions); the cloud sees them too
@@ -73,12 +77,26 @@ class EdgeModel(nn.Module):
             h = clip_rows(h, self.noise_clip)
         if self.noise_sigma > 0:  # sigma relative to the RMS of what is sent, over real tokens
             h = add_gaussian_noise(h, self.noise_sigma * rms(h.detach(), mask))
-        h = self.cloud(h, mask, prefix)
-        h = self.top(h, mask, prefix)
+        return self.cloud(h, mask, prefix), mask, prefix
+
+    def hidden(self, batch: T.Batch) -> torch.Tensor:
+        return self.top_hidden(*self.cloud_output(batch))
+
+    def top_hidden(self, cloud_out, mask, prefix) -> torch.Tensor:
+        h = self.top(cloud_out, mask, prefix)
         return h if self.prompt is None else h[:, self.prompt.num_virtual:]  # the real tokens' positions
 
     def loss(self, batch: T.Batch):
-        return T.loss_from_hidden(self.task, self.hidden(batch), batch, self.top.lm_head)
+        if self.label_free_ids is None:
+            return T.loss_from_hidden(self.task, self.hidden(batch), batch, self.top.lm_head)
+        cloud_out, mask, prefix = self.cloud_output(batch)
+        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+
+        def label_logits(x):
+            return self.top.lm_head(self.top_hidden(x, mask, prefix)[rows, batch.answer_pos])[:, self.label_free_ids]
+        loss, self.cloud.grad_scale, free = label_free_loss(cloud_out, label_logits, batch.label)
+        to_cloud = (cloud_out * free).sum()  # its gradient into the cloud's output is `free`, the label-free one
+        return loss + (to_cloud - to_cloud.detach()), None
 
 
 @dataclass
@@ -95,6 +113,7 @@ def build_edge(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None):
     """Check the data, load the model, cut it, connect and open a session. Returns (edge_model, tokenizer, link)."""
     check_method(cfg)
     task = check_data(cfg)  # data errors before the model loads or a session opens
+    check_label_free(cfg, task)
     torch.manual_seed(cfg.optim.seed)
     loaded = loaded or load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
     tokenizer = loaded.tokenizer or T.tiny_tokenizer()

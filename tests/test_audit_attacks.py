@@ -71,8 +71,8 @@ def test_labels_come_back_from_the_gradients_the_cloud_receives(runs, mode):
     ex = out[mode][0][:STEPS]
     truth = torch.cat([b.label for b in batches])
     assert 0.2 < truth.float().mean() < 0.8  # both classes, so balanced accuracy means something
-    norm, cos = L.label_attack(ex, truth)
-    assert (norm.attack, cos.attack) == ("label-norm", "label-cosine") and cos.examples == truth.numel()
+    norm, cos, lines = L.label_attack(ex, truth)
+    assert (norm.attack, cos.attack, lines.attack) == L.ATTACKS and cos.examples == lines.examples == truth.numel()
     assert cos.balanced_accuracy >= 0.95 and cos.separation == cos.balanced_accuracy
     assert norm.separation >= 0.7  # as Li et al. find: norms alone separate the classes, if less cleanly
     assert norm.balanced_accuracy in (norm.separation, pytest.approx(1 - norm.separation))
@@ -81,6 +81,22 @@ def test_labels_come_back_from_the_gradients_the_cloud_receives(runs, mode):
                                                            cos.predicted == cos.predicted[0])
     with pytest.raises(ValueError, match="unknown label attacks"):
         L.label_attack(ex, truth, ["label-magic"])
+
+
+def test_the_lines_attack_reads_labels_through_a_sign_and_scale_mask():
+    """Two classes on two lines (a shared part plus or minus a label part, as p - onehot(y) gives), each gradient
+    times a random sign and scale: the cosine attack is at chance, the sign-blind lines attack reads every label."""
+    from privacy.defences.labels import mask_factors, per_row
+    g = torch.Generator().manual_seed(0)
+    n, width = 400, 32
+    label = torch.randint(0, 2, (n,), generator=g)
+    shared, part = torch.randn(width, generator=g), torch.randn(width, generator=g)
+    grads = shared + (2 * label - 1)[:, None] * part + 0.05 * torch.randn(n, width, generator=g)
+    masked = grads * per_row(mask_factors(n, 4.0, g), grads)
+    cos = L.split(L.cosine_scores([masked]), 0.0, int(label[0]))
+    assert abs(L.balanced_accuracy(cos, label) - 0.5) < 0.1
+    lines = L.split(L.lines_scores([masked]), 0.0, int(label[0]))
+    assert L.balanced_accuracy(lines, label) == 1.0
 
 
 def test_the_adapter_comes_back_from_the_dlora_exchange(runs):

@@ -91,7 +91,7 @@ def test_audit_of_the_capture_alone_says_what_it_cannot_score(trained, capsys):
     assert ("adapter", None) not in r and r[("adapter", 2)]["rank"] == 64
     _, default = audit(capsys, capture)
     assert {x["attack"] for x in default["results"]} == {"dictionary", "in-context", "label-norm", "label-cosine",
-                                                         "adapter"}
+                                                         "label-lines", "adapter"}
     assert default["k"] == 1  # the cut, from the settings the cloud recorded when the session opened
     assert all(x["positions"] > 0 for x in default["results"] if x["attack"] == "dictionary")
 

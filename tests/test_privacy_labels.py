@@ -1,4 +1,4 @@
-"""The label mask: the gradient the edge sends is scaled per example by a secret factor, divided out on the way back."""
+"""The label defences on the gradients the edge sends: label-free margin gradients, and the secret per-example mask."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,8 @@ import torch
 from edge import remote
 from edge.config import EdgeConfig
 from edge.methods import check_method
-from privacy.defences.labels import mask_factors, per_row
+import tasks as T
+from privacy.defences.labels import margin_loss, mask_factors, per_row
 from tests.conftest import make_edge, randomize_lora_b, sst2_batches
 
 
@@ -33,10 +34,16 @@ def test_per_row_broadcasts_over_the_batch_dimension():
     assert (like * f)[1].eq(-2).all()
 
 
-def _step(cloud, tiny, monkeypatch, **kw):
-    """One training step's (gradient sent to the cloud, edge LoRA gradients by name)."""
-    em, _, link = make_edge(cloud, tiny, k=1, m=1, **kw)
+def _step(cloud, tiny, loss_of=None, flip=False, **kw):
+    """One training step's (gradient sent to the cloud, edge LoRA gradients by name, loss); `loss_of(em, batch)`
+    instead of the edge's own loss; `flip`: the batch with every label (and answer token) swapped."""
+    em, tok, link = make_edge(cloud, tiny, k=1, m=1, **kw)
     randomize_lora_b(em.lora)
+    batch = sst2_batches(1, batch_size=8)[0]
+    if flip:
+        ids = torch.tensor(T.label_token_ids(T.TASKS["sst2"], tok))
+        batch.label = 1 - batch.label
+        batch.target = ids[batch.label]
     sent = []
     real_backward = remote._Exchange.backward
 
@@ -44,31 +51,75 @@ def _step(cloud, tiny, monkeypatch, **kw):
         sent.append(grad_out.detach().clone())
         return real_backward(self, grad_out, carried)
 
-    monkeypatch.setattr(remote._Exchange, "backward", spy)
-    loss, _ = em.loss(sst2_batches(1, batch_size=8)[0])
-    loss.backward()
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(remote._Exchange, "backward", spy)
+        loss = em.loss(batch)[0] if loss_of is None else loss_of(em, batch)
+        loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in em.lora.named_parameters() if p.grad is not None}
     link.close()
-    return sent[0], grads
+    return sent[0], grads, loss.item()
 
 
-def test_masked_gradient_is_scaled_per_example_and_edge_grads_are_unchanged(cloud, tiny, monkeypatch):
-    clean_sent, clean_grads = _step(cloud, tiny, monkeypatch)
-    sent, grads = _step(cloud, tiny, monkeypatch, noise_label_mask=4.0)
+def test_masked_gradient_is_scaled_per_example_and_edge_grads_are_unchanged(cloud, tiny):
+    clean_sent, clean_grads, _ = _step(cloud, tiny)
+    sent, grads, _ = _step(cloud, tiny, noise_label_mask=4.0)
     w = mask_factors(8, 4.0, torch.Generator().manual_seed(0))  # the edge's secret: --seed 0's generator
     torch.testing.assert_close(sent, clean_sent * per_row(w, clean_sent), rtol=1e-5, atol=0)
     assert (w > 0).any() and (w < 0).any()  # some examples' gradient really arrives flipped
     assert not torch.allclose(sent, clean_sent)
     assert grads.keys() == clean_grads.keys() and grads
-    for name, g in grads.items():  # the factors divide out: float32 rounding only
-        scale = clean_grads[name].abs().max().item()
-        torch.testing.assert_close(g, clean_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+    _assert_grads_close(grads, clean_grads)
 
 
+def _assert_grads_close(grads, reference):
+    assert grads.keys() == reference.keys() and grads
+    for name, g in grads.items():  # float32 rounding only
+        scale = reference[name].abs().max().item()
+        torch.testing.assert_close(g, reference[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def _two_way_loss(em, batch):
+    """The reference: the two-way label-word loss through plain autograd, the cloud getting dL/d its output."""
+    rows = torch.arange(batch.input_ids.shape[0])
+    logits = em.top.lm_head(em.hidden(batch)[rows, batch.answer_pos])[:, em_label_ids(em)]
+    return margin_loss(logits, batch.label)[0]
+
+
+def em_label_ids(em):
+    return T.label_token_ids(em.task, T.tiny_tokenizer())
+
+
+def test_label_free_gradients_do_not_depend_on_the_labels_and_train_the_two_way_loss(cloud, tiny, monkeypatch):
+    """--noise-label-free: the cloud gets the margin's gradient, bit for bit the same with every label flipped, and
+    the edge's weights get the gradient of the two-way label-word loss as plain autograd through the cloud gives it.
+    (The stand-in tokenizer reads characters: label words without the leading space start with different tokens.)"""
+    import dataclasses
+    monkeypatch.setitem(T.TASKS, "sst2", dataclasses.replace(T.TASKS["sst2"], label_words=["negative", "positive"]))
+    assert len(set(T.label_token_ids(T.TASKS["sst2"], T.tiny_tokenizer()))) == 2
+    sent, grads, loss = _step(cloud, tiny, noise_label_free=True)
+    flipped, flipped_grads, flipped_loss = _step(cloud, tiny, noise_label_free=True, flip=True)
+    assert torch.equal(sent, flipped)  # what crosses does not depend on the labels
+    assert loss != pytest.approx(flipped_loss)  # while the labels did change the loss ...
+    assert any(not torch.allclose(g, flipped_grads[n]) for n, g in grads.items())  # ... and the edge's update
+    ref_sent, ref_grads, ref_loss = _step(cloud, tiny, loss_of=_two_way_loss)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    _assert_grads_close(grads, ref_grads)
+    assert not torch.allclose(sent, ref_sent)  # the plain two-way gradient is what would have crossed: it differs
+    clean_sent, _, _ = _step(cloud, tiny)
+    assert not torch.allclose(flipped, clean_sent)
+
+
+def test_label_free_takes_two_class_tasks_only():
+    from edge.methods import check_label_free
+    check_label_free(EdgeConfig.of(noise_label_free=True), T.TASKS["sst2"])
+    with pytest.raises(ValueError, match="two-class task.*agnews has 4 classes"):
+        check_label_free(EdgeConfig.of(noise_label_free=True), T.TASKS["agnews"])
+
+
+@pytest.mark.parametrize("flag", [{"noise_label_mask": 4.0}, {"noise_label_free": True}])
 @pytest.mark.parametrize("mode,why", [("carried", "sums the weight gradients"), ("edge", "branch replies are not masked")])
-def test_label_mask_is_refused_where_the_factors_would_not_divide_out(mode, why):
-    cfg = EdgeConfig.of(model="tiny-llama", cloud_lora=mode, noise_label_mask=4.0)
+def test_label_defences_are_refused_where_the_factors_would_not_apply(mode, why, flag):
+    cfg = EdgeConfig.of(model="tiny-llama", cloud_lora=mode, **flag)
     with pytest.raises(ValueError, match=why):
         check_method(cfg)
 

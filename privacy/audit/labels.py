@@ -8,6 +8,11 @@ at that position, and the cloud finds the position from the attention mask the e
   label-norm    score = |g| / the median |g| of its step (|g| changes as training goes on); split at the median:
                 one group per class.
   label-cosine  score = cosine of g to a reference gradient, the first answer gradient of the capture; split at 0.
+  label-lines   the adaptive attack on a sign-and-scale mask (privacy/defences/labels.py): blind to each g's sign
+                and norm, it takes the two main axes u1, u2 of the lines through the gradients (the top eigenvectors
+                of the uncentred second moment of g/|g|) and scores sign(<g,u1> <g,u2>), which no per-example
+                factor changes; split at 0. When the two classes' gradients lie on different lines (the
+                full-vocabulary loss puts mass outside the label words), that product tells them apart.
 
 Both assume two classes (SST-2, MRPC). A split names no label: which group is which needs one known label. As in
 Li et al.'s cosine attack, the attacker is assumed to know the label of one example, the first of the capture (the
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from privacy.audit.capture import Exchange
 from protocol.tensors import decode
 
-ATTACKS = ("label-norm", "label-cosine")
+ATTACKS = ("label-norm", "label-cosine", "label-lines")
 
 
 def answer_gradients(exchanges: list[Exchange]) -> list[torch.Tensor]:
@@ -52,6 +57,12 @@ def norm_scores(grads: list[torch.Tensor]) -> torch.Tensor:
 def cosine_scores(grads: list[torch.Tensor]) -> torch.Tensor:
     flat = torch.cat(grads)
     return F.cosine_similarity(flat, flat[:1].expand_as(flat), dim=1)
+
+
+def lines_scores(grads: list[torch.Tensor]) -> torch.Tensor:
+    unit = F.normalize(torch.cat(grads).double(), dim=1)
+    _, vecs = torch.linalg.eigh(unit.T @ unit)  # ascending: the last two are the main axes
+    return (unit @ vecs[:, -1]) * (unit @ vecs[:, -2])
 
 
 def split(scores: torch.Tensor, threshold: float, known_label: int) -> torch.Tensor:
@@ -91,7 +102,7 @@ def label_attack(exchanges: list[Exchange], truth: torch.Tensor | None = None,
     known = int(truth[0]) if truth is not None else 0
     out = []
     for a in attacks:
-        scores = norm_scores(grads) if a == "label-norm" else cosine_scores(grads)
+        scores = {"label-norm": norm_scores, "label-cosine": cosine_scores, "label-lines": lines_scores}[a](grads)
         pred = split(scores, float(scores.median()) if a == "label-norm" else 0.0, known)
         ba = balanced_accuracy(pred, truth) if truth is not None else None
         out.append(LabelResult(a, n, pred, ba, None if ba is None else max(ba, balanced_accuracy(1 - pred, truth))))
