@@ -34,8 +34,8 @@ from model.load import load_model  # noqa: E402
 TOKEN = "bench-token-0123456789abcdef"
 
 
-def start_cloud(model: str):
-    """`tandem cloud serve` in its own process on a free port, serving once it listens."""
+def start_cloud(model: str, *extra: str):
+    """`tandem cloud serve` (with the `extra` flags) in its own process on a free port, serving once it listens."""
     tmp = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
     tokens = tmp / "tokens.json"
     tokens.write_text(json.dumps({"bench": TOKEN}))
@@ -43,7 +43,7 @@ def start_cloud(model: str):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "cloud", "serve", "--model", model, "--tokens",
-                             str(tokens), "--port", str(port)], cwd=Path(__file__).resolve().parents[1])
+                             str(tokens), "--port", str(port), *extra], cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         with socket.socket() as s:
