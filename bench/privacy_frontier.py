@@ -15,8 +15,10 @@ row's session of the capture, scored against the row's run folder:
   labels  label-norm, label-cosine and the sign-blind label-lines on `output_grad` of every training step, reported
           as the best balanced accuracy over the attacks and either labelling (the attacker's best case; chance 50 %).
 Rows: see ROWS (k = blocks on the edge below the cut, m = 1 above it; k + m <= 8, a quarter of SmolLM2's 30).
-Prints a table, writes OUT/privacy_frontier.json and OUT/privacy_frontier.png (token recovery and label inference
-against dev accuracy), and ends with one JSON line naming the best points for the issue's two goals.
+A defence's accuracy drop is against the undefended row at the same cut (none, k4, k7). Prints a table, writes
+OUT/privacy_frontier.json and OUT/privacy_frontier.png (token recovery and label inference against dev accuracy),
+and ends with one JSON line naming the best points for the issue's two goals (`--report` prints them again from the
+JSON file).
 """
 from __future__ import annotations
 
@@ -80,12 +82,22 @@ def run_row(name: str, args, loaded, port: int, capture: Path) -> dict:
             "audit_minutes": (time.perf_counter() - t1) / 60}
 
 
+def baseline(results: list[dict], row: dict) -> dict | None:
+    """The undefended row at the same cut (its flags only k), the one a defence's accuracy drop is measured against."""
+    same = {} if row["k"] == 1 else {"k": row["k"]}
+    return next((r for r in results if r["flags"] == same and r["m"] == row["m"]), None)
+
+
+def drop_pt(results: list[dict], row: dict) -> float | None:
+    base = baseline(results, row)
+    return None if base is None else 100 * (base["accuracy"] - row["accuracy"])
+
+
 def show(results: list[dict]) -> None:
-    base = results[0]["accuracy"] if results and results[0]["row"] == "none" else None
-    print(table(["row", "k+m", "dev acc", "drop pt", "tokens (strongest)", "labels (strongest)", "train min",
-                 "audit min"],
+    print(table(["row", "k+m", "dev acc", "drop pt (vs same k)", "tokens (strongest)", "labels (strongest)",
+                 "train min", "audit min"],
                 [[r["row"], f"{r['k']}+{r['m']}", f"{100 * r['accuracy']:.1f}",
-                  "–" if base is None else f"{100 * (base - r['accuracy']):+.1f}",
+                  "–" if drop_pt(results, r) is None else f"{drop_pt(results, r):+.1f}",
                   f"{100 * r['tokens']:.1f} % ({r['strongest_token_attack']})",
                   f"{100 * r['labels']:.1f} % ({r['strongest_label_attack']})",
                   f"{r['train_minutes']:.1f}", f"{r['audit_minutes']:.1f}"] for r in results]), flush=True)
@@ -112,18 +124,34 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def best_points(results: list[dict]) -> dict:
-    """The issue's two goals: tokens <= 5 % within 2 pt (k + m <= 8); labels <= 60 % within 1 pt. For each, the
-    row that meets it with the least leak, else the least leak within the accuracy budget, else the least leak."""
-    base = next(r["accuracy"] for r in results if r["row"] == "none")
+    """The issue's two goals: tokens <= 5 % within 2 pt of the undefended run at the same cut (k + m <= 8); labels
+    <= 60 % within 1 pt. For each, the row that leaks least within the accuracy budget (goal_met if that is under
+    the bound), else the row that leaks least at all."""
     out = {}
-    for key, leak, budget in (("tokens", 0.05, 0.02), ("labels", 0.60, 0.01)):
-        within = [r for r in results if base - r["accuracy"] <= budget and r["k"] + r["m"] <= 8]
-        best = min(within or results, key=lambda r: r[key])
+    for key, leak, budget in (("tokens", 0.05, 2.0), ("labels", 0.60, 1.0)):
+        defended = [r for r in results if drop_pt(results, r) is not None and r["k"] + r["m"] <= 8]
+        within = [r for r in defended if drop_pt(results, r) <= budget]
+        best = min(within or defended, key=lambda r: r[key])
         out[key] = {"row": best["row"], "flags": best["flags"], key: round(best[key], 4),
                     "attack": best[f"strongest_{'token' if key == 'tokens' else 'label'}_attack"],
-                    "accuracy_drop_pt": round(100 * (base - best["accuracy"]), 1),
+                    "accuracy_drop_pt": round(drop_pt(results, best), 1),
                     "goal_met": bool(within) and best[key] <= leak}
     return out
+
+
+def report(results: list[dict], args, out: Path, minutes: float) -> None:
+    """The table, the PNG and the JSON line, from the rows."""
+    show(results)
+    plot(results, out / "privacy_frontier.png")
+    print(f"wrote {out / 'privacy_frontier.json'} and {out / 'privacy_frontier.png'}")
+    print(json.dumps({"bench": "privacy_frontier", "model": args.model, "task": "sst2", "steps": args.steps,
+                      "batch_size": args.batch_size, "dev_examples": args.eval_examples,
+                      "undefended_accuracy": {f"k={r['k']}": r["accuracy"] for r in results if baseline(results, r)
+                                              is r},
+                      "best": best_points(results),
+                      "rows": {r["row"]: {"accuracy": round(r["accuracy"], 4), "tokens": round(r["tokens"], 4),
+                                          "labels": round(r["labels"], 4)} for r in results},
+                      "minutes": round(minutes, 1)}))
 
 
 def main():
@@ -136,14 +164,20 @@ def main():
     ap.add_argument("--no-in-context", dest="in_context", action="store_false",
                     help="tokens by the dictionary attack only (the in-context attack re-checks its candidates)")
     ap.add_argument("--out", default="runs/privacy_frontier")
+    ap.add_argument("--report", action="store_true", help="only print the table, PNG and JSON line again from "
+                    "OUT/privacy_frontier.json")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.report:
+        saved = json.loads((out / "privacy_frontier.json").read_text())
+        vars(args).update({k: v for k, v in saved["settings"].items() if k not in ("report", "out")})
+        return report(saved["rows"], args, out, saved.get("minutes", 0.0))
     rows = args.rows.split(",")
     if bad := [r for r in rows if r not in ROWS]:
         raise SystemExit(f"unknown rows {', '.join(bad)}; rows: {', '.join(ROWS)}")
     if rows[0] != "none":
-        raise SystemExit("the first row must be none: every drop is measured against it")
+        raise SystemExit("the first row must be none: drops are measured against the undefended row at each cut")
     from model.load import load_model
-    out = Path(args.out)
     capture = out / "capture"
     capture.mkdir(parents=True, exist_ok=True)
     capture.chmod(0o700)
@@ -156,20 +190,13 @@ def main():
             print(f"--- {name}: {ROWS[name]}", flush=True)
             results.append(run_row(name, args, loaded, port, capture))
             show(results)
-            (out / "privacy_frontier.json").write_text(json.dumps({"settings": vars(args), "rows": results},
-                                                                  indent=1))
+            minutes = (time.perf_counter() - t0) / 60
+            (out / "privacy_frontier.json").write_text(json.dumps({"settings": vars(args), "rows": results,
+                                                                   "minutes": minutes}, indent=1))
     finally:
         proc.terminate()
         proc.wait(30)
-    plot(results, out / "privacy_frontier.png")
-    best = best_points(results)
-    print(f"wrote {out / 'privacy_frontier.json'} and {out / 'privacy_frontier.png'}")
-    print(json.dumps({"bench": "privacy_frontier", "model": args.model, "task": "sst2", "steps": args.steps,
-                      "batch_size": args.batch_size, "dev_examples": args.eval_examples,
-                      "undefended_accuracy": results[0]["accuracy"], "best": best,
-                      "rows": {r["row"]: {"accuracy": round(r["accuracy"], 4), "tokens": round(r["tokens"], 4),
-                                          "labels": round(r["labels"], 4)} for r in results},
-                      "minutes": round((time.perf_counter() - t0) / 60, 1)}))
+    report(results, args, out, (time.perf_counter() - t0) / 60)
 
 
 if __name__ == "__main__":
