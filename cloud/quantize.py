@@ -2,9 +2,9 @@
 4 bits (QLoRA's idea, on the cloud); the edge keeps its full-precision LoRA. Only the blocks' linears are
 quantized: the embedding, norms and LM head are the edge's. int4 is NF4 for every linear but the MLP's output
 projection (`down_proj`), which stays in int8, as llama.cpp's Q4_K_M keeps ffn_down at higher precision: on
-SmolLM2-135M's 28 middle blocks (the measurement below) the blocks' output error falls from 0.213 (all NF4, 0.130
-of the fp32 weight bytes) to 0.078 (0.160 of fp32); int8 for the attention projections as well errs more, 0.112 at
-0.190, and so does int8 for v_proj too, 0.085 at 0.164 (2026-12-03, /tmp probe kept in the issue 13 note).
+SmolLM2-135M's 28 middle blocks the blocks' output error falls from 0.213 (all NF4, 0.130 of the fp32 weight bytes)
+to 0.078 (0.160 of fp32); int8 for the attention projections as well errs more, 0.112 at 0.191, and so does int8 for
+v_proj too, 0.085 at 0.164 (`python bench/quantize_error.py`, 2026-12-03; the same measurement as below).
 
     quantize_blocks(model, mode)   every nn.Linear of the family's blocks, in place -> MemoryReport
     weight_bytes(modules)          the actual storage of their tensors, quantization state included
