@@ -68,11 +68,11 @@ class NoiseConfig:
     clip: float | None = None  # ... after clipping each token's hidden vector to this L2 norm (not DP)
     label_mask: float | None = field(default=None, metadata={
         "help": "privacy/defences/labels.py: scale each example's gradient sent to the cloud by a secret random "
-                "sign x factor in [1/R, R], divided out on its way back (frozen split only)"})
+                "sign x factor in [1/R, R], divided out on its way back (not with --cloud-lora carried)"})
     label_free: bool = field(default=False, metadata={
         "help": "privacy/defences/labels.py: send the cloud the gradient of the label words' logit margin, which "
                 "does not depend on the label, and scale what comes back by dL/dmargin on the edge (two-class "
-                "tasks; trains the two-way label-word loss; frozen split only)"})
+                "tasks; trains the two-way label-word loss; not with --cloud-lora carried)"})
 
 
 @dataclass

@@ -49,8 +49,8 @@ def check_method(cfg: EdgeConfig) -> None:
 
 
 def _check_label_defences(cfg: EdgeConfig, mode: str) -> None:
-    """--noise-label-mask and --noise-label-free: the per-example factors apply on the edge only where the cloud's
-    backward is per-example linear and nothing of it is summed over the batch (privacy/defences/labels.py)."""
+    """--noise-label-mask and --noise-label-free: the per-example factors apply on the edge only where nothing of the
+    cloud's backward is summed over the batch: the frozen split and DLoRA, not carried (privacy/defences/labels.py)."""
     scale_range, given = cfg.noise.label_mask, []
     if scale_range is not None:
         if scale_range < 1:
@@ -63,9 +63,6 @@ def _check_label_defences(cfg: EdgeConfig, mode: str) -> None:
             raise ValueError(f"{flag} cannot be used with --cloud-lora carried: the cloud sums the weight gradients "
                              "over the batch's examples, so the per-example factors would not apply; use "
                              "--cloud-lora none")
-        if mode == "edge":
-            raise ValueError(f"{flag} cannot be used with --cloud-lora edge yet: DLoRA's branch replies are not "
-                             "masked, so the cloud LoRA's gradients would carry the factors; use --cloud-lora none")
 
 
 def check_label_free(cfg: EdgeConfig, task) -> None:

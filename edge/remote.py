@@ -59,8 +59,11 @@ class _Exchange:
         self.stream.send(lora_reply=pb.LoraReply(block=msg.block, group=msg.group,
                                                  outputs=[encode(o, r.wire_up) for o in outs]))
 
-    def backward(self, grad_out: torch.Tensor, carried) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """dL/d input and the carried tensors' gradients, in `carried`'s order."""
+    def backward(self, grad_out: torch.Tensor, carried, true_scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """dL/d input and the carried tensors' gradients, in `carried`'s order. `true_scale` [B]: the label defences'
+        per-example factor from what the cloud's backward computes to the true gradient (privacy/defences/labels.py);
+        DLoRA's LoRA weight gradients take it on the edge, what goes back to the cloud stays in the cloud's scale."""
         r, stream = self.remote, self.stream
         try:
             stream.send(output_grad=pb.OutputGrad(grad=encode(grad_out, r.wire_up)))
@@ -73,9 +76,17 @@ class _Exchange:
                 x, outs = self.saved.pop((msg.block, msg.group))
                 grads = [r.decode(g, list(o.shape), o) for g, o in zip(msg.grads, outs)]
                 with torch.enable_grad():
-                    torch.autograd.backward(outs, grads)  # LoRA weight grads accumulate here, on the edge
+                    if true_scale is None:
+                        torch.autograd.backward(outs, grads)  # LoRA weight grads accumulate here, on the edge
+                        x_grad = x.grad
+                    else:  # the reply in the cloud's scale; the weights' gradients in the true one
+                        x_grad, = torch.autograd.grad(outs, x, grads, retain_graph=True)
+                        weights = [p for t in dict(r.groups)[msg.group] for p in r.lora.site(msg.block, t).parameters()
+                                   if p.requires_grad]
+                        if weights:
+                            torch.autograd.backward(outs, [g * per_row(true_scale, g) for g in grads], inputs=weights)
                 stream.send(lora_grad_reply=pb.LoraGradReply(block=msg.block, group=msg.group,
-                                                             grad=encode(x.grad, r.wire_up)))
+                                                             grad=encode(x_grad, r.wire_up)))
             stream.finish()
         finally:
             stream.close()
@@ -112,6 +123,10 @@ class _CloudFn(torch.autograd.Function):
         factors = None if remote.label_mask is None else mask_factors(grad_out.shape[0], remote.label_mask,
                                                                        remote.mask_rng)
         sent = grad_out if factors is None else grad_out * per_row(factors, grad_out)
+        scale, remote.grad_scale = remote.grad_scale, None  # --noise-label-free's dL/dmargin, this step's only
+        true_scale = None  # per example: what the cloud's backward computes -> the true gradient
+        if factors is not None or scale is not None:
+            true_scale = (1 if scale is None else scale.double().cpu()) / (1 if factors is None else factors)
 
         def attempt():
             if not first[0]:  # replay: a fresh stream, the forward again, then this backward
@@ -123,16 +138,14 @@ class _CloudFn(torch.autograd.Function):
                     ctx.exchange.stream.close()
                     raise
             first[0] = False
-            return ctx.exchange.backward(sent, ctx.carried)
+            return ctx.exchange.backward(sent, ctx.carried, true_scale)
 
         try:
             grad_in, carried_grads = remote.link.call(attempt)
         finally:
             ctx.exchange = None
-        if factors is not None:  # the frozen cloud's backward is linear per example: divide each row's factor out
-            grad_in = grad_in / per_row(factors, grad_in)
-        if remote.grad_scale is not None:  # the margin's gradient came back: times dL/dmargin, the chain rule
-            grad_in, remote.grad_scale = grad_in * per_row(remote.grad_scale, grad_in), None
+        if true_scale is not None:  # the cloud's backward is linear and per example: each row to the true scale
+            grad_in = grad_in * per_row(true_scale, grad_in)
         return (grad_in, None, None, None, None, *carried_grads)
 
 

@@ -35,8 +35,9 @@ def test_per_row_broadcasts_over_the_batch_dimension():
 
 
 def _step(cloud, tiny, loss_of=None, flip=False, **kw):
-    """One training step's (gradient sent to the cloud, edge LoRA gradients by name, loss); `loss_of(em, batch)`
-    instead of the edge's own loss; `flip`: the batch with every label (and answer token) swapped."""
+    """One training step: (the gradient sent to the cloud, the LoRA gradients by name, the loss, every tensor the edge
+    encoded for the wire in order); `loss_of(em, batch)` instead of the edge's own loss; `flip`: the batch with
+    every label (and answer token) swapped."""
     em, tok, link = make_edge(cloud, tiny, k=1, m=1, **kw)
     randomize_lora_b(em.lora)
     batch = sst2_batches(1, batch_size=8)[0]
@@ -44,25 +45,32 @@ def _step(cloud, tiny, loss_of=None, flip=False, **kw):
         ids = torch.tensor(T.label_token_ids(T.TASKS["sst2"], tok))
         batch.label = 1 - batch.label
         batch.target = ids[batch.label]
-    sent = []
-    real_backward = remote._Exchange.backward
+    sent, wire = [], []
+    real_backward, real_encode = remote._Exchange.backward, remote.encode
 
-    def spy(self, grad_out, carried):
+    def spy(self, grad_out, *rest):
         sent.append(grad_out.detach().clone())
-        return real_backward(self, grad_out, carried)
+        return real_backward(self, grad_out, *rest)
+
+    def encode_spy(t, *rest, **kw):
+        wire.append(t.detach().clone())
+        return real_encode(t, *rest, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(remote._Exchange, "backward", spy)
+        mp.setattr(remote, "encode", encode_spy)
         loss = em.loss(batch)[0] if loss_of is None else loss_of(em, batch)
         loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in em.lora.named_parameters() if p.grad is not None}
     link.close()
-    return sent[0], grads, loss.item()
+    return sent[0], grads, loss.item(), wire
 
 
-def test_masked_gradient_is_scaled_per_example_and_edge_grads_are_unchanged(cloud, tiny):
-    clean_sent, clean_grads, _ = _step(cloud, tiny)
-    sent, grads, _ = _step(cloud, tiny, noise_label_mask=4.0)
+@pytest.mark.parametrize("mode", ["none", "edge"])
+def test_masked_gradient_is_scaled_per_example_and_edge_grads_are_unchanged(cloud, tiny, mode):
+    """The frozen split and DLoRA (whose cloud-block LoRA gradients the edge computes from masked rows)."""
+    clean_sent, clean_grads, _, _ = _step(cloud, tiny, cloud_lora=mode)
+    sent, grads, _, _ = _step(cloud, tiny, cloud_lora=mode, noise_label_mask=4.0)
     w = mask_factors(8, 4.0, torch.Generator().manual_seed(0))  # the edge's secret: --seed 0's generator
     torch.testing.assert_close(sent, clean_sent * per_row(w, clean_sent), rtol=1e-5, atol=0)
     assert (w > 0).any() and (w < 0).any()  # some examples' gradient really arrives flipped
@@ -89,23 +97,28 @@ def em_label_ids(em):
     return T.label_token_ids(em.task, T.tiny_tokenizer())
 
 
-def test_label_free_gradients_do_not_depend_on_the_labels_and_train_the_two_way_loss(cloud, tiny, monkeypatch):
-    """--noise-label-free: the cloud gets the margin's gradient, bit for bit the same with every label flipped, and
-    the edge's weights get the gradient of the two-way label-word loss as plain autograd through the cloud gives it.
+@pytest.mark.parametrize("mode", ["none", "edge"])
+def test_label_free_gradients_do_not_depend_on_the_labels_and_train_the_two_way_loss(cloud, tiny, monkeypatch, mode):
+    """--noise-label-free: everything the edge sends (hidden state, DLoRA's branch outputs and replies, the output
+    gradient) is bit for bit the same with every label flipped, and the edge's weights (DLoRA: the cloud blocks' LoRA
+    too) get the gradient of the two-way label-word loss as plain autograd through the cloud gives it.
     (The stand-in tokenizer reads characters: label words without the leading space start with different tokens.)"""
     import dataclasses
     monkeypatch.setitem(T.TASKS, "sst2", dataclasses.replace(T.TASKS["sst2"], label_words=["negative", "positive"]))
     assert len(set(T.label_token_ids(T.TASKS["sst2"], T.tiny_tokenizer()))) == 2
-    sent, grads, loss = _step(cloud, tiny, noise_label_free=True)
-    flipped, flipped_grads, flipped_loss = _step(cloud, tiny, noise_label_free=True, flip=True)
-    assert torch.equal(sent, flipped)  # what crosses does not depend on the labels
+    sent, grads, loss, wire = _step(cloud, tiny, cloud_lora=mode, noise_label_free=True)
+    flipped, flipped_grads, flipped_loss, flipped_wire = _step(cloud, tiny, cloud_lora=mode, noise_label_free=True,
+                                                               flip=True)
+    assert len(wire) == len(flipped_wire) and len(wire) >= (2 if mode == "none" else 5)
+    assert all(torch.equal(a, b) for a, b in zip(wire, flipped_wire))  # what crosses does not depend on the labels
     assert loss != pytest.approx(flipped_loss)  # while the labels did change the loss ...
     assert any(not torch.allclose(g, flipped_grads[n]) for n, g in grads.items())  # ... and the edge's update
-    ref_sent, ref_grads, ref_loss = _step(cloud, tiny, loss_of=_two_way_loss)
+    ref_sent, ref_grads, ref_loss, _ = _step(cloud, tiny, cloud_lora=mode, loss_of=_two_way_loss)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     _assert_grads_close(grads, ref_grads)
+    assert len(grads) == (2 if mode == "none" else 6) * 4  # DLoRA: the 4 cloud blocks' LoRA A, B of q and v too
     assert not torch.allclose(sent, ref_sent)  # the plain two-way gradient is what would have crossed: it differs
-    clean_sent, _, _ = _step(cloud, tiny)
+    clean_sent, _, _, _ = _step(cloud, tiny, cloud_lora=mode)
     assert not torch.allclose(flipped, clean_sent)
 
 
@@ -117,11 +130,10 @@ def test_label_free_takes_two_class_tasks_only():
 
 
 @pytest.mark.parametrize("flag", [{"noise_label_mask": 4.0}, {"noise_label_free": True}])
-@pytest.mark.parametrize("mode,why", [("carried", "sums the weight gradients"), ("edge", "branch replies are not masked")])
-def test_label_defences_are_refused_where_the_factors_would_not_apply(mode, why, flag):
-    cfg = EdgeConfig.of(model="tiny-llama", cloud_lora=mode, **flag)
-    with pytest.raises(ValueError, match=why):
-        check_method(cfg)
+def test_label_defences_are_refused_where_the_factors_would_not_apply(flag):
+    check_method(EdgeConfig.of(model="tiny-llama", cloud_lora="edge", **flag))
+    with pytest.raises(ValueError, match="sums the weight gradients"):
+        check_method(EdgeConfig.of(model="tiny-llama", cloud_lora="carried", **flag))
 
 
 def test_label_mask_range_below_one_is_refused():

@@ -23,11 +23,11 @@ The mask hides a gradient's sign and norm, not its line: when the full-vocabular
 words, the two classes' gradients lie on different lines, and a sign-blind attacker who clusters lines reads the
 labels back (privacy/audit/labels.py `label-lines`).
 
-Where the factors do NOT cancel, both options are refused (edge/methods.py check_method):
-- the weights-carried mode: the cloud sums the carried weights' gradients over the batch's examples, so a per-example
-  factor could no longer be divided out on the edge;
-- DLoRA: the edge computes the cloud LoRA's weight gradients from the gradients its branch replies receive, and those
-  replies would need the same masking first; not built yet.
+Both apply wherever nothing of the cloud's backward is summed over the batch's examples: the frozen split, and
+DLoRA, where the edge computes the cloud blocks' LoRA weight gradients from the per-row gradients of its branch
+outputs (it scales those rows to the true gradient for its weights and replies in the cloud's scale). The
+weights-carried mode is refused (edge/methods.py check_method): there the cloud sums the carried weights' gradients
+over the batch, so a per-example factor could no longer be applied on the edge.
 
 bench/privacy_frontier.py measures what the label attacks still read under each.
 """
