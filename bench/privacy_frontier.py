@@ -8,10 +8,10 @@ receives (privacy/audit/capture.py). Each row is one edge run of `edge.trainer.t
 (the defences on gradients take no other mode), seed 0, the same batches and budget for every row (--steps x
 --batch-size examples, lr 1e-3), evaluated on the first --eval-examples dev examples. Then `tandem audit` runs on that
 row's session of the capture, scored against the row's run folder:
-  tokens  the dictionary and in-context inversions of `begin.hidden` of the first 2 training steps (every private
-          token position of 16 sentences), with the cloud's copy of the base weights; no attacker here trains an
-          inverter against the noise (the adaptive attacker of issue 11 is not built), so noise rows are upper
-          bounds on what noise hides;
+  tokens  the dictionary, in-context and learned inversions of `begin.hidden` of the first 2 training steps (every
+          private token position of 16 sentences), with the cloud's copy of the base weights; the learned decoder
+          (privacy/audit/learned.py) is trained on public WikiText-2 under the row's own noise recipe: the adaptive
+          attacker, who knows the defence and its settings but not the edge's LoRA;
   labels  label-norm, label-cosine and the sign-blind label-lines on `output_grad` of every training step, reported
           as the best balanced accuracy over the attacks and either labelling (the attacker's best case; chance 50 %).
 Rows: see ROWS (k = blocks on the edge below the cut, m = 1 above it; k + m <= 8, a quarter of SmolLM2's 30).
@@ -45,7 +45,7 @@ ROWS = {  # name -> the edge's flags (on top of the frozen split, k = m = 1)
     "k7-noise1": dict(k=7, noise_sigma=1.0),
     "k7-noise1-label-free": dict(k=7, noise_sigma=1.0, noise_label_free=True),
 }
-TOKEN_ATTACKS, LABEL_ATTACKS = ("dictionary", "in-context"), ("label-norm", "label-cosine", "label-lines")
+TOKEN_ATTACKS, LABEL_ATTACKS = ("dictionary", "learned", "in-context"), ("label-norm", "label-cosine", "label-lines")
 
 
 def run_row(name: str, args, loaded, port: int, capture: Path) -> dict:
@@ -65,10 +65,11 @@ def run_row(name: str, args, loaded, port: int, capture: Path) -> dict:
     new = sorted(set(capture.glob(f"*{SUFFIX}")) - before)
     if len(new) != 1:
         raise SystemExit(f"row {name}: expected one new capture file, found {len(new)}")
-    attacks = [*TOKEN_ATTACKS[:1 + args.in_context], *LABEL_ATTACKS]
+    attacks = [*TOKEN_ATTACKS[:2 + args.in_context], *LABEL_ATTACKS]
     t1 = time.perf_counter()
     figures = audit.run(argparse.Namespace(capture=str(new[0]), model=args.model, attacks=",".join(attacks),
-                                           run=str(run_dir), k=None, token_steps=2, candidates=4, out=None))
+                                           run=str(run_dir), k=None, token_steps=2, candidates=4, out=None,
+                                           inverter_steps=args.inverter_steps))
     res = {r["attack"]: r for r in figures["results"]}
     tokens = {a: res[a]["recovered"] for a in attacks if a in TOKEN_ATTACKS}
     labels = {a: res[a]["separation"] for a in attacks if a in LABEL_ATTACKS}
@@ -163,6 +164,7 @@ def main():
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--no-in-context", dest="in_context", action="store_false",
                     help="tokens by the dictionary attack only (the in-context attack re-checks its candidates)")
+    ap.add_argument("--inverter-steps", type=int, default=400, help="training steps of the learned attack's decoder")
     ap.add_argument("--out", default="runs/privacy_frontier")
     ap.add_argument("--report", action="store_true", help="only print the table, PNG and JSON line again from "
                     "OUT/privacy_frontier.json")

@@ -6,6 +6,8 @@ the attacks (privacy/audit/) run on it, session by session, with the base weight
 
   dictionary, in-context    tokens from `begin.hidden` of the first `--token-steps` training steps (needs the cut k:
                             `--k`, or the run's settings with `--run`)
+  learned                   the same, by a decoder trained on public WikiText-2 through the base weights' k blocks
+                            (privacy/audit/learned.py); with `--run`, adaptive: trained under the run's noise recipe
   label-norm, label-cosine, labels from `output_grad` at the answer position (training steps); label-lines
   label-lines               is blind to each gradient's sign and norm (the attack on --noise-label-mask)
   adapter                   each DLoRA cloud block's ΔW from `lora_request` / `lora_reply`, after 1, 2 and 10 steps;
@@ -49,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=None, help="blocks the edge ran below the cut (default: the run's)")
     p.add_argument("--token-steps", type=int, default=2, help="training steps the token attacks run on (the first)")
     p.add_argument("--candidates", type=int, default=4, help="dictionary candidates the in-context attack re-checks")
+    p.add_argument("--inverter-steps", type=int, default=400, help="training steps of the learned attack's decoder "
+                   "(8 public windows of 64 tokens each)")
     p.add_argument("--out", default=None, help="also write the JSON figures to this file")
 
 
@@ -80,6 +84,7 @@ class Setup:
     cfg: object = None  # the run's EdgeConfig
     dictionary: object = None
     run_data: object = None  # privacy.audit.truth.RunData of the run
+    inverter: object = None  # privacy.audit.learned.Inverter, for the learned attack
 
 
 def token_rows(setup: Setup, sid: str, exs: list, attacks: list[str], args, truth) -> list[Row]:
@@ -94,7 +99,8 @@ def token_rows(setup: Setup, sid: str, exs: list, attacks: list[str], args, trut
     chosen = [exs[i] for i in train]
     ids = [truth.batches[i].input_ids for i in train] if truth is not None else None
     private = [truth.private[i] for i in train] if truth is not None else None
-    results = TK.token_attack(setup.model, chosen, setup.k, setup.dictionary, names, ids, private, args.candidates)
+    results = TK.token_attack(setup.model, chosen, setup.k, setup.dictionary, names, ids, private, args.candidates,
+                              inverter=setup.inverter)
     known = truth is not None and truth.private_known
     where = "private" if known else "real (which are private: unknown)"
     rows = []
@@ -214,10 +220,16 @@ def make_setup(args, exs: list) -> Setup:
     if cfg is not None:
         from privacy.audit.truth import RunData
         setup.run_data = RunData(cfg, tok)
-    if k is not None and any(a in TK.ATTACKS for a in args.attack_list):
+    if k is not None and any(a in ("dictionary", "in-context") for a in args.attack_list):
         text = T.resolve_task(cfg.data.task, cfg.data.task_file).template.split("{")[0].rstrip() if cfg else "Text:"
         prefix = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
         setup.dictionary = A.build_dictionary(model, prefix, [k])
+    if k is not None and "learned" in args.attack_list:
+        from privacy.audit.learned import InverterSettings, train_inverter
+        noise = cfg.noise if cfg is not None else None  # the adaptive attacker knows the run's recipe
+        settings = InverterSettings(steps=args.inverter_steps, sigma=noise.sigma if noise else 0.0,
+                                    clip=noise.clip if noise else None)
+        setup.inverter = train_inverter(model, tok, k, settings, log=lambda m: print(m, flush=True))
     return setup
 
 
@@ -234,8 +246,8 @@ def run(args) -> dict:
     """The audit `tandem audit` runs: the table on stdout, then the JSON line (also to --out)."""
     from privacy.audit.capture import exchanges, read_capture
     args.attack_list = parse_attacks(args.attacks)
-    if args.k is not None and args.k < 0 or args.token_steps < 1 or args.candidates < 1:
-        raise ValueError("--k must be >= 0, --token-steps and --candidates >= 1")
+    if args.k is not None and args.k < 0 or min(args.token_steps, args.candidates, args.inverter_steps) < 1:
+        raise ValueError("--k must be >= 0, --token-steps, --candidates and --inverter-steps >= 1")
     exs = exchanges(read_capture(args.capture))
     if not exs:
         raise ValueError(f"{args.capture} holds no step")

@@ -130,7 +130,7 @@ def test_tokens_come_back_from_the_hidden_state_and_the_attacker_can_check_them(
     ids = batches[0].input_ids
     prefix = torch.tensor(T.tiny_tokenizer()("Review:")["input_ids"])
     dictionary = A.build_dictionary(tiny.model, prefix, [1])
-    dic, ctx = TK.token_attack(tiny.model, ex, 1, dictionary, truth=[ids])
+    dic, ctx = TK.token_attack(tiny.model, ex, 1, dictionary, ["dictionary", "in-context"], truth=[ids])
     real = int(batches[0].attention_mask.sum())
     for r in (dic, ctx):
         assert (r.positions, r.recovered, r.confirmed, r.private_known) == (real, real, real, False)
@@ -142,6 +142,19 @@ def test_tokens_come_back_from_the_hidden_state_and_the_attacker_can_check_them(
     assert part.positions == real - 8 * len(ids) == part.recovered and part.private_known
     with pytest.raises(ValueError, match="need the true tokens"):
         TK.token_attack(tiny.model, ex, 1, dictionary, private=[private])
+
+
+def test_a_decoder_trained_on_public_text_reads_the_tokens_through_the_noise_it_was_trained_under(runs, tiny):
+    """The learned attack: 150 steps on WikiText-2 through the base block 0, under the run's recipe (sigma 0.1 x
+    RMS, fresh noise each step), then the noised capture's tokens."""
+    from privacy.audit.learned import InverterSettings, train_inverter
+    out, batches = runs
+    inverter = train_inverter(tiny.model, T.tiny_tokenizer(), 1, InverterSettings(steps=150, sigma=0.1))
+    r = TK.token_attack(tiny.model, out["noised"][0], 1, None, ["learned"], truth=[batches[0].input_ids],
+                        inverter=inverter)[0]
+    assert r.attack == "learned" and r.positions == int(batches[0].attention_mask.sum()) and r.rate > 0.8
+    with pytest.raises(ValueError, match="needs a trained inverter"):
+        TK.token_attack(tiny.model, out["noised"][0], 1, None, ["learned"])
 
 
 def test_noise_hides_nothing_from_the_dictionary_here_but_defeats_the_check(runs, tiny):

@@ -52,7 +52,7 @@ def trained(tiny, tmp_path_factory):
 
 def audit(capsys, *argv) -> tuple[str, dict]:
     capsys.readouterr()
-    main(["audit", *map(str, argv), "--model", "tiny-llama"])
+    main(["audit", *map(str, argv), "--model", "tiny-llama", "--inverter-steps", "50"])
     out = capsys.readouterr().out.strip().splitlines()
     return "\n".join(out[:-1]), json.loads(out[-1])
 
@@ -90,8 +90,8 @@ def test_audit_of_the_capture_alone_says_what_it_cannot_score(trained, capsys):
     assert r[("label-cosine", None)]["balanced_accuracy"] is None and "give --run" in table
     assert ("adapter", None) not in r and r[("adapter", 2)]["rank"] == 64
     _, default = audit(capsys, capture)
-    assert {x["attack"] for x in default["results"]} == {"dictionary", "in-context", "label-norm", "label-cosine",
-                                                         "label-lines", "adapter"}
+    assert {x["attack"] for x in default["results"]} == {"dictionary", "in-context", "learned", "label-norm",
+                                                         "label-cosine", "label-lines", "adapter"}
     assert default["k"] == 1  # the cut, from the settings the cloud recorded when the session opened
     assert all(x["positions"] > 0 for x in default["results"] if x["attack"] == "dictionary")
 

@@ -1,4 +1,5 @@
-"""Tokens from the hidden states in a capture: inversion.py's dictionary and in-context attacks on `begin.hidden`.
+"""Tokens from the hidden states in a capture: inversion.py's dictionary and in-context attacks and learned.py's
+trained decoder (`learned`, adaptive to the defence's noise when given its recipe) on `begin.hidden`.
 
 Each exchange's `begin` holds what the edge sent after its first k blocks ([B, T, H]) and the attention mask. The
 attacker runs the attacks of privacy/audit/inversion.py on it with its own copy of the base weights. Which
@@ -22,7 +23,7 @@ from privacy.audit import inversion as A
 from privacy.audit.capture import Exchange
 from protocol.tensors import decode
 
-ATTACKS = ("dictionary", "in-context")
+ATTACKS = ("dictionary", "in-context", "learned")
 
 
 def observed(ex: Exchange) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,13 +49,17 @@ class TokenResult:
 
 
 @torch.no_grad()
-def guesses(attacker, dictionary: A.Dictionary, probe: A.Probe, h: torch.Tensor, k: int, attacks,
-            candidates: int = 4, rounds: int = 1) -> dict[str, torch.Tensor]:
+def guesses(attacker, dictionary: A.Dictionary | None, probe: A.Probe, h: torch.Tensor, k: int, attacks,
+            candidates: int = 4, rounds: int = 1, inverter=None) -> dict[str, torch.Tensor]:
     """attack -> guessed token per private position of `probe` (in `probe.private` order)."""
-    short = dictionary.vocab[A.nearest(h[probe.private], dictionary.table[k], topk=candidates)]
-    out = {"dictionary": short[:, 0]}
-    if "in-context" in attacks:
-        out["in-context"] = A.in_context_attack(attacker, probe, h, k, short, rounds)
+    out = {}
+    if "dictionary" in attacks or "in-context" in attacks:
+        short = dictionary.vocab[A.nearest(h[probe.private], dictionary.table[k], topk=candidates)]
+        out["dictionary"] = short[:, 0]
+        if "in-context" in attacks:
+            out["in-context"] = A.in_context_attack(attacker, probe, h, k, short, rounds)
+    if "learned" in attacks:
+        out["learned"] = inverter.predict(h[probe.private])
     return {a: out[a] for a in attacks}
 
 
@@ -69,23 +74,26 @@ def confirmed(attacker, probe: A.Probe, h: torch.Tensor, k: int, guess: torch.Te
     return (again[probe.private] - seen).norm(dim=-1) <= tolerance * seen.norm(dim=-1).clamp_min(1e-30)
 
 
-def token_attack(attacker, exchanges: list[Exchange], k: int, dictionary: A.Dictionary, attacks=ATTACKS,
+def token_attack(attacker, exchanges: list[Exchange], k: int, dictionary: A.Dictionary | None, attacks=ATTACKS,
                  truth: list[torch.Tensor] | None = None, private: list[torch.Tensor] | None = None,
-                 candidates: int = 4, rounds: int = 1, tolerance: float = 1e-2) -> list[TokenResult]:
+                 candidates: int = 4, rounds: int = 1, tolerance: float = 1e-2, inverter=None) -> list[TokenResult]:
     """Attack every exchange's begin.hidden (after k edge blocks). `truth`: the true input ids per exchange
     ([B, T]); `private`: the private positions per exchange ([B, T] bool; default: every real position), with
-    `truth` (the attacker is given the public tokens around them)."""
+    `truth` (the attacker is given the public tokens around them). `inverter`: learned.py's trained decoder, for
+    the `learned` attack."""
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
         raise ValueError(f"unknown token attacks {sorted(unknown)}; known: {', '.join(ATTACKS)}")
     if private is not None and truth is None:
         raise ValueError("private positions need the true tokens too (the public ones around them come from there)")
+    if "learned" in attacks and inverter is None:
+        raise ValueError("the learned attack needs a trained inverter (privacy/audit/learned.py train_inverter)")
     totals = {a: [0, 0, 0] for a in attacks}  # positions, confirmed, recovered
     for i, ex in enumerate(exchanges):
         h, mask = observed(ex)
         ids = truth[i] if truth is not None else torch.zeros_like(mask)
         probe = A.Probe(ids, mask, private[i] & mask.bool() if private is not None else mask.bool())
-        for a, g in guesses(attacker, dictionary, probe, h, k, attacks, candidates, rounds).items():
+        for a, g in guesses(attacker, dictionary, probe, h, k, attacks, candidates, rounds, inverter).items():
             t = totals[a]
             t[0] += probe.n_private
             t[1] += int(confirmed(attacker, probe, h, k, g, tolerance).sum())

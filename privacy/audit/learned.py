@@ -1,0 +1,110 @@
+"""A learned inversion model: tokens from the hidden state by a decoder the attacker trains on public text.
+
+The attacker runs public text (WikiText-2's training lines, `../shared/data`) through its copy of the base weights'
+first k blocks and trains a small decoder from the hidden state at each position to the token there: a LayerNorm
+(the massive-activation dimensions of Llama-style states would swamp the rest), a two-layer MLP, and logits against
+the base model's own input-embedding table (frozen; one bias per token), so the decoder has ~2 H^2 weights instead of
+H x V. It never sees the victim's data or the edge's private LoRA.
+
+Adaptive: given the defence's recipe and its settings (`sigma`, `clip`: privacy/defences/noise.py, as the edge
+applies them: clip each token's vector, then Gaussian noise of sigma x the RMS over real tokens), the attacker
+noises its own public states the same way, fresh noise every step, so the decoder learns to read through it.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import tasks as T
+from privacy.audit import inversion as A
+from privacy.defences.noise import add_gaussian_noise, clip_rows, rms
+
+
+class Inverter(nn.Module):
+    """h_k [N, H] -> logits over the vocabulary [N, V], tied to the frozen input embeddings."""
+
+    def __init__(self, embeddings: torch.Tensor, hidden: int | None = None):
+        super().__init__()
+        width = embeddings.shape[1]
+        hidden = hidden or 2 * width
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.register_buffer("table", embeddings.detach().float().clone())
+        self.bias = nn.Parameter(torch.zeros(embeddings.shape[0]))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(h.float())) @ self.table.T + self.bias
+
+    @torch.no_grad()
+    def predict(self, h: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        return torch.cat([self(part).argmax(-1) for part in h.split(chunk)]) if len(h) else h.new_zeros(0).long()
+
+
+@dataclass
+class InverterSettings:
+    steps: int = 400  # optimizer steps
+    batch: int = 8  # public windows per step
+    length: int = 64  # tokens per window
+    lr: float = 2e-3
+    sigma: float = 0.0  # the defence's noise, x the RMS of what is sent (0: none)
+    clip: float | None = None  # the defence's per-token clip (None: none)
+    seed: int = 0
+
+
+def public_windows(tokenizer, length: int, count: int, seed: int) -> list[list[int]]:
+    """`count` token windows of WikiText-2's training lines (fewer if it runs out), from a seeded start, in order;
+    the lines are tokenized only as far as needed."""
+    task = T.Task("wikitext2", "lm", max_len=length - 1)
+    lines = T.load_split("wikitext2", "train")
+    at = random.Random(seed).randrange(max(1, len(lines) // 2))
+    windows: list[list[int]] = []
+    while len(windows) < count and at < len(lines):
+        windows += [item["ids"] for item in T.encode(task, lines[at:at + 200], tokenizer)]
+        at += 200
+    return windows[:count]
+
+
+def recipe(h: torch.Tensor, mask: torch.Tensor, s: InverterSettings, generator: torch.Generator) -> torch.Tensor:
+    """The defence as the edge applies it (edge/trainer.py EdgeModel.cloud_output)."""
+    if s.clip is not None:
+        h = clip_rows(h, s.clip)
+    if s.sigma > 0:
+        h = add_gaussian_noise(h, s.sigma * rms(h, mask), generator)
+    return h
+
+
+def train_inverter(model, tokenizer, k: int, settings: InverterSettings | None = None, log=None) -> Inverter:
+    """Train the decoder on public text through the base weights' first k blocks (under the defence's recipe)."""
+    s = settings or InverterSettings()
+    torch.manual_seed(s.seed)
+    g = torch.Generator().manual_seed(s.seed)
+    windows = public_windows(tokenizer, s.length, s.steps * s.batch, s.seed)
+    if not windows:
+        raise ValueError("no public WikiText-2 window to train the inverter on")
+    inverter = Inverter(model.get_input_embeddings().weight)
+    opt = torch.optim.AdamW([p for p in inverter.parameters() if p.requires_grad], lr=s.lr, weight_decay=0.0)
+    chunk = 8 * s.batch  # windows run through the k blocks at once, then taken a batch at a time
+    states: list[torch.Tensor] = []
+    for step in range(s.steps):
+        if not states:
+            at = (step * s.batch) % max(1, len(windows) - chunk + 1)
+            ids = torch.tensor(windows[at:at + chunk])
+            with torch.no_grad():
+                h = A.hidden_after(model, ids, torch.ones_like(ids), [k])[k].float()
+            states = list(zip(h.split(s.batch), ids.split(s.batch)))
+        h, ids = states.pop(0)
+        mask = torch.ones_like(ids)
+        h = recipe(h, mask, s, g)  # fresh noise every step
+        loss = nn.functional.cross_entropy(inverter(h[:, 1:].flatten(0, 1)), ids[:, 1:].flatten())  # not the sink
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if log and (step + 1) % 100 == 0:
+            log(f"inverter k={k} sigma={s.sigma:g}: step {step + 1}/{s.steps}, loss {loss.item():.3f}")
+    return inverter.eval()
+
+
+__all__ = ["Inverter", "InverterSettings", "public_windows", "recipe", "train_inverter"]
