@@ -35,8 +35,10 @@ class Inverter(nn.Module):
         self.register_buffer("table", embeddings.detach().float().clone())
         self.bias = nn.Parameter(torch.zeros(embeddings.shape[0]))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm(h.float())) @ self.table.T + self.bias
+    def forward(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over the vocabulary, or over `tokens` only (sampled softmax in training)."""
+        f = self.mlp(self.norm(h.float()))
+        return f @ self.table.T + self.bias if tokens is None else f @ self.table[tokens].T + self.bias[tokens]
 
     @torch.no_grad()
     def predict(self, h: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -49,6 +51,7 @@ class InverterSettings:
     batch: int = 8  # public windows per step
     length: int = 64  # tokens per window
     lr: float = 2e-3
+    negatives: int = 4096  # sampled-softmax negatives per step
     sigma: float = 0.0  # the defence's noise, x the RMS of what is sent (0: none)
     clip: float | None = None  # the defence's per-token clip (None: none)
     seed: int = 0
@@ -85,6 +88,7 @@ def train_inverter(model, tokenizer, k: int, settings: InverterSettings | None =
     if not windows:
         raise ValueError("no public WikiText-2 window to train the inverter on")
     inverter = Inverter(model.get_input_embeddings().weight)
+    vocab = inverter.table.shape[0]
     opt = torch.optim.AdamW([p for p in inverter.parameters() if p.requires_grad], lr=s.lr, weight_decay=0.0)
     chunk = 8 * s.batch  # windows run through the k blocks at once, then taken a batch at a time
     states: list[torch.Tensor] = []
@@ -98,7 +102,11 @@ def train_inverter(model, tokenizer, k: int, settings: InverterSettings | None =
         h, ids = states.pop(0)
         mask = torch.ones_like(ids)
         h = recipe(h, mask, s, g)  # fresh noise every step
-        loss = nn.functional.cross_entropy(inverter(h[:, 1:].flatten(0, 1)), ids[:, 1:].flatten())  # not the sink
+        target = ids[:, 1:].flatten()  # not position 0, the attention sink
+        # sampled softmax: the batch's tokens and `negatives` uniform others (the full vocabulary's logits for every
+        # position would cost most of the training; prediction uses all of them)
+        tokens = torch.unique(torch.cat([target, torch.randint(0, vocab, (s.negatives,), generator=g)]))
+        loss = nn.functional.cross_entropy(inverter(h[:, 1:].flatten(0, 1), tokens), torch.searchsorted(tokens, target))
         opt.zero_grad()
         loss.backward()
         opt.step()
