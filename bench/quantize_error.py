@@ -18,13 +18,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tasks as T  # noqa: E402
 from cli.report import table  # noqa: E402
-from cloud.quantize import _quantized, weight_bytes  # noqa: E402
+from cloud.quantize import quantize_blocks  # noqa: E402
 from model.families import family_of  # noqa: E402
 from model.load import load_model  # noqa: E402
 from model.segments import BlockRun  # noqa: E402
@@ -39,17 +37,6 @@ RECIPES = {  # name -> the linears held in int8 (the rest NF4); "int8": all of t
     "int4, attention + down_proj int8": (*ATTENTION, "down_proj"),
     "int8 (all)": None,
 }
-
-
-def quantize(model, ids: range, int8: tuple[str, ...] | None) -> float:
-    blocks = family_of(model).blocks(model)
-    before = weight_bytes([blocks[i] for i in ids])
-    for i in ids:
-        for name, linear in [(n, m) for n, m in blocks[i].named_modules() if type(m) is nn.Linear]:
-            parent, _, leaf = name.rpartition(".")
-            mode = "int8" if int8 is None or leaf in int8 else "int4"
-            setattr(blocks[i].get_submodule(parent), leaf, _quantized(linear, mode))
-    return weight_bytes([blocks[i] for i in ids]) / before
 
 
 def main():
@@ -76,7 +63,7 @@ def main():
     rows = []
     for name, int8 in RECIPES.items():
         m = copy.deepcopy(model)
-        ratio = quantize(m, ids, int8)
+        ratio = quantize_blocks(m, "int8", ids).ratio if int8 is None else quantize_blocks(m, "int4", ids, int8).ratio
         err = ((output(m) - ref).norm() / ref.norm()).item()
         rows.append({"recipe": name, "weights_vs_fp32": round(ratio, 4), "output_error": round(err, 4)})
         print(f"{name}: weights {ratio:.3f} of fp32, output error {err:.3f}", flush=True)

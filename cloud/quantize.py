@@ -78,9 +78,9 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"--quantize must be one of {', '.join(MODES)}, got {mode!r}")
 
 
-def quantize_blocks(model, mode: str, blocks=None) -> MemoryReport:
-    """Quantize every nn.Linear of the family's blocks (or of the blocks numbered in `blocks`) in place, frozen.
-    "none" changes nothing and only measures."""
+def quantize_blocks(model, mode: str, blocks=None, int8_under_int4: tuple[str, ...] = INT8_UNDER_INT4) -> MemoryReport:
+    """Quantize every nn.Linear of the family's blocks (or of the blocks numbered in `blocks`) in place, frozen; under
+    "int4", the linears named in `int8_under_int4` in int8. "none" changes nothing and only measures."""
     check_mode(mode)
     all_blocks = family_of(model).blocks(model)
     chosen = [all_blocks[i] for i in (range(len(all_blocks)) if blocks is None else blocks)]
@@ -94,7 +94,7 @@ def quantize_blocks(model, mode: str, blocks=None) -> MemoryReport:
                                  "to quantize (GPT-2's are Conv1D, quantized ones are not nn.Linear)")
             for name, linear in linears:
                 parent, _, leaf = name.rpartition(".")
-                held = "int8" if mode == "int4" and leaf in INT8_UNDER_INT4 else mode
+                held = "int8" if mode == "int4" and leaf in int8_under_int4 else mode
                 setattr(block.get_submodule(parent), leaf, _quantized(linear, held))
             count += len(linears)
         _release_freed_memory()
