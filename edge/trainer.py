@@ -32,7 +32,7 @@ from model.load import DTYPES, fingerprint, load_model
 from model.segments import EdgeBottom, EdgeTop, cut_of, drop_blocks
 from model.training import Checkpoint, FitOptions, FitResult, endless_batches, evaluate as evaluate_hidden, fit
 from privacy.defences.labels import label_free_loss
-from privacy.defences.noise import add_gaussian_noise, clip_rows, rms
+from privacy.defences.noise import protect_relative
 from privacy.security.files import write_atomic
 from protocol.step import PREFIX_TARGET
 from protocol.tensors import wire_dtype
@@ -73,10 +73,8 @@ class EdgeModel(nn.Module):
             h, mask = self.prompt.prepend(h, mask)  # positions); the cloud sees them too
         prefix = self.prefix.prefixes() if self.prefix is not None else None  # once per step, for every layer
         h = self.bottom(None, mask, token_embeds=h, prefix=prefix)
-        if self.noise_clip is not None:  # what leaves the device is clipped, then noised (privacy/defences/noise.py)
-            h = clip_rows(h, self.noise_clip)
-        if self.noise_sigma > 0:  # sigma relative to the RMS of what is sent, over real tokens
-            h = add_gaussian_noise(h, self.noise_sigma * rms(h.detach(), mask))
+        # what leaves the device is clipped, then noised, sigma relative to its RMS (privacy/defences/noise.py)
+        h = protect_relative(h, mask, self.noise_clip, self.noise_sigma)
         return self.cloud(h, mask, prefix), mask, prefix
 
     def hidden(self, batch: T.Batch) -> torch.Tensor:

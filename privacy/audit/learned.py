@@ -8,7 +8,7 @@ H x V. It never sees the victim's data or the edge's private LoRA.
 
 Adaptive: given the defence's recipe and its settings (`sigma`, `clip`: privacy/defences/noise.py, as the edge
 applies them: clip each token's vector, then Gaussian noise of sigma x the RMS over real tokens), the attacker
-noises its own public states the same way, fresh noise every step, so the decoder learns to read through it.
+noises its own public states with the same function (noise.py protect_relative), fresh noise every step, so the decoder learns to read through it.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch import nn
 
 import tasks as T
 from privacy.audit import inversion as A
-from privacy.defences.noise import add_gaussian_noise, clip_rows, rms
+from privacy.defences.noise import protect_relative
 
 
 class Inverter(nn.Module):
@@ -70,15 +70,6 @@ def public_windows(tokenizer, length: int, count: int, seed: int) -> list[list[i
     return windows[:count]
 
 
-def recipe(h: torch.Tensor, mask: torch.Tensor, s: InverterSettings, generator: torch.Generator) -> torch.Tensor:
-    """The defence as the edge applies it (edge/trainer.py EdgeModel.cloud_output)."""
-    if s.clip is not None:
-        h = clip_rows(h, s.clip)
-    if s.sigma > 0:
-        h = add_gaussian_noise(h, s.sigma * rms(h, mask), generator)
-    return h
-
-
 def train_inverter(model, tokenizer, k: int, settings: InverterSettings | None = None, log=None) -> Inverter:
     """Train the decoder on public text through the base weights' first k blocks (under the defence's recipe)."""
     s = settings or InverterSettings()
@@ -91,7 +82,7 @@ def train_inverter(model, tokenizer, k: int, settings: InverterSettings | None =
     vocab = inverter.table.shape[0]
     opt = torch.optim.AdamW([p for p in inverter.parameters() if p.requires_grad], lr=s.lr, weight_decay=0.0)
     chunk = 8 * s.batch  # windows run through the k blocks at once, then taken a batch at a time
-    states: list[torch.Tensor] = []
+    states: list[tuple[torch.Tensor, torch.Tensor]] = []
     for step in range(s.steps):
         if not states:
             at = (step * s.batch) % max(1, len(windows) - chunk + 1)
@@ -101,7 +92,7 @@ def train_inverter(model, tokenizer, k: int, settings: InverterSettings | None =
             states = list(zip(h.split(s.batch), ids.split(s.batch)))
         h, ids = states.pop(0)
         mask = torch.ones_like(ids)
-        h = recipe(h, mask, s, g)  # fresh noise every step
+        h = protect_relative(h, mask, s.clip, s.sigma, g)  # the edge's recipe, fresh noise every step
         target = ids[:, 1:].flatten()  # not position 0, the attention sink
         # sampled softmax: the batch's tokens and `negatives` uniform others (the full vocabulary's logits for every
         # position would cost most of the training; prediction uses all of them)
@@ -115,4 +106,4 @@ def train_inverter(model, tokenizer, k: int, settings: InverterSettings | None =
     return inverter.eval()
 
 
-__all__ = ["Inverter", "InverterSettings", "public_windows", "recipe", "train_inverter"]
+__all__ = ["Inverter", "InverterSettings", "public_windows", "train_inverter"]

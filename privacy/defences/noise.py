@@ -49,3 +49,15 @@ def protect(hidden: torch.Tensor, max_norm: float | None, sigma: float,
     if max_norm is not None:
         hidden = clip_rows(hidden, max_norm)
     return add_gaussian_noise(hidden, sigma, generator)
+
+
+def protect_relative(hidden: torch.Tensor, attention_mask: torch.Tensor | None, max_norm: float | None,
+                     sigma_rel: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The edge's --noise-clip / --noise-sigma: clip (when `max_norm` is given), then noise whose sigma is `sigma_rel`
+    x the clipped state's RMS over real tokens. The learned attacker (privacy/audit/learned.py) noises its public
+    states with the same function."""
+    if max_norm is not None:
+        hidden = clip_rows(hidden, max_norm)
+    if sigma_rel > 0:
+        hidden = add_gaussian_noise(hidden, sigma_rel * rms(hidden.detach(), attention_mask), generator)
+    return hidden
