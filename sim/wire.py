@@ -246,11 +246,9 @@ def method_setup(shape: ModelShape, peft: str = "lora", cloud_lora: str = "none"
 
 
 def check_prefix(prefix_tokens: int, prefix_projection: int | None = None) -> None:
-    """Prefix tuning's options, each mistake one line naming the flag (as model/tuners/prefix.py checks them)."""
-    if not isinstance(prefix_tokens, int) or prefix_tokens < 1:
-        raise ValueError(f"--prefix-tokens must be at least 1, got {prefix_tokens}")
-    if prefix_projection is not None and prefix_projection < 1:
-        raise ValueError(f"--prefix-projection must be at least 1 (the MLP's hidden size), got {prefix_projection}")
+    """Prefix tuning's options, each mistake one line naming the flag (model/tuners/prefix.py's check)."""
+    from model.tuners.prefix import PrefixConfig, check_prefix_config
+    check_prefix_config(PrefixConfig(prefix_tokens, prefix_projection))
 
 
 def prefix_setup(shape: ModelShape, k: int = 1, m: int = 1, wire_up: str = "fp32", wire_down: str = "fp32",
