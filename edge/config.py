@@ -69,6 +69,10 @@ class NoiseConfig:
     label_mask: float | None = field(default=None, metadata={
         "help": "privacy/defences/labels.py: scale each example's gradient sent to the cloud by a secret random "
                 "sign x factor in [1/R, R], divided out on its way back (not with --cloud-lora carried)"})
+    nopeek: float = field(default=0.0, metadata={
+        "help": "privacy/defences/nopeek.py: add this weight x the distance correlation between the input token "
+                "embeddings and the hidden state sent to the cloud to the edge's loss (NoPeek; the edge's own "
+                "trainable weights below the cut learn it)"})
     label_free: bool = field(default=False, metadata={
         "help": "privacy/defences/labels.py: send the cloud the gradient of the label words' logit margin, which "
                 "does not depend on the label, and scale what comes back by dL/dmargin on the edge (two-class "

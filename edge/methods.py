@@ -31,7 +31,7 @@ def check_method(cfg: EdgeConfig) -> None:
             "ptuning": " (P-tuning trains nothing in the cloud's blocks)",
             "prefix": " (every layer has a prefix, the cloud's too: they ride each step)"}.get(method, ""))
     _check_foreign_options(cfg)
-    _check_label_defences(cfg, mode)
+    _check_defences(cfg, mode)
     if mode == "carried" and cfg.lora.dropout > 0:
         raise ValueError("--cloud-lora carried runs the cloud blocks' LoRA on the cloud, which applies no dropout: "
                          "give --lora-dropout 0, or use --cloud-lora edge")
@@ -48,9 +48,12 @@ def check_method(cfg: EdgeConfig) -> None:
         check_prefix_config(_prefix_config(cfg))
 
 
-def _check_label_defences(cfg: EdgeConfig, mode: str) -> None:
-    """--noise-label-mask and --noise-label-free: the per-example factors apply on the edge only where nothing of the
-    cloud's backward is summed over the batch: the frozen split and DLoRA, not carried (privacy/defences/labels.py)."""
+def _check_defences(cfg: EdgeConfig, mode: str) -> None:
+    """--noise-nopeek is a weight >= 0. --noise-label-mask and --noise-label-free: the per-example factors apply on the
+    edge only where nothing of the cloud's backward is summed over the batch: the frozen split and DLoRA, not carried
+    (privacy/defences/labels.py)."""
+    if not cfg.noise.nopeek >= 0:
+        raise ValueError(f"--noise-nopeek is a weight >= 0 (0: off), got {cfg.noise.nopeek}")
     scale_range, given = cfg.noise.label_mask, []
     if scale_range is not None:
         if scale_range < 1:

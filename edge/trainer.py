@@ -33,6 +33,7 @@ from model.segments import EdgeBottom, EdgeTop, cut_of, drop_blocks
 from model.training import Checkpoint, FitOptions, FitResult, endless_batches, evaluate as evaluate_hidden, fit
 from privacy.defences.labels import label_free_loss
 from privacy.defences.noise import protect_relative
+from privacy.defences.nopeek import nopeek_term
 from privacy.security.files import write_atomic
 from protocol.step import PREFIX_TARGET
 from protocol.tensors import wire_dtype
@@ -63,6 +64,7 @@ class EdgeModel(nn.Module):
                                  remote_blocks, targets, carried=carried_method(cfg) if cfg.lora.cloud == "carried"
                                  else None, label_mask=cfg.noise.label_mask, seed=cfg.optim.seed)
         self.noise_sigma, self.noise_clip = cfg.noise.sigma, cfg.noise.clip
+        self.nopeek, self.privacy_term = cfg.noise.nopeek, None  # --noise-nopeek: its weight, and the step's term
         # --noise-label-free: the two label words' token ids, whose logit margin's gradient is what the cloud gets
         self.label_free_ids = T.label_token_ids(self.task, tokenizer) if cfg.noise.label_free else None
 
@@ -73,6 +75,9 @@ class EdgeModel(nn.Module):
             h, mask = self.prompt.prepend(h, mask)  # positions); the cloud sees them too
         prefix = self.prefix.prefixes() if self.prefix is not None else None  # once per step, for every layer
         h = self.bottom(None, mask, token_embeds=h, prefix=prefix)
+        if self.nopeek and torch.is_grad_enabled():  # the real tokens are the last T positions, after any virtual
+            tokens = self.bottom.token_embeds(batch.input_ids)
+            self.privacy_term = nopeek_term(tokens, h[:, -tokens.shape[1]:], batch.attention_mask, self.nopeek)
         # what leaves the device is clipped, then noised, sigma relative to its RMS (privacy/defences/noise.py)
         h = protect_relative(h, mask, self.noise_clip, self.noise_sigma)
         return self.cloud(h, mask, prefix), mask, prefix
@@ -85,6 +90,13 @@ class EdgeModel(nn.Module):
         return h if self.prompt is None else h[:, self.prompt.num_virtual:]  # the real tokens' positions
 
     def loss(self, batch: T.Batch):
+        """(the training loss, the logits): the task's loss, with --noise-nopeek its privacy term added."""
+        loss, logits = self._task_loss(batch)
+        if self.privacy_term is not None:
+            loss, self.privacy_term = loss + self.privacy_term, None
+        return loss, logits
+
+    def _task_loss(self, batch: T.Batch):
         if self.label_free_ids is None:
             return T.loss_from_hidden(self.task, self.hidden(batch), batch, self.top.lm_head)
         cloud_out, mask, prefix = self.cloud_output(batch)
