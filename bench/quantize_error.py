@@ -1,10 +1,10 @@
-"""Which linears of a block to keep in int8 under `--quantize int4`: the error each recipe puts into the blocks' output.
+"""The error each `--quantize` recipe puts into the cloud blocks' output: int8, and int4 by group size.
 
     python bench/quantize_error.py [--model smollm2] [--sentences 8]
 
-The cloud's middle blocks (1 .. n-2 of SmolLM2's 30) are quantized with cloud/quantize.py's bitsandbytes linears by
-recipe (every linear NF4; int8 for some, NF4 for the rest; every linear int8), and run on the hidden state of
---sentences SST-2 train sentences after block 0. Per recipe: the blocks' weight bytes as a fraction of fp32 and the
+The cloud's middle blocks (1 .. n-2 of SmolLM2's 30) are quantized with cloud/quantize.py's linears (optimum-quanto)
+by recipe (int8 per output row; int4 in groups of 32, GGUF Q4_1's block and the default, or of more input
+features), and run on the hidden state of --sentences SST-2 train sentences after block 0. Per recipe: the blocks' weight bytes as a fraction of fp32 and the
 relative error of their output over real tokens, ||out - out_fp32|| / ||out_fp32||. No training: this picks the
 recipe; bench/quantized_cloud.py measures what it costs in accuracy. One thread; about a minute on a CPU.
 Prints a table and ends with one JSON line.
@@ -27,15 +27,12 @@ from model.families import family_of  # noqa: E402
 from model.load import load_model  # noqa: E402
 from model.segments import BlockRun  # noqa: E402
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-RECIPES = {  # name -> the linears held in int8 (the rest NF4); "int8": all of them
-    "int4 (all NF4)": (),
-    "int4, down_proj int8 (--quantize int4)": ("down_proj",),
-    "int4, v_proj + down_proj int8": ("v_proj", "down_proj"),
-    "int4, k_proj + v_proj + down_proj int8": ("k_proj", "v_proj", "down_proj"),
-    "int4, v_proj + o_proj + down_proj int8": ("v_proj", "o_proj", "down_proj"),
-    "int4, attention + down_proj int8": (*ATTENTION, "down_proj"),
-    "int8 (all)": None,
+RECIPES = {  # name -> (mode, int4 group); the groups divide SmolLM2's 576 and 1536 input features
+    "int8 (per row)": ("int8", None),
+    "int4, groups of 32 (--quantize int4)": ("int4", 32),
+    "int4, groups of 64": ("int4", 64),
+    "int4, groups of 96": ("int4", 96),
+    "int4, groups of 192": ("int4", 192),
 }
 
 
@@ -61,9 +58,9 @@ def main():
             return BlockRun(m, ids)(h, batch.attention_mask)[real]
     ref = output(model)
     rows = []
-    for name, int8 in RECIPES.items():
+    for name, (mode, group) in RECIPES.items():
         m = copy.deepcopy(model)
-        ratio = quantize_blocks(m, "int8", ids).ratio if int8 is None else quantize_blocks(m, "int4", ids, int8).ratio
+        ratio = quantize_blocks(m, mode, ids, **({"int4_group": group} if group else {})).ratio
         err = ((output(m) - ref).norm() / ref.norm()).item()
         rows.append({"recipe": name, "weights_vs_fp32": round(ratio, 4), "output_error": round(err, 4)})
         print(f"{name}: weights {ratio:.3f} of fp32, output error {err:.3f}", flush=True)

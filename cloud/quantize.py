@@ -1,41 +1,33 @@
 """`tandem cloud serve --quantize int8|int4`: the cloud holds the frozen weights of the blocks it serves in 8 or
 4 bits (QLoRA's idea, on the cloud); the edge keeps its full-precision LoRA. Only the blocks' linears are
-quantized: the embedding, norms and LM head are the edge's. int4 is NF4 for every linear but the MLP's output
-projection (`down_proj`), which stays in int8, as llama.cpp's Q4_K_M keeps ffn_down at higher precision: on
-SmolLM2-135M's 28 middle blocks the blocks' output error falls from 0.213 (all NF4, 0.130 of the fp32 weight bytes)
-to 0.078 (0.160 of fp32); int8 for the attention projections as well errs more, 0.112 at 0.191, and so does int8 for
-v_proj too, 0.085 at 0.164 (`python bench/quantize_error.py`, 2026-12-03; the same measurement as below).
+quantized: the embedding, norms and LM head are the edge's.
 
-    quantize_blocks(model, mode)   every nn.Linear of the family's blocks, in place -> MemoryReport
-    weight_bytes(modules)          the actual storage of their tensors, quantization state included
-    dense_weight(linear)           a linear's weight as [out, in] in full precision (de-quantized if need be)
+    quantize_blocks(model, mode)          every nn.Linear of the family's blocks, in place -> MemoryReport
+    quantized_linear(linear, mode, group) one linear, frozen
+    weight_bytes(modules)                 the actual storage of their tensors, quantization state included
+    dense_weight(linear)                  a linear's weight as [out, in] in full precision (de-quantized if need be)
 
-The library is bitsandbytes (QLoRA's own: int8 is its `Linear8bitLt` without outliers, per-row absmax scales;
-int4 its `Linear4bit` NF4 in blocks of 64 with double-quantized scales), picked by measurement against torchao 0.18
-and optimum-quanto 0.2.7: the linears of SmolLM2-135M's 28 middle blocks (378 MiB in fp32), CPU, one thread, a
-batch of 8 SST-2 sentences, forward and backward to the input with the weights frozen (all three backpropagate),
-and the relative error of the blocks' output against fp32 (fp32 took 1.7 s; the times are of a shared machine):
+The library is optimum-quanto (0.2.7): int8 is `qint8` with one absmax scale per output row; int4 is `qint4`, packed
+two to a byte, with a scale and a shift (the group's minimum) per group of 32 input features. 32 is GGUF Q4_1's
+block, and Q4_1 holds each block as 16 even steps from its minimum to its maximum, so the grid of a weight that came
+from a Q4_1 file, as SmolLM2-135M's does, is found again exactly: on the 28 middle blocks the blocks' output error is
+0.000 at 0.188 of the fp32 weight bytes, against 0.203 for groups of 64 (0.157) and 0.315 for quanto's own default
+of 96 here (0.146); int8 errs 0.025 at 0.252 (`python bench/quantize_error.py`, 2026-12-03). On a checkpoint in full
+precision int4 is ordinary min-max 4-bit in groups of 32: on random Gaussian weights of SmolLM2's shapes a weight's
+relative error is about 0.08 (tests/test_quantize.py); no such real checkpoint is on our machines to measure
+accuracy on. SST-2 dev after 100 steps of carried LoRA, seeds 0, 1, 2 (`python bench/quantized_cloud.py --seeds 0,1,2`,
+2026-12-03): int8 +0.7 pt from fp32, int4 +0.0 pt (the same losses as fp32's).
 
-    library          int8: weights  fwd+bwd  error      int4: weights  fwd+bwd  error
-    bitsandbytes           0.251    0.89x    0.025            0.130    1.05x    0.21
-    optimum-quanto         0.251    1.00x    0.025            0.145    1.01x    0.43
-    torchao                0.252    1.10x    0.029            0.289    1.04x    0.28
-
-torchao has no packed int4 on CPU (its int4 formats need CUDA; `IntxWeightOnlyConfig` keeps one int8 per 4-bit
-value, over the 0.2 budget); optimum-quanto is in maintenance mode (its README, since November 2025) and its int4
-(groups of 128) errs twice as much as NF4. This module's linears (training mode, below) measure the same as
-bitsandbytes' row: int8 0.251 and 0.025, int4 0.130 and 0.21.
-
-In eval mode bitsandbytes' linears change on CPU: the int8 one casts the activations to fp16 and warns on every
-call; the 4-bit one, on CPUs with AVX512-BF16, repacks its weight in place for a bf16 kernel at the first forward
-without gradient, and backward through that kernel is wrong (torch warns it has no autograd kernel). So the cloud's
-linears always stay in training mode (`_frozen`), whose path is weight-only on CPU (the weight de-quantized per call,
-F.linear in the input's dtype; on CUDA int8 is LLM.int8's int8 matmul, not measured here). No weight has a gradient.
+Picked by measurement: bitsandbytes (QLoRA's NF4, blocks of 64) erred 0.213 on the same blocks at 0.130, 0.078 at
+0.160 with down_proj in int8, and cost 1.6 pt of SST-2 dev accuracy over three seeds (`bench/quantized_cloud.py`,
+2026-12-03); its CPU eval mode also repacks the 4-bit weight for a kernel without a backward. torchao has no packed
+int4 on CPU (`IntxWeightOnlyConfig` keeps one int8 per 4-bit value, over the 0.2 budget). quanto is in maintenance
+mode (its README, since November 2025); it is the one of the three with a packed, grouped, asymmetric int4 on CPU
+(in plain torch ops at this group size, so on any device; CUDA is not run here). Its frozen QLinear de-quantizes the weight in each forward and backpropagates to the input through its own
+autograd function; no weight has a gradient.
 """
 from __future__ import annotations
 
-import functools
-import logging
 import os
 from dataclasses import dataclass
 
@@ -45,11 +37,8 @@ from torch import nn
 from model.families import family_of
 
 MODES = ("none", "int8", "int4")
-INT8_UNDER_INT4 = ("down_proj",)  # --quantize int4 holds these linears in int8 (the module docstring says why)
+INT4_GROUP = 32  # --quantize int4's group: GGUF Q4_1's block, so a Q4_1 checkpoint's grid is held exactly
 MiB = 2 ** 20
-# bitsandbytes warns at import, on CPUs with AVX512-BF16, that an optional kernel (from the `kernels` package, which
-# fetches it from the Hub at run time) is missing; it falls back to its own.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -78,9 +67,9 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"--quantize must be one of {', '.join(MODES)}, got {mode!r}")
 
 
-def quantize_blocks(model, mode: str, blocks=None, int8_under_int4: tuple[str, ...] = INT8_UNDER_INT4) -> MemoryReport:
-    """Quantize every nn.Linear of the family's blocks (or of the blocks numbered in `blocks`) in place, frozen; under
-    "int4", the linears named in `int8_under_int4` in int8. "none" changes nothing and only measures."""
+def quantize_blocks(model, mode: str, blocks=None, int4_group: int = INT4_GROUP) -> MemoryReport:
+    """Quantize every nn.Linear of the family's blocks (or of the blocks numbered in `blocks`) in place, frozen; int4
+    in groups of `int4_group` input features. "none" changes nothing and only measures."""
     check_mode(mode)
     all_blocks = family_of(model).blocks(model)
     chosen = [all_blocks[i] for i in (range(len(all_blocks)) if blocks is None else blocks)]
@@ -94,66 +83,45 @@ def quantize_blocks(model, mode: str, blocks=None, int8_under_int4: tuple[str, .
                                  "to quantize (GPT-2's are Conv1D, quantized ones are not nn.Linear)")
             for name, linear in linears:
                 parent, _, leaf = name.rpartition(".")
-                held = "int8" if mode == "int4" and leaf in int8_under_int4 else mode
-                setattr(block.get_submodule(parent), leaf, _quantized(linear, held))
+                setattr(block.get_submodule(parent), leaf, quantized_linear(linear, mode, int4_group))
             count += len(linears)
         _release_freed_memory()
     return MemoryReport(mode, dtype, len(chosen), count, before, weight_bytes(chosen), rss_bytes())
 
 
-def _quantized(linear: nn.Linear, mode: str) -> nn.Module:
-    """The bitsandbytes linear holding `linear`'s weight in `mode`, on its device, frozen. bitsandbytes quantizes
-    when a CPU parameter moves to its device."""
-    import bitsandbytes as bnb
-    device, dtype = linear.weight.device, linear.weight.dtype
-    weight = linear.weight.detach().cpu()
-    shape = dict(input_features=linear.in_features, output_features=linear.out_features, bias=False, device="meta")
-    if mode == "int8":
-        q = _frozen(bnb.nn.Linear8bitLt)(**shape, has_fp16_weights=False, threshold=0.0)
-        q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-    else:
-        q = _frozen(bnb.nn.Linear4bit)(**shape, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
-    q.bias = linear.bias if linear.bias is None else linear.bias.requires_grad_(False)
-    q = q.to(device)
-    if mode == "int8":
-        q.init_8bit_state()  # now, not in the first forward: concurrent steps then only read the module
+def quantized_linear(linear: nn.Linear, mode: str, int4_group: int) -> nn.Module:
+    """optimum-quanto's QLinear holding `linear`'s weight in `mode`, frozen, on its device and in its dtype."""
+    from optimum.quanto import QLinear, qint4, qint8
+    q = QLinear.from_module(linear, weights=qint8 if mode == "int8" else qint4)
+    if mode == "int4":
+        if linear.in_features % int4_group:
+            raise ValueError(f"--quantize int4: a linear has {linear.in_features} input features, not a multiple of "
+                             f"the group of {int4_group}; use --quantize int8")
+        q.weight_group_size = int4_group
+    q.freeze()  # the weight is quantized now, once: concurrent steps then only read the module
+    q.weight.requires_grad_(False)
+    if q.bias is not None:
+        q.bias.requires_grad_(False)
     return q
 
 
-@functools.lru_cache(maxsize=None)
-def _frozen(cls: type) -> type:
-    """`cls`, a bitsandbytes linear, that stays in training mode (see the module docstring)."""
-    class Frozen(cls):
-        def train(self, mode: bool = True):
-            return super().train(True)
-    Frozen.__name__ = Frozen.__qualname__ = f"Frozen{cls.__name__}"
-    return Frozen
-
-
 def dense_weight(linear: nn.Module) -> torch.Tensor:
-    """`linear`'s weight as [out, in] in the compute dtype: de-quantized for the bitsandbytes linears, as is for an
-    nn.Linear (what DoRA's weight norm needs)."""
+    """`linear`'s weight as [out, in] in full precision: de-quantized for a quantized linear, as is for an nn.Linear
+    (what DoRA's weight norm needs)."""
     w = linear.weight
-    if hasattr(w, "quant_state"):  # 4-bit
-        import bitsandbytes.functional as bf
-        return bf.dequantize_4bit(w.data, w.quant_state).to(linear.compute_dtype or torch.float32)
-    state = getattr(linear, "state", None)
-    if state is not None and getattr(state, "SCB", None) is not None:  # 8-bit, per-row absmax scales
-        return state.CB.float() * (state.SCB.float().unsqueeze(1) / 127)
-    return w
+    return w.dequantize() if hasattr(w, "dequantize") and hasattr(w, "_scale") else w
 
 
 def _tensors(module: nn.Module):
+    """Every plain tensor the module holds: a quantized weight's inner tensors (packed data, scales, shifts)."""
+    def inner(t):
+        if hasattr(t, "__tensor_flatten__"):
+            for name in t.__tensor_flatten__()[0]:
+                yield from inner(getattr(t, name))
+        else:
+            yield t
     for t in [*module.parameters(), *module.buffers()]:
-        yield t
-        qs = getattr(t, "quant_state", None)  # 4-bit: absmax (8-bit when double-quantized), code, and their state
-        while qs is not None:
-            yield from (x for x in (qs.absmax, qs.code, qs.offset) if isinstance(x, torch.Tensor))
-            qs = qs.state2
-    for m in module.modules():
-        state = getattr(m, "state", None)  # 8-bit: the int8 weight and its row scales live in the matmul state
-        yield from (x for x in (getattr(state, "CB", None), getattr(state, "SCB", None)) if isinstance(x, torch.Tensor))
+        yield from inner(t.data if isinstance(t, nn.Parameter) else t)
 
 
 def weight_bytes(modules) -> int:

@@ -25,7 +25,7 @@ class ServeConfig:
     require_client_cert: bool = False  # mutual TLS: edges must present a client certificate
     dtype: str = "float32"  # dtype of the backbone's weights
     device: str = "cpu"  # torch device of the backbone
-    quantize: Literal["none", "int8", "int4"] = "none"  # hold the served blocks' linears in 8 or 4 bits (int4: NF4, down_proj int8)
+    quantize: Literal["none", "int8", "int4"] = "none"  # the served blocks' linears in 8 or 4 bits
     ttl: float = 600.0  # seconds an idle session lives
     max_sessions: int = 64  # sessions open at once, all clients together
     max_sessions_per_client: int = 16  # sessions one client may hold
