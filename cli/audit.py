@@ -4,8 +4,8 @@ a JSON line of the figures.
 A capture (privacy/audit/capture.py, `tandem cloud serve --capture-dir`) holds what the cloud received and sent;
 the attacks (privacy/audit/) run on it, session by session, with the base weights of `--model`:
 
-  dictionary, in-context    tokens from `begin.hidden` of the first `--token-steps` training steps (needs the cut k:
-                            `--k`, or the run's settings with `--run`)
+  dictionary, in-context    tokens from `begin.hidden` of the first (`--token-steps-at last`: the last)
+                            `--token-steps` training steps (needs the cut k: `--k`, or the run's settings with `--run`)
   learned                   the same, by a decoder trained on public WikiText-2 through the base weights' k blocks
                             (privacy/audit/learned.py); with `--run`, adaptive: trained under the run's noise recipe
   label-norm, label-cosine, labels from `output_grad` at the answer position (training steps); label-lines
@@ -49,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default=None, help="the edge's run folder (`edge train --out-dir`): what it sent, to "
                    "score the attacks against; also gives the cut k")
     p.add_argument("--k", type=int, default=None, help="blocks the edge ran below the cut (default: the run's)")
-    p.add_argument("--token-steps", type=int, default=2, help="training steps the token attacks run on (the first)")
+    p.add_argument("--token-steps", type=int, default=2, help="training steps the token attacks run on")
+    p.add_argument("--token-steps-at", choices=("first", "last"), default="first", help="the first or the last "
+                   "training steps: the last show what the edge's trained weights send (a learned defence's)")
     p.add_argument("--candidates", type=int, default=4, help="dictionary candidates the in-context attack re-checks")
     p.add_argument("--inverter-steps", type=int, default=400, help="training steps of the learned attack's decoder "
                    "(8 public windows of 64 tokens each)")
@@ -93,7 +95,9 @@ def token_rows(setup: Setup, sid: str, exs: list, attacks: list[str], args, trut
         return []
     if setup.k is None:
         return [Row(sid, a, "tokens", "skipped: the capture does not record the cut; give --k or --run") for a in names]
-    train = [i for i, ex in enumerate(exs) if ex.train][:args.token_steps]
+    train = [i for i, ex in enumerate(exs) if ex.train]
+    at = args.token_steps_at
+    train = train[:args.token_steps] if at == "first" else train[-args.token_steps:]
     if truth is not None:
         train = [i for i in train if i in truth.batches]
     chosen = [exs[i] for i in train]
@@ -105,7 +109,7 @@ def token_rows(setup: Setup, sid: str, exs: list, attacks: list[str], args, trut
     where = "private" if known else "real (which are private: unknown)"
     rows = []
     for r in results:
-        target = f"tokens at k={setup.k}, {len(chosen)} training steps, {r.positions} {where} positions"
+        target = f"tokens at k={setup.k}, {len(chosen)} {at} training steps, {r.positions} {where} positions"
         text = f"confirmed {r.confirmed_rate:.1%}" + (f"; exact {r.rate:.1%}" if r.rate is not None else
                                                       " (a lower bound; --run scores against the truth)")
         rows.append(Row(sid, r.attack, target, text, {"positions": r.positions, "confirmed": r.confirmed_rate,

@@ -128,3 +128,18 @@ def test_exchanges_match_the_next_batch_or_the_last_again():
     seen = [cur.take(m.bool()) for m in (masks[0], masks[0], masks[2], masks[1], masks[2], masks[0])]
     index = [next((i for i, b in enumerate(batches) if b is x), None) for x in seen]
     assert index == [0, 0, None, 1, 2, 0]  # then the dev set again from the top
+
+
+def test_the_token_attacks_read_the_first_or_the_last_training_steps(trained, capsys):
+    """The first step's hidden state is the base weights' (PEFT starts B at zero): every dictionary guess is confirmed
+    by re-running them. The last step's came through the edge's LoRA trained 5 times at lr 0.01: the guesses are
+    still right, but the base-weight check confirms none of them, the shift a learned defence would make."""
+    capture, run = trained
+    figures = {}
+    for at in ("first", "last"):
+        _, f = audit(capsys, capture, "--run", run, "--attacks", "dictionary", "--token-steps", "1",
+                     "--token-steps-at", at)
+        figures[at] = by_attack(f)[("dictionary", None)]
+        assert f"1 {at} training steps" in figures[at]["target"]
+    assert figures["first"]["confirmed"] == 1.0 and figures["first"]["recovered"] == 1.0
+    assert figures["last"]["confirmed"] < 0.5 and figures["last"]["recovered"] > 0.95
