@@ -1,7 +1,8 @@
 """The privacy frontier on the real model: for each defence, what the cloud reads back and what accuracy it costs.
 
     python bench/privacy_frontier.py [--steps 160] [--batch-size 8] [--eval-examples 500]
-                                     [--rows none,label-mask,label-free,...] [--no-in-context] [--out runs/privacy_frontier]
+                                     [--rows none,label-mask,label-free,...] [--no-in-context]
+                                     [--token-steps-at first|last] [--out runs/privacy_frontier]
 
 One cloud (`tandem cloud serve --capture-dir`, its own process) serves every row in turn and records everything it
 receives (privacy/audit/capture.py). Each row is one edge run of `edge.trainer.train` on SST-2 in the frozen split
@@ -9,7 +10,9 @@ receives (privacy/audit/capture.py). Each row is one edge run of `edge.trainer.t
 --batch-size examples, lr 1e-3), evaluated on the first --eval-examples dev examples. Then `tandem audit` runs on that
 row's session of the capture, scored against the row's run folder:
   tokens  the dictionary, in-context and learned inversions of `begin.hidden` of the first 2 training steps (every
-          private token position of 16 sentences), with the cloud's copy of the base weights; the learned decoder
+          private token position of 16 sentences; --token-steps-at last: the last 2, what the trained edge sends,
+          where a learned defence such as --noise-nopeek shows: at the first step the edge's LoRA is PEFT's start,
+          B = 0, and sends what the base weights send), with the cloud's copy of the base weights; the learned decoder
           (privacy/audit/learned.py) is trained on public WikiText-2 under the row's own noise recipe: the adaptive
           attacker, who knows the defence and its settings but not the edge's LoRA;
   labels  label-norm, label-cosine and the sign-blind label-lines on `output_grad` of every training step, reported
@@ -41,6 +44,8 @@ ROWS = {  # name -> the edge's flags (on top of the frozen split, k = m = 1)
     "k4": dict(k=4),
     "k4-noise1": dict(k=4, noise_sigma=1.0),
     "k4-noise3": dict(k=4, noise_sigma=3.0),
+    "k4-nopeek1": dict(k=4, noise_nopeek=1.0),
+    "k4-nopeek10": dict(k=4, noise_nopeek=10.0),
     "k7": dict(k=7),
     "k7-noise1": dict(k=7, noise_sigma=1.0),
     "k7-noise1-label-free": dict(k=7, noise_sigma=1.0, noise_label_free=True),
@@ -69,6 +74,7 @@ def run_row(name: str, args, loaded, port: int, capture: Path) -> dict:
     t1 = time.perf_counter()
     figures = audit.run(argparse.Namespace(capture=str(new[0]), model=args.model, attacks=",".join(attacks),
                                            run=str(run_dir), k=None, token_steps=2, candidates=4, out=None,
+                                           token_steps_at=args.token_steps_at,
                                            inverter_steps=args.inverter_steps))
     res = {r["attack"]: r for r in figures["results"]}
     tokens = {a: res[a]["recovered"] for a in attacks if a in TOKEN_ATTACKS}
@@ -165,6 +171,8 @@ def main():
     ap.add_argument("--no-in-context", dest="in_context", action="store_false",
                     help="tokens by the dictionary attack only (the in-context attack re-checks its candidates)")
     ap.add_argument("--inverter-steps", type=int, default=400, help="training steps of the learned attack's decoder")
+    ap.add_argument("--token-steps-at", choices=("first", "last"), default="first",
+                    help="the token attacks read the first or the last 2 training steps (`tandem audit`)")
     ap.add_argument("--out", default="runs/privacy_frontier")
     ap.add_argument("--report", action="store_true", help="only print the table, PNG and JSON line again from "
                     "OUT/privacy_frontier.json")
