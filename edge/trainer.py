@@ -71,12 +71,12 @@ class EdgeModel(nn.Module):
     def cloud_output(self, batch: T.Batch):
         """(the cloud blocks' output, the attention mask, the step's prefixes): all below the edge's top blocks."""
         h, mask = self.bottom.token_embeds(batch.input_ids), batch.attention_mask
+        tokens = h  # the real tokens' input embeddings: what --noise-nopeek decorrelates the sent state from
         if self.prompt is not None:  # prompt, ptuning: the virtual tokens go first (as PEFT puts them before the
             h, mask = self.prompt.prepend(h, mask)  # positions); the cloud sees them too
         prefix = self.prefix.prefixes() if self.prefix is not None else None  # once per step, for every layer
         h = self.bottom(None, mask, token_embeds=h, prefix=prefix)
         if self.nopeek and torch.is_grad_enabled():  # the real tokens are the last T positions, after any virtual
-            tokens = self.bottom.token_embeds(batch.input_ids)
             self.privacy_term = nopeek_term(tokens, h[:, -tokens.shape[1]:], batch.attention_mask, self.nopeek)
         # what leaves the device is clipped, then noised, sigma relative to its RMS (privacy/defences/noise.py)
         h = protect_relative(h, mask, self.noise_clip, self.noise_sigma)
@@ -91,6 +91,7 @@ class EdgeModel(nn.Module):
 
     def loss(self, batch: T.Batch):
         """(the training loss, the logits): the task's loss, with --noise-nopeek its privacy term added."""
+        self.privacy_term = None  # only this batch's forward sets it (not one of a forward outside a loss)
         loss, logits = self._task_loss(batch)
         if self.privacy_term is not None:
             loss, self.privacy_term = loss + self.privacy_term, None
