@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tasks as T  # noqa: E402
 from cli.report import table  # noqa: E402
-from cloud.quantize import quantize_blocks  # noqa: E402
+from cloud.quantize import INT4_GROUP, quantize_blocks  # noqa: E402
 from model.families import family_of  # noqa: E402
 from model.load import load_model  # noqa: E402
 from model.segments import BlockRun  # noqa: E402
@@ -60,7 +60,7 @@ def main():
     rows = []
     for name, (mode, group) in RECIPES.items():
         m = copy.deepcopy(model)
-        ratio = quantize_blocks(m, mode, ids, **({"int4_group": group} if group else {})).ratio
+        ratio = quantize_blocks(m, mode, ids, int4_group=group or INT4_GROUP).ratio
         err = ((output(m) - ref).norm() / ref.norm()).item()
         rows.append({"recipe": name, "weights_vs_fp32": round(ratio, 4), "output_error": round(err, 4)})
         print(f"{name}: weights {ratio:.3f} of fp32, output error {err:.3f}", flush=True)

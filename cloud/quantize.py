@@ -108,8 +108,9 @@ def quantized_linear(linear: nn.Linear, mode: str, int4_group: int) -> nn.Module
 def dense_weight(linear: nn.Module) -> torch.Tensor:
     """`linear`'s weight as [out, in] in full precision: de-quantized for a quantized linear, as is for an nn.Linear
     (what DoRA's weight norm needs)."""
+    from optimum.quanto import QTensor
     w = linear.weight
-    return w.dequantize() if hasattr(w, "dequantize") and hasattr(w, "_scale") else w
+    return w.dequantize() if isinstance(w, QTensor) else w
 
 
 def _tensors(module: nn.Module):
