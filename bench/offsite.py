@@ -135,11 +135,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--task", default=t.task, help="the task of the table and of the cost measurement")
     p.add_argument("--more-tasks", default="", help="comma-separated tasks that get a table of their own too "
                                                     "(same bundle, their own adapter), e.g. mrpc")
-    for name, value in (("bottom", b.bottom), ("top", b.top), ("drop", b.drop), ("distill-steps", b.distill_steps),
-                        ("distill-lr", b.distill_lr), ("distill-warmup", b.distill_warmup),
+    for name, value in (("bottom", b.bottom), ("top", b.top), ("drop", b.drop), ("mlp-keep", b.mlp_keep),
+                        ("distill-steps", b.distill_steps), ("distill-lr", b.distill_lr), ("distill-warmup", b.distill_warmup),
                         ("distill-schedule", b.distill_schedule), ("mode", t.mode), ("train-blocks", t.train_blocks),
-                        ("steps", t.steps),
-                        ("batch-size", t.batch_size), ("eval-examples", t.eval_examples)):
+                        ("steps", t.steps), ("batch-size", t.batch_size), ("eval-examples", t.eval_examples)):
         p.add_argument("--" + name, type=type(value), default=value)
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--measure-steps", type=int, default=8)
@@ -164,10 +163,10 @@ def make_identities(keys: Path):
 
 def cloud_build(args, out: Path, keys: Path, cloud):
     """Step 1: build the bundle and seal it to the owner; build the full-model bundle for the cost measurement."""
-    print(f"[1/5] cloud: building the bundle (drop {args.drop}, distillation {args.distill_steps} steps)", flush=True)
+    print(f"[1/5] cloud: building the bundle (drop {args.drop}, MLP keep {args.mlp_keep}, distillation {args.distill_steps} steps)", flush=True)
     loaded = load_model(args.model)
     tok = loaded.tokenizer or T.tiny_tokenizer()  # tiny test models have none
-    bcfg = BuildConfig(model=args.model, bottom=args.bottom, top=args.top, drop=args.drop,
+    bcfg = BuildConfig(model=args.model, bottom=args.bottom, top=args.top, drop=args.drop, mlp_keep=args.mlp_keep,
                        distill_steps=args.distill_steps, distill_lr=args.distill_lr,
                        distill_warmup=args.distill_warmup, distill_schedule=args.distill_schedule)
     manifest = build(bcfg, out / "cloud" / "bundle", loaded=loaded)
@@ -251,6 +250,7 @@ def headline(args, manifest: dict, results: dict, cost: dict) -> dict:
     first = tables.get(args.task, {})
     return {"model": args.model, "task": args.task, "dev_examples": first.get("dev_examples"),
             "mode": args.mode, "drop_ratio": manifest["drop_ratio"], "kept_blocks": len(manifest["layout"]["emulator"]),
+            "mlp_keep": args.mlp_keep,
             "distill_steps": args.distill_steps, "tune_steps": args.steps,
             "gradient_alignment": manifest["gradient_alignment"].get("bundle"),
             "bundle_parameters_ratio": round(manifest["parameters"]["bundle"] / manifest["parameters"]["full"], 3),
@@ -279,7 +279,7 @@ def main() -> None:
     cloud, owner = make_identities(keys)
     loaded, tok, manifest = cloud_build(args, out, keys, cloud)
     results: dict = {"config": vars(args), "sizes": sizes(out),
-                      "bundle": {k: manifest[k] for k in ("layout", "drop_ratio", "distillation", "parameters",
+                      "bundle": {k: manifest[k] for k in ("layout", "drop_ratio", "mlp_pruning", "distillation", "parameters",
                                                           "quality")}}
     print(table(["bundle", "MB"], [[k.removesuffix("_mb"), f"{v:.1f}"] for k, v in results["sizes"].items()]),
           flush=True)

@@ -27,8 +27,7 @@ import torch  # noqa: E402
 
 import tasks as T  # noqa: E402
 from cli.report import table  # noqa: E402
-from emulator.build import BuildConfig, distill, make_layout  # noqa: E402
-from emulator.bundle import compact_model  # noqa: E402
+from emulator.build import BuildConfig, check_config, distill, emulator_model, make_layout  # noqa: E402
 from emulator.plug import ReturnedAdapter, apply_adapter  # noqa: E402
 from emulator.tune import (TaskData, TuneConfig, accuracy, make_adapter, task_data, train_adapter,  # noqa: E402
                            trained_blocks)
@@ -44,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", default="0.3,0.5,0.7", help="kept fractions of the middle blocks, comma-separated")
     p.add_argument("--bottom", type=int, default=b.bottom)
     p.add_argument("--top", type=int, default=b.top)
+    p.add_argument("--mlp-keep", type=float, default=b.mlp_keep,
+                   help="share of each kept middle block's MLP neurons kept (emulator/prune.py)")
     p.add_argument("--distill-steps", type=int, default=b.distill_steps)
     p.add_argument("--distill-lr", type=float, default=b.distill_lr)
     p.add_argument("--distill-warmup", type=int, default=b.distill_warmup)
@@ -76,7 +77,8 @@ def load_full(spec: str):
 
 
 def configs(args) -> tuple[BuildConfig, TuneConfig]:
-    bcfg = BuildConfig(model=args.model, bottom=args.bottom, top=args.top, distill_steps=args.distill_steps,
+    bcfg = BuildConfig(model=args.model, bottom=args.bottom, top=args.top, mlp_keep=args.mlp_keep,
+                       distill_steps=args.distill_steps,
                        distill_lr=args.distill_lr, distill_warmup=args.distill_warmup,
                        distill_schedule=args.distill_schedule, distill_max_grad_norm=args.distill_max_grad_norm,
                        progress=False)
@@ -111,10 +113,11 @@ def one_fraction(full, tok, kept: float, bcfg: BuildConfig, tcfg: TuneConfig, da
     adapter into the full model: one row per variant."""
     t0 = time.perf_counter()
     layout = make_layout(len(family_of(full).blocks(full)), bcfg.bottom, bcfg.top, round(1 - kept, 6))
-    emu = compact_model(full, layout)
+    emu, pruning = emulator_model(full, layout, tok, bcfg)
     record = distill(full, emu, layout, tok, bcfg, cache) if bcfg.distill_steps > 0 else None
     base = {"kept": kept, "kept_blocks": len(layout.emulator), "middle_blocks": len(layout.middle),
-            "emulator": list(layout.emulator),
+            "emulator": list(layout.emulator), "mlp_keep": bcfg.mlp_keep,
+            "parameters_ratio": sum(p.numel() for p in emu.parameters()) / sum(p.numel() for p in full.parameters()),
             "distill_error": None if record is None else record["held_out_error_after"],
             "distill_error_before": None if record is None else record["held_out_error_before"],
             "distill_seconds": None if record is None else record["seconds"]}
@@ -207,6 +210,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bcfg, tcfg = configs(args)
+    check_config(bcfg)
     loaded = load_full(args.model)
     full, tok = loaded.model, loaded.tokenizer or T.tiny_tokenizer()
     data = task_data(args.task, tok, args.eval_examples, args.train_file, args.dev_file)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import tasks as T
-from emulator import quality
+from emulator import prune, quality
 from emulator.bundle import BUNDLE_FORMAT, WEIGHTS, Layout, compact_model, full_state_for, renumber, write_manifest
 from emulator.tune import hidden
 from model.load import DTYPES, fingerprint, load_model
@@ -33,6 +33,8 @@ class BuildConfig:
     bottom: int = 2  # adapter blocks at the bottom
     top: int = 2  # adapter blocks at the top
     drop: float = 0.6  # fraction of the middle blocks dropped (SmolLM2: 0.6 keeps 10 of 26; see bench/offsite.py)
+    mlp_keep: float = 1.0  # share of each kept middle block's MLP neurons kept, down projection refit (emulator/prune.py)
+    mlp_batches: int = 24  # WikiText-2 batches the MLP pruning measures its neurons on
     distill_steps: int = 0  # 0: no distillation (bench/offsite_sweep.py: on SmolLM2 it lowered the plug-in)
     distill_lr: float = 3e-4
     distill_batch: int = 8
@@ -66,6 +68,35 @@ def make_layout(num_layers: int, bottom: int, top: int, drop: float) -> Layout:
     middle = list(range(bottom, num_layers - top))
     return Layout(num_layers, tuple(range(bottom)), tuple(range(num_layers - top, num_layers)),
                   tuple(uniform_drop(middle, drop)))
+
+
+def check_config(cfg: BuildConfig) -> None:
+    """The build settings a user can get wrong, checked before any model loads (ValueError naming the fix)."""
+    if not 0 <= cfg.drop < 1:
+        raise ValueError(f"--drop must be in [0, 1), got {cfg.drop}")
+    if not 0 < cfg.mlp_keep <= 1:
+        raise ValueError(f"--mlp-keep must be in (0, 1] (1: whole MLPs), got {cfg.mlp_keep}")
+    if cfg.mlp_keep < 1 and cfg.mlp_batches < 1:
+        raise ValueError(f"--mlp-batches must be >= 1 to prune MLPs, got {cfg.mlp_batches}")
+
+
+def emulator_model(full, layout: Layout, tokenizer, cfg: BuildConfig):
+    """The data owner's model before distillation: the kept blocks cut from `full`, and (cfg.mlp_keep < 1) each kept
+    middle block's MLP pruned to its most energetic neurons with the down projection refit (emulator/prune.py) on
+    WikiText-2 train. Returns (model, record of the pruning or None)."""
+    emu = compact_model(full, layout)
+    if cfg.mlp_keep >= 1:
+        return emu, None
+    pad = getattr(tokenizer, "pad_token_id", 0) or 0
+    items = wikitext_items(tokenizer, "train", cfg.distill_seq)
+    data = [b for b, _ in zip(T.batches(T.TASKS["wikitext2"], items, cfg.distill_batch, pad), range(cfg.mlp_batches))]
+    full_blocks, emu_blocks = family_of(full).blocks(full), family_of(emu).blocks(emu)
+    grams = prune.activation_grams(full, [full_blocks[b] for b in layout.emulator], data)
+    widths = {str(b): prune.prune_mlp(emu_blocks[layout.position(b)], grams[i], cfg.mlp_keep)
+              for i, b in enumerate(layout.emulator)}
+    return emu, {"keep": cfg.mlp_keep, "widths": widths, "data": "wikitext2 (train part)",
+                 "tokens": int(sum(b.attention_mask.sum() for b in data)), "refit": "least squares",
+                 "ridge": prune.RIDGE}
 
 
 def wikitext_items(tokenizer, split: str, seq: int) -> list[dict]:
@@ -204,14 +235,15 @@ def measure_quality(full, emu, layout: Layout, tokenizer, cfg: BuildConfig) -> d
 def build(cfg: BuildConfig, out_dir: str | Path, *, loaded=None) -> dict:
     """Make the bundle folder `out_dir` (weights, tokenizer, manifest). Returns the manifest."""
     from safetensors.torch import save_file
+    check_config(cfg)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: choose a new folder for the bundle")
     loaded = loaded or load_model(cfg.model)
     full, tok = loaded.model, loaded.tokenizer
     layout = make_layout(len(family_of(full).blocks(full)), cfg.bottom, cfg.top, cfg.drop)
-    emu = compact_model(full, layout)
     tok_ = tok or T.tiny_tokenizer()
+    emu, pruning = emulator_model(full, layout, tok_, cfg)
     record, alignment = None, {}
     if cfg.alignment_batches and cfg.distill_steps > 0:
         alignment["before_distillation"] = gradient_alignment(full, emu, layout, tok_, cfg.alignment_batches)
@@ -234,7 +266,7 @@ def build(cfg: BuildConfig, out_dir: str | Path, *, loaded=None) -> dict:
     manifest = {"format": BUNDLE_FORMAT, "family": full.config.model_type,
                 "source": {"model": cfg.model, "fingerprint": fingerprint(full)},
                 "config": config, "layout": layout.to_json(), "drop_ratio": round(layout.drop_ratio, 4),
-                "requested_drop": cfg.drop, "distillation": record, "gradient_alignment": alignment,
+                "requested_drop": cfg.drop, "mlp_pruning": pruning, "distillation": record, "gradient_alignment": alignment,
                 "quality": quality,
                 "dtype": cfg.dtype,
                 "parameters": {"bundle": sum(t.numel() for t in state.values()),

@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from emulator.prune import fit_linears_to
 from privacy.security.files import write_atomic
 
 BUNDLE_FORMAT = "tandem-offsite-bundle/1"
@@ -112,8 +113,9 @@ def model_from_state(config: dict, layout: Layout, state: dict[str, torch.Tensor
     cfg._attn_implementation = attn_implementation
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     to_compact = {b: j for j, b in enumerate(layout.kept)}
-    missing, unexpected = model.load_state_dict({renumber(k, to_compact): v for k, v in state.items()},
-                                                strict=False)
+    state = {renumber(k, to_compact): v for k, v in state.items()}
+    fit_linears_to(model, state)  # MLPs pruned at build (emulator/prune.py) are stored narrower
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = [k for k in missing if k == "lm_head.weight" and cfg.tie_word_embeddings]
     if set(missing) - set(tied) or unexpected:
         raise BundleError(f"weights do not fit the layout: missing {sorted(set(missing) - set(tied))[:4]}, "

@@ -67,6 +67,10 @@ def cmd_build(args) -> None:
                                 f", drop {manifest['drop_ratio']:.2f})"],
             ["parameters", f"{manifest['parameters']['bundle'] / 1e6:.1f} M of {manifest['parameters']['full'] / 1e6:.1f} M"],
             ["weights", f"{size / 1e6:.1f} MB ({manifest['dtype']})"]]
+    if manifest.get("mlp_pruning"):
+        m = manifest["mlp_pruning"]
+        rows.append(["MLP neurons kept", f"{m['keep']:.2f} of each emulator block's (widths "
+                                         f"{sorted(set(m['widths'].values()))}), down projection refit"])
     if manifest["distillation"]:
         d = manifest["distillation"]
         rows.append(["distillation", f"{d['steps']} steps, held-out error {d['held_out_error_before']:.4g} -> "
