@@ -33,7 +33,7 @@ class BuildConfig:
     bottom: int = 2  # adapter blocks at the bottom
     top: int = 2  # adapter blocks at the top
     drop: float = 0.6  # fraction of the middle blocks dropped (SmolLM2: 0.6 keeps 10 of 26; see bench/offsite.py)
-    mlp_keep: float = 1.0  # share of each kept middle block's MLP neurons kept, down projection refit (emulator/prune.py)
+    mlp_keep: float = 1.0  # share of each kept middle block's MLP neurons kept, down projection refit (prune.py)
     mlp_batches: int = 24  # WikiText-2 batches the MLP pruning measures its neurons on
     distill_steps: int = 0  # 0: no distillation (bench/offsite_sweep.py: on SmolLM2 it lowered the plug-in)
     distill_lr: float = 3e-4
@@ -87,9 +87,7 @@ def emulator_model(full, layout: Layout, tokenizer, cfg: BuildConfig):
     emu = compact_model(full, layout)
     if cfg.mlp_keep >= 1:
         return emu, None
-    pad = getattr(tokenizer, "pad_token_id", 0) or 0
-    items = wikitext_items(tokenizer, "train", cfg.distill_seq)
-    data = [b for b, _ in zip(T.batches(T.TASKS["wikitext2"], items, cfg.distill_batch, pad), range(cfg.mlp_batches))]
+    data = wikitext_batches(tokenizer, cfg, "train", cfg.mlp_batches)
     full_blocks, emu_blocks = family_of(full).blocks(full), family_of(emu).blocks(emu)
     grams = prune.activation_grams(full, [full_blocks[b] for b in layout.emulator], data)
     widths = {str(b): prune.prune_mlp(emu_blocks[layout.position(b)], grams[i], cfg.mlp_keep)
@@ -143,12 +141,16 @@ class MiddlePair:
         return whole + per_token
 
 
+def wikitext_batches(tokenizer, cfg: BuildConfig, split: str, count: int) -> list[T.Batch]:
+    """The first `count` WikiText-2 batches of `split` (cfg.distill_batch windows of cfg.distill_seq tokens)."""
+    pad = getattr(tokenizer, "pad_token_id", 0) or 0
+    items = wikitext_items(tokenizer, split, cfg.distill_seq)
+    return [b for b, _ in zip(T.batches(T.TASKS["wikitext2"], items, cfg.distill_batch, pad), range(count))]
+
+
 def dev_batches(tokenizer, cfg: BuildConfig) -> list[T.Batch]:
     """The held-out WikiText-2 batches the emulator's error and quality are measured on."""
-    pad = getattr(tokenizer, "pad_token_id", 0) or 0
-    dev = wikitext_items(tokenizer, "dev", cfg.distill_seq)
-    return [b for b, _ in zip(T.batches(T.TASKS["wikitext2"], dev, cfg.distill_batch, pad),
-                              range(cfg.distill_eval_batches))]
+    return wikitext_batches(tokenizer, cfg, "dev", cfg.distill_eval_batches)
 
 
 @torch.no_grad()
@@ -266,8 +268,8 @@ def build(cfg: BuildConfig, out_dir: str | Path, *, loaded=None) -> dict:
     manifest = {"format": BUNDLE_FORMAT, "family": full.config.model_type,
                 "source": {"model": cfg.model, "fingerprint": fingerprint(full)},
                 "config": config, "layout": layout.to_json(), "drop_ratio": round(layout.drop_ratio, 4),
-                "requested_drop": cfg.drop, "mlp_pruning": pruning, "distillation": record, "gradient_alignment": alignment,
-                "quality": quality,
+                "requested_drop": cfg.drop, "mlp_pruning": pruning, "distillation": record,
+                "gradient_alignment": alignment, "quality": quality,
                 "dtype": cfg.dtype,
                 "parameters": {"bundle": sum(t.numel() for t in state.values()),
                                "full": sum(p.numel() for p in full.parameters())}}

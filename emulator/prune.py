@@ -31,10 +31,6 @@ def gated_mlp(block):
     return mlp
 
 
-def hidden_activations(mlp, x: torch.Tensor) -> torch.Tensor:
-    return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-
-
 @torch.no_grad()
 def activation_grams(model, blocks: list, batches) -> dict[int, torch.Tensor]:
     """Per block index in `blocks`: A^T A (float64) of its MLP's hidden activations over real tokens of `batches`,
@@ -43,13 +39,12 @@ def activation_grams(model, blocks: list, batches) -> dict[int, torch.Tensor]:
     mask_now: list[torch.Tensor] = []
 
     def hook(i):
-        def fn(mod, inp, out):
-            x = inp[0][mask_now[0].bool()]  # real tokens only
-            a = hidden_activations(mod, x).double()
+        def fn(mod, inp):  # down_proj's input is the hidden activations a, as the model's forward made them
+            a = inp[0][mask_now[0].bool()].double()  # real tokens only
             grams[i] = grams.get(i, 0) + a.T @ a
         return fn
 
-    handles = [gated_mlp(b).register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    handles = [gated_mlp(b).down_proj.register_forward_pre_hook(hook(i)) for i, b in enumerate(blocks)]
     try:
         for batch in batches:
             mask_now[:] = [batch.attention_mask]

@@ -40,8 +40,28 @@ def block_inputs(model, block: int, n: int = 4, seed: int = 0) -> torch.Tensor:
 
 
 def gram_of(mlp, x: torch.Tensor) -> torch.Tensor:
-    a = prune.hidden_activations(mlp, x).double()
+    a = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).double()  # the MLP's hidden activations
     return a.T @ a
+
+
+def test_grams_are_those_of_the_real_tokens_activations():
+    """activation_grams reads the activations the model's own forward makes, over real tokens only (padding left
+    out): equal to A^T A recomputed from the MLP's inputs at the unmasked positions."""
+    from types import SimpleNamespace
+    model = load_model("tiny-llama").model
+    block = family_of(model).blocks(model)[2]
+    mlp = block.mlp
+    ids = torch.randint(3, 300, (3, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    seen = []
+    h = mlp.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    grams = prune.activation_grams(model, [block], [SimpleNamespace(input_ids=ids, attention_mask=mask)])
+    h.remove()
+    assert list(grams) == [0]
+    assert torch.allclose(grams[0], gram_of(mlp, seen[0][mask.bool()]), rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(grams[0], gram_of(mlp, seen[0].reshape(-1, seen[0].shape[-1])), rtol=1e-3)
 
 
 def test_refit_of_every_neuron_gives_back_the_mlp(tiny):
