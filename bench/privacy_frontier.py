@@ -14,7 +14,9 @@ row's session of the capture, scored against the row's run folder:
           where a learned defence such as --noise-nopeek shows: at the first step the edge's LoRA is PEFT's start,
           B = 0, and sends what the base weights send), with the cloud's copy of the base weights; the learned decoder
           (privacy/audit/learned.py) is trained on public WikiText-2 under the row's own noise recipe: the adaptive
-          attacker, who knows the defence and its settings but not the edge's LoRA;
+          attacker, who knows the defence and its settings but not the edge's LoRA; and the bag attack
+          (privacy/audit/bag.py), the text's words as a set from the positions sent on those steps (with
+          --noise-template-only the template's only), beside bag-prior, what naming the commonest words gets;
   labels  label-norm, label-cosine and the sign-blind label-lines on `output_grad` of every training step, reported
           as the best balanced accuracy over the attacks and either labelling (the attacker's best case; chance 50 %).
 Rows: see ROWS (k = blocks on the edge below the cut, m = 1 above it; k + m <= 8, a quarter of SmolLM2's 30).
@@ -46,11 +48,13 @@ ROWS = {  # name -> the edge's flags (on top of the frozen split, k = m = 1)
     "k4-noise3": dict(k=4, noise_sigma=3.0),
     "k4-nopeek1": dict(k=4, noise_nopeek=1.0),
     "k4-nopeek10": dict(k=4, noise_nopeek=10.0),
+    "k4-template": dict(k=4, noise_template_only=True),
     "k7": dict(k=7),
     "k7-noise1": dict(k=7, noise_sigma=1.0),
     "k7-noise1-label-free": dict(k=7, noise_sigma=1.0, noise_label_free=True),
 }
 TOKEN_ATTACKS, LABEL_ATTACKS = ("dictionary", "learned", "in-context"), ("label-norm", "label-cosine", "label-lines")
+BAG_ATTACKS = ("bag", "bag-prior")  # the text's words as a set (privacy/audit/bag.py); the prior reads nothing sent
 
 
 def run_row(name: str, args, loaded, port: int, capture: Path) -> dict:
@@ -70,19 +74,20 @@ def run_row(name: str, args, loaded, port: int, capture: Path) -> dict:
     new = sorted(set(capture.glob(f"*{SUFFIX}")) - before)
     if len(new) != 1:
         raise SystemExit(f"row {name}: expected one new capture file, found {len(new)}")
-    attacks = [*TOKEN_ATTACKS[:2 + args.in_context], *LABEL_ATTACKS]
+    attacks = [*TOKEN_ATTACKS[:2 + args.in_context], *BAG_ATTACKS, *LABEL_ATTACKS]
     t1 = time.perf_counter()
     figures = audit.run(argparse.Namespace(capture=str(new[0]), model=args.model, attacks=",".join(attacks),
                                            run=str(run_dir), k=None, token_steps=2, candidates=4, out=None,
                                            token_steps_at=args.token_steps_at,
                                            inverter_steps=args.inverter_steps))
     res = {r["attack"]: r for r in figures["results"]}
-    tokens = {a: res[a]["recovered"] for a in attacks if a in TOKEN_ATTACKS}
+    tokens = {a: res[a]["recovered"] for a in attacks if a in (*TOKEN_ATTACKS, "bag")}
     labels = {a: res[a]["separation"] for a in attacks if a in LABEL_ATTACKS}
     new[0].unlink()  # a capture holds the private data's hidden states: kept no longer than the audit needs
     return {"row": name, "flags": ROWS[name], "k": cfg.k, "m": cfg.m, "accuracy": m["eval_after"]["accuracy"],
             "token_recovery": tokens, "token_positions": res["dictionary"]["positions"],
             "strongest_token_attack": max(tokens, key=tokens.get), "tokens": max(tokens.values()),
+            "bag_prior": res["bag-prior"]["recovered"],
             "label_inference": labels, "label_examples": res["label-norm"]["examples"],
             "strongest_label_attack": max(labels, key=labels.get), "labels": max(labels.values()),
             "bytes_up_per_step": m["summary"]["bytes_up_per_step"], "train_minutes": train_min,
@@ -101,11 +106,12 @@ def drop_pt(results: list[dict], row: dict) -> float | None:
 
 
 def show(results: list[dict]) -> None:
-    print(table(["row", "k+m", "dev acc", "drop pt (vs same k)", "tokens (strongest)", "labels (strongest)",
-                 "train min", "audit min"],
+    print(table(["row", "k+m", "dev acc", "drop pt (vs same k)", "tokens (strongest)", "bag prior",
+                 "labels (strongest)", "train min", "audit min"],
                 [[r["row"], f"{r['k']}+{r['m']}", f"{100 * r['accuracy']:.1f}",
                   "–" if drop_pt(results, r) is None else f"{drop_pt(results, r):+.1f}",
                   f"{100 * r['tokens']:.1f} % ({r['strongest_token_attack']})",
+                  "–" if r.get("bag_prior") is None else f"{100 * r['bag_prior']:.1f} %",
                   f"{100 * r['labels']:.1f} % ({r['strongest_label_attack']})",
                   f"{r['train_minutes']:.1f}", f"{r['audit_minutes']:.1f}"] for r in results]), flush=True)
 

@@ -8,6 +8,10 @@ the attacks (privacy/audit/) run on it, session by session, with the base weight
                             `--token-steps` training steps (needs the cut k: `--k`, or the run's settings with `--run`)
   learned                   the same, by a decoder trained on public WikiText-2 through the base weights' k blocks
                             (privacy/audit/learned.py); with `--run`, adaptive: trained under the run's noise recipe
+  bag, bag-prior            the text's words as a set from the positions sent on those steps (all real ones, or with
+                            --noise-template-only the template's), by a decoder trained on public sentences in the
+                            run's template (privacy/audit/bag.py); bag-prior: the corpus's commonest words (needs
+                            --run)
   label-norm, label-cosine, labels from `output_grad` at the answer position (training steps); label-lines
   label-lines               is blind to each gradient's sign and norm (the attack on --noise-label-mask)
   adapter                   each DLoRA cloud block's ΔW from `lora_request` / `lora_reply`, after 1, 2 and 10 steps;
@@ -26,9 +30,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privacy.audit import labels as L, tokens as TK
+from privacy.audit import bag as BAG, labels as L, tokens as TK
 
-ATTACKS = (*TK.ATTACKS, *L.ATTACKS, "adapter")
+ATTACKS = (*TK.ATTACKS, *BAG.ATTACKS, *L.ATTACKS, "adapter")
 LEGEND = ("confirmed: guesses the attacker verifies alone, re-running the k blocks on them (a lower bound); exact: "
           "guesses equal to what the edge sent (needs --run).\none known label: the first example's, as Li et al. "
           "assume; either labelling: the better of the two. rank r/w: w = the input width; rank w determines ΔW.")
@@ -87,6 +91,27 @@ class Setup:
     dictionary: object = None
     run_data: object = None  # privacy.audit.truth.RunData of the run
     inverter: object = None  # privacy.audit.learned.Inverter, for the learned attack
+    bag: tuple | None = None  # privacy.audit.bag's (decoder, prior), for the bag attacks
+
+
+def token_steps(exs: list, args, truth) -> list[int]:
+    """The exchanges of the training steps the token attacks read (the first or last --token-steps, matched)."""
+    train = [i for i, ex in enumerate(exs) if ex.train]
+    train = train[:args.token_steps] if args.token_steps_at == "first" else train[-args.token_steps:]
+    return train if truth is None else [i for i in train if i in truth.batches]
+
+
+def bag_rows(setup: Setup, sid: str, exs: list, attacks: list[str], args, truth) -> list[Row]:
+    names = [a for a in attacks if a in BAG.ATTACKS]
+    if not names or setup.bag is None or truth is None:
+        return [Row(sid, a, "words of the text", "skipped: needs the cut and the run (--run)") for a in names]
+    train = token_steps(exs, args, truth)
+    found = BAG.capture_attack(*setup.bag, [exs[i] for i in train], [truth.batches[i].input_ids for i in train],
+                               [truth.private[i] for i in train])
+    sent = "template" if setup.cfg.noise.template_only else "all real"
+    return [Row(sid, a, f"words of the text (as a set) at k={setup.k}, {len(train)} {args.token_steps_at} training "
+                f"steps, from the {sent} positions", f"{found[a][0] / max(1, found[a][1]):.1%} of {found[a][1]}",
+                {"recovered": found[a][0] / max(1, found[a][1]), "distinct": found[a][1]}) for a in names]
 
 
 def token_rows(setup: Setup, sid: str, exs: list, attacks: list[str], args, truth) -> list[Row]:
@@ -95,11 +120,7 @@ def token_rows(setup: Setup, sid: str, exs: list, attacks: list[str], args, trut
         return []
     if setup.k is None:
         return [Row(sid, a, "tokens", "skipped: the capture does not record the cut; give --k or --run") for a in names]
-    train = [i for i, ex in enumerate(exs) if ex.train]
-    at = args.token_steps_at
-    train = train[:args.token_steps] if at == "first" else train[-args.token_steps:]
-    if truth is not None:
-        train = [i for i in train if i in truth.batches]
+    train, at = token_steps(exs, args, truth), args.token_steps_at
     chosen = [exs[i] for i in train]
     ids = [truth.batches[i].input_ids for i in train] if truth is not None else None
     private = [truth.private[i] for i in train] if truth is not None else None
@@ -182,7 +203,8 @@ def audit_session(setup: Setup, sid: str, exs: list, attacks: list[str], args) -
         truth = setup.run_data.match(exs)
         if not truth.batches:
             truth = None  # another edge's session, or a run other than this capture's
-    rows = token_rows(setup, sid, exs, attacks, args, truth) + label_rows(sid, exs, attacks, truth)
+    rows = token_rows(setup, sid, exs, attacks, args, truth) + bag_rows(setup, sid, exs, attacks, args, truth)
+    rows += label_rows(sid, exs, attacks, truth)
     if any(a in L.ATTACKS for a in attacks) and not any(ex.of_kind("output_grad") for ex in exs):
         rows.append(Row(sid, "labels", "labels", "does not apply: no training step in this session"))
     scored = setup if truth is not None else Setup(setup.model, setup.tokenizer, setup.k, None)
@@ -234,6 +256,10 @@ def make_setup(args, exs: list) -> Setup:
         settings = InverterSettings(steps=args.inverter_steps, sigma=noise.sigma if noise else 0.0,
                                     clip=noise.clip if noise else None)
         setup.inverter = train_inverter(model, tok, k, settings, log=lambda m: print(m, flush=True))
+    if k is not None and cfg is not None and any(a in BAG.ATTACKS for a in args.attack_list):
+        task = T.resolve_task(cfg.data.task, cfg.data.task_file)  # the adaptive attacker knows the template recipe
+        setup.bag = BAG.train_bag(model, tok, task, k, cfg.noise.template_only, steps=args.inverter_steps,
+                                  log=lambda m: print(m, flush=True))
     return setup
 
 

@@ -73,6 +73,9 @@ class NoiseConfig:
         "help": "privacy/defences/nopeek.py: add this weight x the distance correlation between the input token "
                 "embeddings and the hidden state sent to the cloud to the edge's loss (NoPeek; the edge's own "
                 "trainable weights below the cut learn it)"})
+    template_only: bool = field(default=False, metadata={
+        "help": "privacy/defences/template.py: send the cloud the prompt template's positions only; the example's own "
+                "tokens' rows go as zeros, masked out (classification tasks whose template starts and ends with text)"})
     label_free: bool = field(default=False, metadata={
         "help": "privacy/defences/labels.py: send the cloud the gradient of the label words' logit margin, which "
                 "does not depend on the label, and scale what comes back by dL/dmargin on the edge (two-class "

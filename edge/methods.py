@@ -7,6 +7,8 @@ tuning puts keys and values in front of every layer's attention, the cloud's car
 """
 from __future__ import annotations
 
+import string
+
 from typing import get_args
 
 from edge.config import EdgeConfig
@@ -68,8 +70,17 @@ def _check_defences(cfg: EdgeConfig, mode: str) -> None:
                              "--cloud-lora none")
 
 
-def check_label_free(cfg: EdgeConfig, task) -> None:
-    """--noise-label-free needs a two-class classification task: its loss is a function of one logit margin."""
+def check_task_defences(cfg: EdgeConfig, task) -> None:
+    """The defences that depend on the task. --noise-label-free needs a two-class classification task: its loss is a
+    function of one logit margin.
+    --noise-template-only needs a template with literal text before its first field and after its last (the
+    positions it sends; the answer position is the suffix's last)."""
+    if cfg.noise.template_only:
+        parts = list(string.Formatter().parse(task.template)) if task.kind == "classify" else []
+        fields = [f for _, f, _, _ in parts if f is not None]
+        if not (fields and parts[0][0] and parts[-1][1] is None and parts[-1][0]):
+            raise ValueError(f"--noise-template-only needs a classification prompt that starts and ends with literal "
+                             f"text around its fields, and {task.name}'s does not: drop --noise-template-only")
     if cfg.noise.label_free and (task.kind != "classify" or task.num_classes != 2):
         what = "a language-modelling task" if task.kind != "classify" else f"{task.num_classes} classes"
         raise ValueError(f"--noise-label-free takes a two-class task (one logit margin), and {task.name} has {what}: "

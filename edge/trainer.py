@@ -24,7 +24,7 @@ from edge import runs
 from edge.config import EdgeConfig
 from edge.data import check_data, load_items
 from edge.link import CloudLink, StepFailed
-from edge.methods import carried_method, check_label_free, check_method, check_step_tokens, trained_blocks, tuner_set
+from edge.methods import carried_method, check_task_defences, check_method, check_step_tokens, trained_blocks, tuner_set
 from edge.records import (StepRecord, board_eval, board_step, open_board, run_summary, step_record, summarize,
                           traffic_postfix)
 from edge.remote import RemoteCloud
@@ -34,6 +34,7 @@ from model.training import Checkpoint, FitOptions, FitResult, endless_batches, e
 from privacy.defences.labels import label_free_loss
 from privacy.defences.noise import protect_relative
 from privacy.defences.nopeek import nopeek_term
+from privacy.defences.template import keep_public, public_positions, template_ids
 from privacy.security.files import write_atomic
 from protocol.step import PREFIX_TARGET
 from protocol.tensors import wire_dtype
@@ -67,6 +68,8 @@ class EdgeModel(nn.Module):
         self.nopeek, self.privacy_term = cfg.noise.nopeek, None  # --noise-nopeek: its weight, and the step's term
         # --noise-label-free: the two label words' token ids, whose logit margin's gradient is what the cloud gets
         self.label_free_ids = T.label_token_ids(self.task, tokenizer) if cfg.noise.label_free else None
+        # --noise-template-only: the template's literal prefix and suffix ids, the positions the cloud gets
+        self.template = template_ids(self.task.template, tokenizer) if cfg.noise.template_only else None
 
     def cloud_output(self, batch: T.Batch):
         """(the cloud blocks' output, the attention mask, the step's prefixes): all below the edge's top blocks."""
@@ -78,6 +81,8 @@ class EdgeModel(nn.Module):
         h = self.bottom(None, mask, token_embeds=h, prefix=prefix)
         if self.nopeek and torch.is_grad_enabled():  # the real tokens are the last T positions, after any virtual
             self.privacy_term = nopeek_term(tokens, h[:, -tokens.shape[1]:], batch.attention_mask, self.nopeek)
+        if self.template is not None:  # the text's own rows stay here: zeros, masked out for the cloud and the top
+            h, mask = keep_public(h, mask, public_positions(batch.input_ids, batch.attention_mask, *self.template))
         # what leaves the device is clipped, then noised, sigma relative to its RMS (privacy/defences/noise.py)
         h = protect_relative(h, mask, self.noise_clip, self.noise_sigma)
         return self.cloud(h, mask, prefix), mask, prefix
@@ -124,7 +129,7 @@ def build_edge(cfg: EdgeConfig, *, loaded=None, link: CloudLink | None = None):
     """Check the data, load the model, cut it, connect and open a session. Returns (edge_model, tokenizer, link)."""
     check_method(cfg)
     task = check_data(cfg)  # data errors before the model loads or a session opens
-    check_label_free(cfg, task)
+    check_task_defences(cfg, task)
     torch.manual_seed(cfg.optim.seed)
     loaded = loaded or load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
     tokenizer = loaded.tokenizer or T.tiny_tokenizer()

@@ -73,6 +73,8 @@ def test_audit_with_the_run_scores_every_attack_against_what_the_edge_sent(train
         # which the attacker's base-weight check cannot confirm
         assert r[(a, None)]["recovered"] == 1.0 and 0 < r[(a, None)]["confirmed"] < 1.0
         assert r[(a, None)]["private_known"] is False  # the test tokenizer gives no offsets: every real position
+    assert r[("bag", None)]["distinct"] == r[("bag-prior", None)]["distinct"] > 0  # the same rows' words, as sets
+    assert 0 <= r[("bag-prior", None)]["recovered"] <= 1
     assert r[("label-cosine", None)]["examples"] == STEPS * BATCH
     assert r[("label-cosine", None)]["balanced_accuracy"] >= 0.9
     assert r[("adapter", None)]["relative_error"] < 1e-4  # the evaluation after training used the run's adapter
@@ -89,9 +91,10 @@ def test_audit_of_the_capture_alone_says_what_it_cannot_score(trained, capsys):
     assert r[("dictionary", None)]["recovered"] is None and r[("dictionary", None)]["confirmed"] > 0
     assert r[("label-cosine", None)]["balanced_accuracy"] is None and "give --run" in table
     assert ("adapter", None) not in r and r[("adapter", 2)]["rank"] == 64
-    _, default = audit(capsys, capture)
-    assert {x["attack"] for x in default["results"]} == {"dictionary", "in-context", "learned", "label-norm",
-                                                         "label-cosine", "label-lines", "adapter"}
+    default_table, default = audit(capsys, capture)
+    assert {x["attack"] for x in default["results"]} == {"dictionary", "in-context", "learned", "bag", "bag-prior",
+                                                         "label-norm", "label-cosine", "label-lines", "adapter"}
+    assert "skipped: needs the cut and the run (--run)" in default_table
     assert default["k"] == 1  # the cut, from the settings the cloud recorded when the session opened
     assert all(x["positions"] > 0 for x in default["results"] if x["attack"] == "dictionary")
 

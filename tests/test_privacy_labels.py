@@ -123,10 +123,10 @@ def test_label_free_gradients_do_not_depend_on_the_labels_and_train_the_two_way_
 
 
 def test_label_free_takes_two_class_tasks_only():
-    from edge.methods import check_label_free
-    check_label_free(EdgeConfig.of(noise_label_free=True), T.TASKS["sst2"])
+    from edge.methods import check_task_defences
+    check_task_defences(EdgeConfig.of(noise_label_free=True), T.TASKS["sst2"])
     with pytest.raises(ValueError, match="two-class task.*agnews has 4 classes"):
-        check_label_free(EdgeConfig.of(noise_label_free=True), T.TASKS["agnews"])
+        check_task_defences(EdgeConfig.of(noise_label_free=True), T.TASKS["agnews"])
 
 
 @pytest.mark.parametrize("flag", [{"noise_label_mask": 4.0}, {"noise_label_free": True}])

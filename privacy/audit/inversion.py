@@ -189,10 +189,10 @@ def in_context_attack(model, probe: Probe, observed: torch.Tensor, k: int, short
     for _ in range(rounds):
         new = guess.clone()
         for b in range(len(guess)):
-            T = int(probe.attention_mask[b].sum())
-            pos = probe.private[b, :T].nonzero().flatten()
+            pos = probe.private[b].nonzero().flatten()
             if pos.numel() == 0:
                 continue
+            T = int(probe.attention_mask[b].nonzero().max()) + 1  # the last real position (a mask may have holes)
             cand = shortlist[rows == b]  # [P, C]
             h = candidate_hidden(model, guess[b, :T], pos.repeat_interleave(C), cand.flatten(), [k])[k]
             dist = (h.float().view(len(pos), C, -1) - observed[b, pos].float()[:, None]).pow(2).sum(-1)

@@ -8,8 +8,9 @@ model/training.evaluate batches them). Each exchange of the capture is matched t
 step); an exchange that matches neither stays unmatched and is not scored.
 
 The private positions of a matched row are the tokens of the example's own text, the template around it being
-public (inversion.make_probe); where the tokenizer cannot give offsets (the tests' stand-in) or the prompt was cut,
-the row's every real position counts instead, and `private_known` says so.
+public (inversion.make_probe; a prompt cut to the task's max_len keeps those of its last tokens); where the
+tokenizer cannot give offsets (the tests' stand-in), the row's every real position counts instead, and
+`private_known` says so.
 """
 from __future__ import annotations
 
@@ -97,13 +98,14 @@ def _private(task: T.Task, tokenizer, batch: T.Batch, text_of: dict) -> tuple[to
         n = int(real[i].sum())
         try:
             probe = make_probe(task.template, [text_of[tuple(row[:n].tolist())]], tokenizer)
-        except (KeyError, TypeError):  # a cut prompt, or a tokenizer without offsets
+        except (KeyError, TypeError):  # a tokenizer without offsets
             known = False
             continue
-        if not torch.equal(probe.input_ids[0, :n], row[:n]):
+        whole = int(probe.attention_mask[0].sum())  # a cut prompt (tasks.encode) kept its last n tokens
+        if whole < n or not torch.equal(probe.input_ids[0, whole - n:whole], row[:n]):
             known = False
             continue
-        out[i, :n] = probe.private[0, :n]
+        out[i, :n] = probe.private[0, whole - n:whole]
     return out, known
 
 
