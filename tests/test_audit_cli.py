@@ -27,7 +27,7 @@ def tsv(path, examples):
     return str(path)
 
 
-def train_run(tiny, d, mode: str):
+def train_run(tiny, d, mode: str, *extra: str):
     """(capture folder, run folder) of a 6-step run through a capturing cloud, evaluated before and after on 8 dev
     examples."""
     handle = CloudHandle(tiny.model, CloudConfig(max_tokens_per_step=8192, step_timeout=5.0,
@@ -39,7 +39,7 @@ def train_run(tiny, d, mode: str):
               "--no-progress", "--cloud-lora", mode, "--steps", str(STEPS), "--batch-size", str(BATCH), "--lr",
               "0.01", "--eval-examples", str(DEV), "--out-dir", str(d / "run"), "--task-file", str(d / "task.json"),
               "--train-file", tsv(d / "train.tsv", sst2[:STEPS * BATCH]), "--dev-file", tsv(d / "dev.tsv",
-                                                                                          sst2[100:100 + DEV])])
+                                                                                          sst2[100:100 + DEV]), *extra])
     finally:
         handle.stop()
     return d / "capture", d / "run"
@@ -105,6 +105,23 @@ def test_audit_of_a_carried_run_reads_the_adapter_it_was_handed(tiny, tmp_path, 
     r = by_attack(figures)
     assert [r[("adapter", n)]["blocks"] for n in (1, 2)] == [4, 4] and "exactly as sent" in table
     assert r[("adapter", None)] == {**r[("adapter", None)], "relative_error": 0.0, "carried": True}
+
+
+def test_a_template_only_run_is_matched_by_the_mask_it_sent(tiny, tmp_path, capsys):
+    """--noise-template-only sends masks with the text's positions out: the audit rebuilds them from the run's
+    settings to match every exchange, and the attacks read only the positions sent."""
+    capture, run = train_run(tiny, tmp_path, "none", "--noise-template-only", "--k", "2")
+    _, figures = audit(capsys, capture, "--run", run, "--attacks", "dictionary,bag,bag-prior", "--token-steps-at",
+                       "last")
+    r = by_attack(figures)
+    assert r[("-", None)]["matched"] == r[("-", None)]["exchanges"] == STEPS + 2
+    from privacy.audit.capture import exchanges, read_capture
+    from privacy.audit.tokens import observed
+    last = [ex for ex in exchanges(read_capture(capture)) if ex.train][-2:]
+    sent = [observed(ex)[1] for ex in last]
+    assert r[("dictionary", None)]["positions"] == sum(int(m.sum()) for m in sent)  # private unknown: all sent
+    assert all((observed(ex)[0][~m.bool()] == 0).all() for ex, m in zip(last, sent))
+    assert r[("bag", None)]["distinct"] == r[("bag-prior", None)]["distinct"] > 0
 
 
 def test_bad_audit_input_is_one_line(trained, capsys, tmp_path):

@@ -26,6 +26,7 @@ from edge.flags import build, flags_of
 from model.training import endless_batches
 from privacy.audit.capture import Exchange
 from privacy.audit.inversion import make_probe
+from privacy.defences.template import public_positions, template_ids
 from protocol.tensors import decode
 
 
@@ -57,10 +58,12 @@ class Truth:
 
 
 class _Cursor:
-    """The batches one kind of exchange carried, in order; `take(mask)` matches the next one or the last again."""
+    """The batches one kind of exchange carried, in order; `take(mask)` matches the next one or the last again, by
+    the mask the edge sent with it (`sent_mask(batch)`: the batch's own, or --noise-template-only's)."""
 
-    def __init__(self, make):
+    def __init__(self, make, sent_mask=lambda batch: batch.attention_mask.bool()):
         self.make, self.it, self.next, self.last = make, make(), None, None
+        self.sent_mask = sent_mask
 
     def _peek(self):
         if self.next is None:
@@ -72,10 +75,10 @@ class _Cursor:
 
     def take(self, mask: torch.Tensor) -> T.Batch | None:
         nxt = self._peek()
-        if nxt is not None and torch.equal(nxt.attention_mask.bool(), mask):
+        if nxt is not None and torch.equal(self.sent_mask(nxt), mask):
             self.last, self.next = nxt, None
             return nxt
-        if self.last is not None and torch.equal(self.last.attention_mask.bool(), mask):
+        if self.last is not None and torch.equal(self.sent_mask(self.last), mask):
             return self.last
         return None
 
@@ -120,11 +123,20 @@ class RunData:
         self.items = {s: T.encode(self.task, ex, tokenizer) for s, ex in splits.items()}
         self.text_of = {tuple(it["ids"]): ex for s in splits for it, ex in zip(self.items[s], splits[s])}
 
+    def sent_mask(self, batch: T.Batch) -> torch.Tensor:
+        """The attention mask the edge sent with `batch` (--noise-template-only masks the text's positions out)."""
+        real = batch.attention_mask.bool()
+        if not self.cfg.noise.template_only:
+            return real
+        return real & public_positions(batch.input_ids, batch.attention_mask,
+                                       *template_ids(self.task.template, self.tokenizer))
+
     def cursors(self) -> dict[bool, _Cursor]:
         o, e = self.cfg.optim, self.cfg.eval
         dev = sorted(self.items["dev"], key=lambda it: len(it["ids"]))
-        return {True: _Cursor(lambda: endless_batches(self.task, self.items["train"], o.batch_size, self.pad, o.seed)),
-                False: _Cursor(lambda: iter(T.batches(self.task, dev, e.batch_size, self.pad)))}
+        return {True: _Cursor(lambda: endless_batches(self.task, self.items["train"], o.batch_size, self.pad, o.seed),
+                              self.sent_mask),
+                False: _Cursor(lambda: iter(T.batches(self.task, dev, e.batch_size, self.pad)), self.sent_mask)}
 
     def match(self, exchanges: list[Exchange]) -> Truth:
         """The batch each exchange of one session carried and its private positions, by index into `exchanges`
