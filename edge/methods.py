@@ -7,13 +7,12 @@ tuning puts keys and values in front of every layer's attention, the cloud's car
 """
 from __future__ import annotations
 
-import string
-
 from typing import get_args
 
 from edge.config import EdgeConfig
 from edge.flags import flags_of
 from model.tuners import METHODS
+from privacy.defences.template import template_literals
 from protocol.step import CloudLoRA
 
 
@@ -76,9 +75,8 @@ def check_task_defences(cfg: EdgeConfig, task) -> None:
     --noise-template-only needs a template with literal text before its first field and after its last (the
     positions it sends; the answer position is the suffix's last)."""
     if cfg.noise.template_only:
-        parts = list(string.Formatter().parse(task.template)) if task.kind == "classify" else []
-        fields = [f for _, f, _, _ in parts if f is not None]
-        if not (fields and parts[0][0] and parts[-1][1] is None and parts[-1][0]):
+        prefix, suffix = template_literals(task.template) if task.kind == "classify" else ("", "")  # tasks have fields
+        if not (prefix and suffix):
             raise ValueError(f"--noise-template-only needs a classification prompt that starts and ends with literal "
                              f"text around its fields, and {task.name}'s does not: drop --noise-template-only")
     if cfg.noise.label_free and (task.kind != "classify" or task.num_classes != 2):

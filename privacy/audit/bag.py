@@ -6,9 +6,9 @@ blocks of attention they summarise the text. This attacker reads the text's word
 public template and the cut k (not the edge's LoRA or data), puts public sentences (WikiText-2's training part,
 lowercased, cut at sentence ends, the length of short reviews) into the template, runs its copy of the base weights'
 first k blocks over the whole prompt as the edge does, keeps the positions the recipe sends, and trains a decoder
-from those states to the set of the sentence's tokens: per position a LayerNorm and a two-layer MLP, a learned
-attention pooling over the positions, logits tied to the frozen input embeddings (as learned.py's decoder), a
-soft-target cross-entropy against the sentence's bag of tokens.
+from those states to the set of the sentence's tokens: per position a LayerNorm and a two-layer MLP, logits tied
+to the frozen input embeddings (as learned.py's decoder), pooled over the positions by logsumexp, and a soft-target
+cross-entropy against the sentence's bag of tokens.
 
 Scored as a set: for a row whose text has n tokens the attacker names n distinct tokens (its top n), one guess per
 token as the per-position attacks have; `recovered` is the share of the text's distinct tokens among them. `bag-prior`

@@ -122,14 +122,15 @@ class RunData:
         splits = {s: _examples(cfg, self.task, s) for s in ("train", "dev")}
         self.items = {s: T.encode(self.task, ex, tokenizer) for s, ex in splits.items()}
         self.text_of = {tuple(it["ids"]): ex for s in splits for it, ex in zip(self.items[s], splits[s])}
+        # --noise-template-only: the template's prefix and suffix ids, to rebuild the masks the edge sent
+        self.template = template_ids(self.task.template, tokenizer) if cfg.noise.template_only else None
 
     def sent_mask(self, batch: T.Batch) -> torch.Tensor:
         """The attention mask the edge sent with `batch` (--noise-template-only masks the text's positions out)."""
         real = batch.attention_mask.bool()
-        if not self.cfg.noise.template_only:
+        if self.template is None:
             return real
-        return real & public_positions(batch.input_ids, batch.attention_mask,
-                                       *template_ids(self.task.template, self.tokenizer))
+        return real & public_positions(batch.input_ids, batch.attention_mask, *self.template)
 
     def cursors(self) -> dict[bool, _Cursor]:
         o, e = self.cfg.optim, self.cfg.eval

@@ -22,18 +22,20 @@ import string
 import torch
 
 
-def template_ids(template: str, tokenizer) -> tuple[list[int], list[int]]:
-    """The token ids of the template's literal text before its first field and after its last."""
+def template_literals(template: str) -> tuple[str, str]:
+    """The template's literal text before its first field and after its last (ValueError: it has no field)."""
     parts = list(string.Formatter().parse(template))
     fields = [i for i, (_, f, _, _) in enumerate(parts) if f is not None]
     if not fields:
         raise ValueError("the task's template has no {field}: there is no private text to keep on the edge")
-    prefix = parts[0][0]
-    suffix = "".join(lit for lit, _, _, _ in parts[fields[-1] + 1:])
+    return parts[0][0], "".join(lit for lit, _, _, _ in parts[fields[-1] + 1:])
 
+
+def template_ids(template: str, tokenizer) -> tuple[list[int], list[int]]:
+    """The token ids of the template's literal text before its first field and after its last."""
     def ids(text):
         return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-    return ids(prefix), ids(suffix)
+    return tuple(ids(text) for text in template_literals(template))
 
 
 def _common(a: list[int], b: list[int]) -> int:
