@@ -2,7 +2,7 @@
 
     python bench/privacy_frontier.py [--steps 160] [--batch-size 8] [--eval-examples 500]
                                      [--rows none,label-mask,label-free,...] [--no-in-context]
-                                     [--token-steps-at first|last] [--out runs/privacy_frontier]
+                                     [--token-steps-at first|last] [--adaptive] [--out runs/privacy_frontier]
 
 One cloud (`tandem cloud serve --capture-dir`, its own process) serves every row in turn and records everything it
 receives (privacy/audit/capture.py). Each row is one edge run of `edge.trainer.train` on SST-2 in the frozen split
@@ -17,6 +17,9 @@ row's session of the capture, scored against the row's run folder:
           attacker, who knows the defence and its settings but not the edge's LoRA; and the bag attack
           (privacy/audit/bag.py), the text's words as a set from the positions sent on those steps (with
           --noise-template-only the template's only), beside bag-prior, what naming the commonest words gets;
+          with --adaptive the attacker first runs the row's recipe itself (seed 1, on the SST-2 training examples
+          the row never drew: privacy/audit/shadow.py) and both decoders train on what that shadow run's trained k
+          blocks send for its public examples instead of the base weights' (the attacker adapted to a learned defence);
   labels  label-norm, label-cosine and the sign-blind label-lines on `output_grad` of every training step, reported
           as the best balanced accuracy over the attacks and either labelling (the attacker's best case; chance 50 %).
 Rows: see ROWS (k = blocks on the edge below the cut, m = 1 above it; k + m <= 8, a quarter of SmolLM2's 30).
@@ -57,29 +60,51 @@ TOKEN_ATTACKS, LABEL_ATTACKS = ("dictionary", "learned", "in-context"), ("label-
 BAG_ATTACKS = ("bag", "bag-prior")  # the text's words as a set (privacy/audit/bag.py); the prior reads nothing sent
 
 
+def row_config(row: str, args, port: int, run_dir: Path, **more):
+    from edge.config import EdgeConfig
+    flags = dict(cloud=f"127.0.0.1:{port}", token=TOKEN, model=args.model, task="sst2", lr=1e-3, steps=args.steps,
+                 batch_size=args.batch_size, eval_examples=args.eval_examples, eval_before=False, seed=0,
+                 checkpoint_every=0, out_dir=str(run_dir), name=row, progress=False)
+    return EdgeConfig.of(**{**flags, **ROWS[row], **more})
+
+
+def shadow_run(name: str, args, loaded, port: int, capture: Path, victim: Path) -> Path:
+    """The adaptive attacker's own run of the row's recipe (privacy/audit/shadow.py): seed 1, on the SST-2 training
+    examples the row never drew, not evaluated; the cloud's capture of it is the attacker's own and is deleted."""
+    import tasks as T
+    from edge.trainer import train
+    from privacy.audit.capture import SUFFIX
+    from privacy.audit.shadow import write_public_file
+    from privacy.audit.truth import run_config
+    public = Path(args.out) / "public" / f"{name}.jsonl"
+    write_public_file(run_config(victim), loaded.tokenizer or T.tiny_tokenizer(), public)
+    run_dir, before = Path(args.out) / "runs" / f"{name}-shadow", set(capture.glob(f"*{SUFFIX}"))
+    train(row_config(name, args, port, run_dir, seed=1, train_file=str(public), eval_after=False,
+                     name=f"{name}-shadow"), loaded=copy.deepcopy(loaded), existing="overwrite")
+    for f in set(capture.glob(f"*{SUFFIX}")) - before:
+        f.unlink()
+    return run_dir
+
+
 def run_row(name: str, args, loaded, port: int, capture: Path) -> dict:
     from cli import audit
-    from edge.config import EdgeConfig
     from edge.trainer import train
     from privacy.audit.capture import SUFFIX
     before = set(capture.glob(f"*{SUFFIX}"))
     run_dir = Path(args.out) / "runs" / name
-    cfg = EdgeConfig.of(cloud=f"127.0.0.1:{port}", token=TOKEN, model=args.model, task="sst2", lr=1e-3,
-                        steps=args.steps, batch_size=args.batch_size, eval_examples=args.eval_examples,
-                        eval_before=False, seed=0, checkpoint_every=0, out_dir=str(run_dir), name=name,
-                        progress=False, **ROWS[name])
-    t0 = time.perf_counter()
+    cfg, t0 = row_config(name, args, port, run_dir), time.perf_counter()
     m = train(cfg, loaded=copy.deepcopy(loaded), existing="overwrite").metrics
     train_min = (time.perf_counter() - t0) / 60
     new = sorted(set(capture.glob(f"*{SUFFIX}")) - before)
     if len(new) != 1:
         raise SystemExit(f"row {name}: expected one new capture file, found {len(new)}")
+    shadow = shadow_run(name, args, loaded, port, capture, run_dir) if args.adaptive else None
     attacks = [*TOKEN_ATTACKS[:2 + args.in_context], *BAG_ATTACKS, *LABEL_ATTACKS]
     t1 = time.perf_counter()
     figures = audit.run(argparse.Namespace(capture=str(new[0]), model=args.model, attacks=",".join(attacks),
                                            run=str(run_dir), k=None, token_steps=2, candidates=4, out=None,
-                                           token_steps_at=args.token_steps_at,
-                                           inverter_steps=args.inverter_steps))
+                                           token_steps_at=args.token_steps_at, inverter_steps=args.inverter_steps,
+                                           shadow=None if shadow is None else str(shadow)))
     res = {r["attack"]: r for r in figures["results"]}
     tokens = {a: res[a]["recovered"] for a in attacks if a in (*TOKEN_ATTACKS, "bag")}
     labels = {a: res[a]["separation"] for a in attacks if a in LABEL_ATTACKS}
@@ -90,7 +115,7 @@ def run_row(name: str, args, loaded, port: int, capture: Path) -> dict:
             "bag_prior": res["bag-prior"]["recovered"],
             "label_inference": labels, "label_examples": res["label-norm"]["examples"],
             "strongest_label_attack": max(labels, key=labels.get), "labels": max(labels.values()),
-            "bytes_up_per_step": m["summary"]["bytes_up_per_step"], "train_minutes": train_min,
+            "bytes_up_per_step": m["summary"]["bytes_up_per_step"], "train_minutes": train_min, "adaptive": args.adaptive,
             "audit_minutes": (time.perf_counter() - t1) / 60}
 
 
@@ -179,6 +204,9 @@ def main():
     ap.add_argument("--inverter-steps", type=int, default=400, help="training steps of the learned attack's decoder")
     ap.add_argument("--token-steps-at", choices=("first", "last"), default="first",
                     help="the token attacks read the first or the last 2 training steps (`tandem audit`)")
+    ap.add_argument("--adaptive", action="store_true", help="for each row, the attacker's own run of its recipe on "
+                    "public SST-2 examples (privacy/audit/shadow.py); the learned and bag decoders train on what that "
+                    "run's k blocks send (one more training run per row)")
     ap.add_argument("--out", default="runs/privacy_frontier")
     ap.add_argument("--report", action="store_true", help="only print the table, PNG and JSON line again from "
                     "OUT/privacy_frontier.json")

@@ -63,9 +63,10 @@ def public_sentences(count: int, seed: int, words: tuple[int, int] = (4, 40)) ->
     return keep[:count]
 
 
-def sent_states(model, tokenizer, task: T.Task, k: int, sentences: list[str], template_only: bool):
+def sent_states(model, tokenizer, task: T.Task, k: int, sentences: list[str], template_only: bool, shadow=None):
     """(states after k blocks [B, T, H], the positions sent [B, T], the text's token ids per row), for public
-    `sentences` put into the task's template (its one text field), as the edge would send them."""
+    `sentences` put into the task's template (its one text field), as the edge would send them: through the base
+    weights' k blocks, or a shadow run's (privacy/audit/shadow.py: the recipe's trained blocks, the attacker's own)."""
     if len(task.fields) != 1:
         raise ValueError(f"the bag attack puts one sentence into a one-field template; {task.name}'s has "
                          f"{len(task.fields)} fields")
@@ -73,15 +74,19 @@ def sent_states(model, tokenizer, task: T.Task, k: int, sentences: list[str], te
     batch = T.collate(task, items, getattr(tokenizer, "pad_token_id", 0) or 0)
     real = batch.attention_mask.bool()
     public = public_positions(batch.input_ids, batch.attention_mask, *template_ids(task.template, tokenizer))
-    with torch.no_grad():
-        h = A.hidden_after(model, batch.input_ids, batch.attention_mask, [k])[k].float()
+    if shadow is not None:
+        h = shadow.states(batch.input_ids, batch.attention_mask).float()
+    else:
+        with torch.no_grad():
+            h = A.hidden_after(model, batch.input_ids, batch.attention_mask, [k])[k].float()
     texts = [row[~p & m] for row, p, m in zip(batch.input_ids, public, real)]
     return h, public if template_only else real, texts
 
 
 def train_bag(model, tokenizer, task: T.Task, k: int, template_only: bool, steps: int = 400, batch: int = 16,
-              lr: float = 2e-3, seed: int = 0, log=None) -> tuple[BagDecoder, torch.Tensor]:
-    """The trained decoder and the prior (token ids by falling frequency in the public texts)."""
+              lr: float = 2e-3, seed: int = 0, log=None, shadow=None) -> tuple[BagDecoder, torch.Tensor]:
+    """The trained decoder and the prior (token ids by falling frequency in the public texts); with `shadow`, on
+    what the shadow run's k blocks send for them."""
     torch.manual_seed(seed)
     sentences = public_sentences(steps * batch, seed)
     decoder = BagDecoder(model.get_input_embeddings().weight)
@@ -89,7 +94,7 @@ def train_bag(model, tokenizer, task: T.Task, k: int, template_only: bool, steps
     counts: Counter = Counter()
     for step in range(steps):
         at = (step * batch) % max(1, len(sentences) - batch + 1)  # epochs over the sentences when they run out
-        h, sent, texts = sent_states(model, tokenizer, task, k, sentences[at:at + batch], template_only)
+        h, sent, texts = sent_states(model, tokenizer, task, k, sentences[at:at + batch], template_only, shadow)
         target = torch.zeros(len(texts), decoder.table.shape[0])
         for i, t in enumerate(texts):
             ids = t.unique()

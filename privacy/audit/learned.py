@@ -9,6 +9,9 @@ H x V. It never sees the victim's data or the edge's private LoRA.
 Adaptive: given the defence's recipe and its settings (`sigma`, `clip`: privacy/defences/noise.py, as the edge
 applies them: clip each token's vector, then Gaussian noise of sigma x the RMS over real tokens), the attacker
 noises its own public states with the same function (noise.py protect_relative), fresh noise every step, so the decoder learns to read through it.
+With a shadow run (privacy/audit/shadow.py: the recipe run by the attacker on public data of the task) the decoder
+trains on what the shadow's own trained k blocks send for its public examples: the attacker who adapts to a learned
+defence (--noise-nopeek) as well as to noise.
 """
 from __future__ import annotations
 
@@ -70,40 +73,53 @@ def public_windows(tokenizer, length: int, count: int, seed: int) -> list[list[i
     return windows[:count]
 
 
-def train_inverter(model, tokenizer, k: int, settings: InverterSettings | None = None, log=None) -> Inverter:
-    """Train the decoder on public text through the base weights' first k blocks (under the defence's recipe)."""
-    s = settings or InverterSettings()
-    torch.manual_seed(s.seed)
-    g = torch.Generator().manual_seed(s.seed)
+def public_states(model, tokenizer, k: int, s: InverterSettings, shadow=None):
+    """(h_k, ids, mask) for each of the inverter's s.steps steps, of public text: WikiText-2 windows through the base
+    weights' first k blocks, or with `shadow` (privacy/audit/shadow.py) the shadow run's public examples through its
+    own k blocks (the attacker's stand-in for the edge's private weights)."""
+    if shadow is not None:
+        for ids, mask in shadow.batches(s.batch, s.steps, s.seed):
+            yield shadow.states(ids, mask).float(), ids, mask
+        return
     windows = public_windows(tokenizer, s.length, s.steps * s.batch, s.seed)
     if not windows:
         raise ValueError("no public WikiText-2 window to train the inverter on")
+    chunk = 8 * s.batch  # windows run through the k blocks at once, then taken a batch at a time
+    for first in range(0, s.steps, 8):
+        at = (first * s.batch) % max(1, len(windows) - chunk + 1)
+        ids = torch.tensor(windows[at:at + chunk])
+        with torch.no_grad():
+            h = A.hidden_after(model, ids, torch.ones_like(ids), [k])[k].float()
+        for part_h, part_ids in list(zip(h.split(s.batch), ids.split(s.batch)))[:s.steps - first]:
+            yield part_h, part_ids, torch.ones_like(part_ids)
+
+
+def train_inverter(model, tokenizer, k: int, settings: InverterSettings | None = None, log=None,
+                   shadow=None) -> Inverter:
+    """Train the decoder on public text through the base weights' first k blocks, or a shadow run's (under the
+    defence's recipe)."""
+    s = settings or InverterSettings()
+    torch.manual_seed(s.seed)
+    g = torch.Generator().manual_seed(s.seed)
     inverter = Inverter(model.get_input_embeddings().weight)
     vocab = inverter.table.shape[0]
     opt = torch.optim.AdamW([p for p in inverter.parameters() if p.requires_grad], lr=s.lr, weight_decay=0.0)
-    chunk = 8 * s.batch  # windows run through the k blocks at once, then taken a batch at a time
-    states: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for step in range(s.steps):
-        if not states:
-            at = (step * s.batch) % max(1, len(windows) - chunk + 1)
-            ids = torch.tensor(windows[at:at + chunk])
-            with torch.no_grad():
-                h = A.hidden_after(model, ids, torch.ones_like(ids), [k])[k].float()
-            states = list(zip(h.split(s.batch), ids.split(s.batch)))
-        h, ids = states.pop(0)
-        mask = torch.ones_like(ids)
+    for step, (h, ids, mask) in enumerate(public_states(model, tokenizer, k, s, shadow)):
         h = protect_relative(h, mask, s.clip, s.sigma, g)  # the edge's recipe, fresh noise every step
-        target = ids[:, 1:].flatten()  # not position 0, the attention sink
+        scored = mask.bool().clone()
+        scored[:, 0] = False  # not position 0, the attention sink
+        target = ids[scored]
         # sampled softmax: the batch's tokens and `negatives` uniform others (the full vocabulary's logits for every
         # position would cost most of the training; prediction uses all of them)
         tokens = torch.unique(torch.cat([target, torch.randint(0, vocab, (s.negatives,), generator=g)]))
-        loss = nn.functional.cross_entropy(inverter(h[:, 1:].flatten(0, 1), tokens), torch.searchsorted(tokens, target))
+        loss = nn.functional.cross_entropy(inverter(h[scored], tokens), torch.searchsorted(tokens, target))
         opt.zero_grad()
         loss.backward()
         opt.step()
         if log and (step + 1) % 100 == 0:
-            log(f"inverter k={k} sigma={s.sigma:g}: step {step + 1}/{s.steps}, loss {loss.item():.3f}")
+            log(f"inverter k={k} sigma={s.sigma:g}{' (shadow)' if shadow else ''}: step {step + 1}/{s.steps}, "
+                f"loss {loss.item():.3f}")
     return inverter.eval()
 
 
-__all__ = ["Inverter", "InverterSettings", "public_windows", "train_inverter"]
+__all__ = ["Inverter", "InverterSettings", "public_states", "public_windows", "train_inverter"]
