@@ -60,9 +60,13 @@ def write_public_file(victim: EdgeConfig, tokenizer, path: str | Path) -> int:
     """Write the task's training examples that the victim's run never drew to `path` (JSONL, one example per line,
     0600): the shadow run's --train-file. Returns how many."""
     task = T.resolve_task(victim.data.task, victim.data.task_file)
-    seen = {json.dumps(ex, sort_keys=True) for ex in drawn_examples(victim, tokenizer)}
-    rows = [ex for ex in T.load_split(task, "train", victim.data.train_file, "--train-file")
-            if json.dumps(ex, sort_keys=True) not in seen]
+    if task.kind != "classify":
+        raise ValueError(f"a shadow's public file takes a classification task; {task.name} is {task.kind}")
+    # by the prompt the victim sent, not the example it maps back to: a sentence drawn under one label is left out
+    # under every label
+    seen = {tuple(it["ids"]) for it in T.encode(task, drawn_examples(victim, tokenizer), tokenizer)}
+    examples = T.load_split(task, "train", victim.data.train_file, "--train-file")
+    rows = [ex for ex, it in zip(examples, T.encode(task, examples, tokenizer)) if tuple(it["ids"]) not in seen]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(ex) + "\n" for ex in rows))
