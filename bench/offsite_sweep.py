@@ -5,7 +5,9 @@ cut and distill an emulator, tune the adapter through it, and measure emulator-t
 
 Every kept fraction starts from the same full model, tunes with the same settings, batches and seed, and is scored on
 the same dev examples; full zero-shot and full fine-tuning (the same adapter tuned on the full model) are measured
-once. The teacher's targets of each distillation batch are computed once and shared by every emulator (the batches
+once. With --seeds, every tuning (emulator and full fine-tuning alike) runs once per seed (the adapter's start and the
+batch order; a seed moves a row by several points on SST-2 dev 500) and each row shows the mean over the seeds; the
+JSON keeps every seed's figure. The teacher's targets of each distillation batch are computed once and shared by every emulator (the batches
 are the same). Everything runs in this process, in memory: `bench/offsite.py` is the run through bundle files,
 sealing and plug-in, and the one that measures step time and memory side by side in fresh processes.
 
@@ -17,8 +19,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--train-blocks", default="both",
                    help="which adapter blocks train, comma-separated variants: both, top (the bottom adapter stays)")
+    p.add_argument("--seeds", default=str(t.seed),
+                   help="tuning seeds, comma-separated: each row is the mean over them (default: one, %(default)s)")
     p.add_argument("--eval-examples", type=int, default=t.eval_examples)
     p.add_argument("--reference", default=None,
                    help="variants that get a full fine-tuning row, comma-separated (default: all; '' none)")
@@ -88,6 +94,19 @@ def configs(args) -> tuple[BuildConfig, TuneConfig]:
     return bcfg, tcfg
 
 
+def seeded(tcfg: TuneConfig, seeds: list[int]) -> list[TuneConfig]:
+    return [replace(tcfg, seed=s) for s in seeds]
+
+
+def mean_over(runs: list[dict]) -> dict:
+    """The seeds' mean of each accuracy, the median step time, and every seed's figures under "by_seed"."""
+    keys = [k for k in runs[0] if k not in ("step_seconds", "seed")]
+    out = {k: statistics.fmean(r[k] for r in runs) for k in keys}
+    if "step_seconds" in runs[0]:
+        out["step_seconds"] = statistics.median(r["step_seconds"] for r in runs)
+    return {**out, "by_seed": runs}
+
+
 def tune_and_plug(full, model, positions: list[int], to_full: dict[int, int], tcfg: TuneConfig,
                   data: TaskData) -> dict:
     """Tune the adapter of `model` at `positions`; accuracy on `model` (tuned) and plugged into a copy of `full`."""
@@ -95,7 +114,7 @@ def tune_and_plug(full, model, positions: list[int], to_full: dict[int, int], tc
     torch.manual_seed(tcfg.seed)
     adapter = make_adapter(model, positions, tcfg.mode, tcfg)
     record = train_adapter(adapter, data.task, data.train, tcfg, data.pad_id)
-    out = {"tuned": acc(model), "step_seconds": record["step_seconds_median"],
+    out = {"seed": tcfg.seed, "tuned": acc(model), "step_seconds": record["step_seconds_median"],
            "mean_loss_last10": record["mean_loss_last10"]}
     if full is not None:
         scaling = adapter.lora.cfg.scaling if adapter.lora is not None else 1.0
@@ -107,10 +126,10 @@ def tune_and_plug(full, model, positions: list[int], to_full: dict[int, int], tc
     return out
 
 
-def one_fraction(full, tok, kept: float, bcfg: BuildConfig, tcfg: TuneConfig, data: TaskData, cache: dict,
+def one_fraction(full, tok, kept: float, bcfg: BuildConfig, tcfgs: list[TuneConfig], data: TaskData, cache: dict,
                  zero_shot: bool, variants: list[str]) -> list[dict]:
-    """Cut (and distill) the emulator keeping `kept` of the middle, then per variant tune a copy of it and plug the
-    adapter into the full model: one row per variant."""
+    """Cut (and distill) the emulator keeping `kept` of the middle, then per variant and seed tune a copy of it and
+    plug the adapter into the full model: one row per variant, the mean over the seeds."""
     t0 = time.perf_counter()
     layout = make_layout(len(family_of(full).blocks(full)), bcfg.bottom, bcfg.top, round(1 - kept, 6))
     emu, pruning = emulator_model(full, layout, tok, bcfg)
@@ -126,11 +145,12 @@ def one_fraction(full, tok, kept: float, bcfg: BuildConfig, tcfg: TuneConfig, da
     rows = []
     for which in variants:
         t1 = time.perf_counter()
-        res = tune_and_plug(full, copy.deepcopy(emu), [layout.position(b) for b in trained_blocks(layout, which)],
-                            dict(enumerate(layout.kept)), tcfg, data)
+        res = mean_over([tune_and_plug(full, copy.deepcopy(emu),
+                                       [layout.position(b) for b in trained_blocks(layout, which)],
+                                       dict(enumerate(layout.kept)), tcfg, data) for tcfg in tcfgs])
         rows.append({**base, "train_blocks": which, "emulator fine-tuned": res["tuned"], "plug-in": res["plug-in"],
                      "step_seconds": res["step_seconds"], "mean_loss_last10": res["mean_loss_last10"],
-                     "seconds": round(time.perf_counter() - t1, 1)})
+                     "by_seed": res["by_seed"], "seconds": round(time.perf_counter() - t1, 1)})
     rows[0]["seconds"] = round(rows[0]["seconds"] + t1 - t0, 1)  # the cut and distillation count with the first
     return rows
 
@@ -180,15 +200,17 @@ def sweep_table(rows: list[dict], refs: dict[str, dict]) -> str:
                   "plug - full FT", "distill err", "tune step s"], body)
 
 
-def reference_rows(full, blocks: list[int], tcfg: TuneConfig, data: TaskData, zero_shot: bool,
+def reference_rows(full, blocks: list[int], tcfgs: list[TuneConfig], data: TaskData, zero_shot: bool,
                    fine_tune: bool) -> dict:
-    """Full zero-shot, and full fine-tuning: the same adapter blocks tuned the same way on (a copy of) the full model."""
+    """Full zero-shot, and full fine-tuning: the same adapter blocks tuned the same way on (a copy of) the full model,
+    once per seed (the mean, and each seed's figure)."""
     ref = {}
     if zero_shot:
         ref["full model zero-shot"] = accuracy(full, data.task, data.dev, data.pad_id, data.label_ids)
     if fine_tune:
-        res = tune_and_plug(None, copy.deepcopy(full), blocks, {}, tcfg, data)
+        res = mean_over([tune_and_plug(None, copy.deepcopy(full), blocks, {}, tcfg, data) for tcfg in tcfgs])
         ref["full fine-tuning"], ref["full_step_seconds"] = res["tuned"], res["step_seconds"]
+        ref["full fine-tuning by seed"] = {r["seed"]: r["tuned"] for r in res["by_seed"]}
     return ref
 
 
@@ -210,6 +232,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bcfg, tcfg = configs(args)
+    tcfgs = seeded(tcfg, [int(s) for s in args.seeds.split(",")])
     check_config(bcfg)
     loaded = load_full(args.model)
     full, tok = loaded.model, loaded.tokenizer or T.tiny_tokenizer()
@@ -217,12 +240,12 @@ def main(argv=None) -> dict:
     variants = args.train_blocks.split(",")
     layout0 = make_layout(len(family_of(full).blocks(full)), bcfg.bottom, bcfg.top, 0.0)
     with_ref = variants if args.reference is None else [w for w in args.reference.split(",") if w]
-    refs = {w: reference_rows(full, list(trained_blocks(layout0, w)), tcfg, data, not args.skip_zero_shot and i == 0,
+    refs = {w: reference_rows(full, list(trained_blocks(layout0, w)), tcfgs, data, not args.skip_zero_shot and i == 0,
                               w in with_ref) for i, w in enumerate(variants)}
     cache: dict = {}
     rows = []
     for kept in [float(x) for x in args.sweep.split(",")]:
-        for row in one_fraction(full, tok, kept, bcfg, tcfg, data, cache, not args.skip_zero_shot, variants):
+        for row in one_fraction(full, tok, kept, bcfg, tcfgs, data, cache, not args.skip_zero_shot, variants):
             rows.append(row)
             if args.log:
                 line = {"bench": "offsite_sweep", "note": args.note, "config": vars(args),
@@ -232,8 +255,9 @@ def main(argv=None) -> dict:
             print(f"kept {kept} ({row['train_blocks']}): emulator-tuned {pct(row['emulator fine-tuned'])}, plug-in "
                   f"{pct(row['plug-in'])} ({row['seconds']} s)", flush=True)
     print(f"{args.task} dev ({len(data.dev)} examples), adapter {args.mode}, {args.steps} steps of batch "
-          f"{args.batch_size}; distillation {args.distill_steps} steps; " +
-          "; ".join(f"{w}: " + ", ".join(f"{k} {pct(v)}" for k, v in ref.items() if not k.endswith("seconds"))
+          f"{args.batch_size}, mean over seeds {args.seeds}; distillation {args.distill_steps} steps; " +
+          "; ".join(f"{w}: " + ", ".join(f"{k} {pct(v)}" for k, v in ref.items()
+                                     if isinstance(v, float) and not k.endswith("seconds"))
                     for w, ref in refs.items()))
     print(sweep_table(rows, refs))
     png = plot(rows, refs, out / "sweep.png", f"{args.model} {args.task}: offsite tuning against emulator size")

@@ -86,17 +86,21 @@ def test_default_bundle_records_quality_and_round_trips_sealed(identities, data,
 
 def test_sweep_without_drop_plug_in_equals_emulator_tuned(toy, data, tmp_path):
     """Kept fraction 1.0: the emulator is the full middle (distillation leaves it as it is), so the adapter tuned on
-    it gives the same accuracy plugged into the full model; tuning moved it away from zero-shot, so the equality is
+    it gives the same accuracy plugged into the full model, at every seed; tuning moved it away from zero-shot, so the equality is
     not that of two untouched models."""
     res = offsite_sweep.main(["--model", "tiny-llama", "--task", toy, "--bottom", "1", "--top", "1", "--mode", "full",
                               "--lr", "0.003", "--steps", "30", "--eval-examples", "32", "--distill-steps", "5",
                               "--sweep", "0.5,1.0", "--train-file", str(data / "train.tsv"),
                               "--dev-file", str(data / "dev.tsv"), "--out", str(tmp_path / "sweep"),
-                              "--log", str(tmp_path / "log.jsonl")])
+                              "--log", str(tmp_path / "log.jsonl"), "--seeds", "0,1"])
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
     whole = next(r for r in rows if r["kept"] == 1.0)
     assert whole["kept_blocks"] == whole["middle_blocks"] == 4 and whole["distill_error"] == 0.0
     assert whole["plug-in"] == whole["emulator fine-tuned"]
+    assert [r["seed"] for r in whole["by_seed"]] == [0, 1]  # each seed's plug-in equals its emulator-tuned row
+    assert all(r["plug-in"] == r["tuned"] for r in whole["by_seed"])
+    assert whole["plug-in"] == pytest.approx(sum(r["plug-in"] for r in whole["by_seed"]) / 2)
+    assert set(res["both"]["full_fine_tuning_by_seed"]) == {0, 1}
     assert whole["emulator fine-tuned"] != whole["emulator zero-shot"]
     assert whole["emulator zero-shot"] == res["both"]["full_model_zero_shot"]
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2 and (tmp_path / "sweep" / "sweep.png").is_file()
