@@ -7,9 +7,10 @@ Every kept fraction starts from the same full model, tunes with the same setting
 the same dev examples; full zero-shot and full fine-tuning (the same adapter tuned on the full model) are measured
 once. With --seeds, every tuning (emulator and full fine-tuning alike) runs once per seed (the adapter's start and the
 batch order; a seed moves a row by several points on SST-2 dev 500) and each row shows the mean over the seeds; the
-JSON keeps every seed's figure. The teacher's targets of each distillation batch are computed once and shared by every emulator (the batches
-are the same). Everything runs in this process, in memory: `bench/offsite.py` is the run through bundle files,
-sealing and plug-in, and the one that measures step time and memory side by side in fresh processes.
+JSON keeps every seed's figure. The teacher's targets of each distillation batch are computed once and shared by
+every emulator (the batches are the same). Everything runs in this process, in memory: `bench/offsite.py` is the run
+through bundle files, sealing and plug-in, and the one that measures step time and memory side by side in fresh
+processes.
 
 Prints a table, writes OUT/sweep.png (plug-in and emulator-tuned accuracy against kept fraction) and OUT/sweep.json,
 appends one JSON line per kept fraction to --log, and ends by printing one line holding a JSON object.
@@ -31,7 +32,8 @@ import torch  # noqa: E402
 
 import tasks as T  # noqa: E402
 from cli.report import table  # noqa: E402
-from emulator.build import BuildConfig, check_config, distill, emulator_model, make_layout  # noqa: E402
+from emulator.build import BuildConfig, check_config, emulator_model, make_layout  # noqa: E402
+from emulator.distill import distill  # noqa: E402
 from emulator.plug import ReturnedAdapter, apply_adapter  # noqa: E402
 from emulator.tune import (TaskData, TuneConfig, accuracy, make_adapter, task_data, train_adapter,  # noqa: E402
                            trained_blocks)
@@ -54,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distill-warmup", type=int, default=b.distill_warmup)
     p.add_argument("--distill-schedule", default=b.distill_schedule)
     p.add_argument("--distill-max-grad-norm", type=float, default=b.distill_max_grad_norm)
+    p.add_argument("--distill-gradient-weight", type=float, default=b.distill_gradient_weight,
+                   help="> 0: distillation also matches the gradients the emulator passes down (emulator/distill.py)")
     p.add_argument("--mode", default=t.mode, choices=["full", "lora"])
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--steps", type=int, default=t.steps)
@@ -87,6 +91,7 @@ def configs(args) -> tuple[BuildConfig, TuneConfig]:
                        distill_steps=args.distill_steps,
                        distill_lr=args.distill_lr, distill_warmup=args.distill_warmup,
                        distill_schedule=args.distill_schedule, distill_max_grad_norm=args.distill_max_grad_norm,
+                       distill_gradient_weight=args.distill_gradient_weight,
                        progress=False)
     tcfg = TuneConfig(task=args.task, mode=args.mode, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
                       eval_examples=args.eval_examples, progress=False, train_file=args.train_file,

@@ -6,13 +6,12 @@
 The emulator keeps middle blocks uniformly (the paper's layer drop: evenly spaced, the first and last middle block
 always kept). Optionally it is distilled toward the full middle on public text (WikiText-2): the bottom adapter's
 output goes into both the full middle (teacher) and the emulator (student), and the emulator's blocks learn to give
-the same hidden states (the paper's squared error, made relative, plus a per-token term: see `MiddlePair.loss`).
+the same hidden states (the paper's squared error, made relative, plus a per-token term), and optionally the same
+gradients downward (emulator/distill.py).
 The adapter blocks and the embedding are never changed, so the data owner starts from the real model's adapter.
 """
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +20,10 @@ import torch
 import tasks as T
 from emulator import prune, quality
 from emulator.bundle import BUNDLE_FORMAT, WEIGHTS, Layout, compact_model, full_state_for, renumber, write_manifest
+from emulator.distill import MiddlePair, dev_batches, distill, held_out_error, wikitext_batches, wikitext_items
 from emulator.tune import hidden
 from model.load import DTYPES, fingerprint, load_model
-from model.segments import BlockRun, family_of
-from model.training import FitOptions, endless_batches, fit
+from model.segments import family_of
 
 
 @dataclass
@@ -42,6 +41,7 @@ class BuildConfig:
     distill_warmup: int = 0  # distillation steps of linear warmup
     distill_schedule: str = "constant"  # after the warmup: "constant", "linear" or "cosine" (model.training.fit)
     distill_max_grad_norm: float | None = None  # gradient clipping during distillation (None: none)
+    distill_gradient_weight: float = 0.0  # > 0: also match the gradients the emulator passes down (emulator/distill.py)
     distill_eval_batches: int = 4  # held-out WikiText-2 batches to measure the emulator's error before and after
     alignment_batches: int = 2  # held-out WikiText-2 batches for the gradient alignment check (0: skip)
     quality_task: str = "sst2"  # public task whose zero-shot gap (full vs emulator) the manifest records ('': none)
@@ -95,103 +95,6 @@ def emulator_model(full, layout: Layout, tokenizer, cfg: BuildConfig):
     return emu, {"keep": cfg.mlp_keep, "widths": widths, "data": "wikitext2 (train part)",
                  "tokens": int(sum(b.attention_mask.sum() for b in data)), "refit": "least squares",
                  "ridge": prune.RIDGE}
-
-
-def wikitext_items(tokenizer, split: str, seq: int) -> list[dict]:
-    """Public text for distillation: WikiText-2 in windows of `seq` tokens."""
-    task = dataclasses.replace(T.TASKS["wikitext2"], max_len=seq)
-    return T.encode(task, T.load_split("wikitext2", split), tokenizer)
-
-
-class MiddlePair:
-    """The full model's middle (teacher) and the emulator (student), fed the same bottom-adapter output."""
-
-    def __init__(self, full, emu, layout: Layout, cache: dict | None = None):
-        self.full, self.layout = full, layout
-        first = len(layout.bottom)
-        self.student = BlockRun(emu, range(first, first + len(layout.emulator)))
-        self.cache = cache  # teacher pairs by batch, shared by emulators of the same adapter (a size sweep)
-
-    @torch.no_grad()
-    def inputs_and_targets(self, batch: T.Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bottom adapter output, full middle output), read off one forward pass of the full model."""
-        key = (len(self.layout.bottom), len(self.layout.top), batch.input_ids.numpy().tobytes(),
-               batch.attention_mask.numpy().tobytes())
-        if self.cache is not None and key in self.cache:
-            return self.cache[key]
-        states = self.full.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                           output_hidden_states=True).hidden_states  # states[i] = input of block i
-        pair = states[len(self.layout.bottom)], states[self.layout.num_layers - len(self.layout.top)]
-        if self.cache is not None:
-            self.cache[key] = pair
-        return pair
-
-    def loss(self, h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The paper's squared error taken relative to the target's size, plus the same per token.
-
-        Llama-style models put "massive activations" on the first token (SmolLM2: from block 11 on, its hidden
-        state is ~150x larger in RMS than any other token's), and the top blocks depend on it as an attention
-        sink. The batch-relative error (= plain MSE up to a constant) is almost all that token, so it teaches the
-        emulator to make the sink; the per-token relative error gives every other token the same say."""
-        err = (self.student(h, mask) - target).pow(2).sum(-1)
-        size = target.pow(2).sum(-1)
-        m = mask.to(err.dtype)
-        whole = (err * m).sum() / (size * m).sum()
-        per_token = (err / size.clamp_min(1e-6) * m).sum() / m.sum()
-        return whole + per_token
-
-
-def wikitext_batches(tokenizer, cfg: BuildConfig, split: str, count: int) -> list[T.Batch]:
-    """The first `count` WikiText-2 batches of `split` (cfg.distill_batch windows of cfg.distill_seq tokens)."""
-    pad = getattr(tokenizer, "pad_token_id", 0) or 0
-    items = wikitext_items(tokenizer, split, cfg.distill_seq)
-    return [b for b, _ in zip(T.batches(T.TASKS["wikitext2"], items, cfg.distill_batch, pad), range(count))]
-
-
-def dev_batches(tokenizer, cfg: BuildConfig) -> list[T.Batch]:
-    """The held-out WikiText-2 batches the emulator's error and quality are measured on."""
-    return wikitext_batches(tokenizer, cfg, "dev", cfg.distill_eval_batches)
-
-
-@torch.no_grad()
-def held_out_error(pair: MiddlePair, batches: list[T.Batch]) -> float:
-    """`MiddlePair.loss` of the emulator as it is now, averaged over `batches`."""
-    return sum(pair.loss(*pair.inputs_and_targets(b), b.attention_mask).item() for b in batches) / max(1, len(batches))
-
-
-def distill(full, emu, layout: Layout, tokenizer, cfg: BuildConfig, teacher_cache: dict | None = None) -> dict:
-    """Train the emulator's blocks (only those) to reproduce the full middle's output on WikiText-2 (`fit` on the
-    regression loss `MiddlePair.loss`; the held-out error is that loss, not a task score, so it is measured here).
-    `teacher_cache` (a dict) keeps the full model's targets per batch for the next emulator distilled with it."""
-    torch.manual_seed(cfg.seed)
-    pair = MiddlePair(full, emu, layout, teacher_cache)
-    params = [p for p in pair.student.parameters()]
-    for p in emu.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    pad = getattr(tokenizer, "pad_token_id", 0) or 0
-    task = T.TASKS["wikitext2"]
-    train = wikitext_items(tokenizer, "train", cfg.distill_seq)
-    held_out = dev_batches(tokenizer, cfg)
-    before = held_out_error(pair, held_out)
-    t0 = time.perf_counter()
-    losses = fit(lambda batch: pair.loss(*pair.inputs_and_targets(batch), batch.attention_mask), params,
-                 endless_batches(task, train, cfg.distill_batch, pad, cfg.seed),
-                 FitOptions(steps=cfg.distill_steps, lr=cfg.distill_lr, warmup_steps=cfg.distill_warmup,
-                            schedule=cfg.distill_schedule, max_grad_norm=cfg.distill_max_grad_norm,
-                            progress="distill" if cfg.progress else None)).losses
-    for p in emu.parameters():
-        p.requires_grad_(False)
-    return {"data": "wikitext2 (train part)",
-            "objective": "sum|e - t|^2 / sum|t|^2 + mean_tokens(|e - t|^2 / |t|^2), e = emulator(h), "
-                         "t = full_middle(h), h = bottom adapter output",
-            "steps": cfg.distill_steps, "lr": cfg.distill_lr, "batch": cfg.distill_batch, "seq": cfg.distill_seq,
-            "warmup": cfg.distill_warmup, "schedule": cfg.distill_schedule, "max_grad_norm": cfg.distill_max_grad_norm,
-            "first_loss": losses[0] if losses else None,
-            "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-            "held_out_error_before": before, "held_out_error_after": held_out_error(pair, held_out),
-            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def gradient_alignment(full, emu, layout: Layout, tokenizer, batches: int = 2, seq: int = 64) -> dict[str, float]:

@@ -75,6 +75,9 @@ def cmd_build(args) -> None:
         d = manifest["distillation"]
         rows.append(["distillation", f"{d['steps']} steps, held-out error {d['held_out_error_before']:.4g} -> "
                                      f"{d['held_out_error_after']:.4g}"])
+        if "held_out_gradient_error_after" in d:
+            rows.append(["gradient matching", f"weight {d['gradient_weight']:g}, held-out gradient error "
+                         f"{d['held_out_gradient_error_before']:.4g} -> {d['held_out_gradient_error_after']:.4g}"])
     q = manifest.get("quality") or {}
     if "zero_shot" in q:
         z = q["zero_shot"]

@@ -1,5 +1,6 @@
 """Offsite bundles: uniform layer drop, what a bundle holds (never the dropped blocks), hash checks on load,
-and distillation moving the emulator toward the full middle. Tiny random Llama, so everything runs in seconds."""
+and distillation moving the emulator toward the full middle (its states, and with Jacobian matching its gradients).
+Tiny random Llama, so everything runs in seconds."""
 from __future__ import annotations
 
 import json
@@ -8,10 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import tasks as T
 from emulator.build import BuildConfig, build, make_layout, uniform_drop
 from emulator.bundle import (BUNDLE_FORMAT, BundleError, WEIGHTS, block_of, compact_model, load_bundle,
                              write_manifest)
+from emulator.distill import MiddlePair, dev_batches
 from model.load import load_model
+from model.segments import family_of
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -143,3 +147,41 @@ def test_distillation_moves_the_emulator_toward_the_full_middle(tiny, tmp_path):
     emulator_block = manifest["layout"]["emulator"][0]
     changed = [k for k, v in state.items() if not torch.equal(v, full[k])]
     assert changed and all(block_of(k) == emulator_block for k in changed)  # adapter and embedding untouched
+
+
+def test_gradient_matching_targets_are_the_full_models_gradients(tiny):
+    """Without drop the emulator is the middle: it passes down exactly the teacher's gradients; and the teacher's
+    gradient at the middle's input is (up to the one scale) the full model's LM-loss gradient there, read off the
+    model's own forward."""
+    cfg = BuildConfig(model="tiny-llama", bottom=1, top=1, distill_batch=4, distill_seq=32)
+    layout = make_layout(6, 1, 1, 0.0)
+    tok = T.tiny_tokenizer()
+    pair = MiddlePair(tiny.model, compact_model(tiny.model, layout), layout, gradient_weight=1.0)
+    batch = dev_batches(tok, cfg)[0]
+    h, t, g_out, g_in = pair.inputs_and_targets(batch)
+    _, states, grads = pair.state_and_gradient_errors((h, t, g_out, g_in), batch.attention_mask, create_graph=False)
+    assert states.item() < 1e-10 and grads.item() < 1e-10
+    seen = {}
+
+    def leaf(module, args, kwargs):
+        seen["h"] = args[0].detach().requires_grad_(True)
+        return (seen["h"],) + args[1:], kwargs
+    hook = family_of(tiny.model).blocks(tiny.model)[1].register_forward_pre_hook(leaf, with_kwargs=True)
+    try:
+        out = tiny.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        loss, _ = T.loss_from_hidden(T.TASKS["wikitext2"], out.last_hidden_state, batch,
+                                     tiny.model.get_output_embeddings())
+        (true,) = torch.autograd.grad(loss, [seen["h"]])
+    finally:
+        hook.remove()
+    assert torch.nn.functional.cosine_similarity(true.flatten(), g_in.flatten(), dim=0) > 0.9999
+
+
+def test_gradient_matching_distillation_lowers_both_errors(tiny, tmp_path):
+    cfg = BuildConfig(model="tiny-llama", bottom=1, top=1, drop=0.75, distill_steps=30, distill_lr=3e-3,
+                      distill_batch=4, distill_seq=32, distill_eval_batches=2, distill_gradient_weight=1.0,
+                      progress=False)
+    rec = build(cfg, tmp_path / "jacobian", loaded=tiny)["distillation"]
+    assert rec["gradient_weight"] == 1.0 and "J_e(h)^T g" in rec["objective"]
+    assert rec["held_out_error_after"] < 0.9 * rec["held_out_error_before"]
+    assert rec["held_out_gradient_error_after"] < 0.9 * rec["held_out_gradient_error_before"]
