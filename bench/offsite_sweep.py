@@ -12,6 +12,9 @@ every emulator (the batches are the same). Everything runs in this process, in m
 through bundle files, sealing and plug-in, and the one that measures step time and memory side by side in fresh
 processes.
 
+Each row also holds the cosine between each adapter block's gradient through the emulator and through the full
+model (`emulator.build.gradient_alignment`, LM loss on held-out WikiText-2), the bundle manifest's figure.
+
 Prints a table, writes OUT/sweep.png (plug-in and emulator-tuned accuracy against kept fraction) and OUT/sweep.json,
 appends one JSON line per kept fraction to --log, and ends by printing one line holding a JSON object.
 """
@@ -32,7 +35,7 @@ import torch  # noqa: E402
 
 import tasks as T  # noqa: E402
 from cli.report import table  # noqa: E402
-from emulator.build import BuildConfig, check_config, emulator_model, make_layout  # noqa: E402
+from emulator.build import BuildConfig, check_config, emulator_model, gradient_alignment, make_layout  # noqa: E402
 from emulator.distill import distill  # noqa: E402
 from emulator.plug import ReturnedAdapter, apply_adapter  # noqa: E402
 from emulator.tune import (TaskData, TuneConfig, accuracy, make_adapter, task_data, train_adapter,  # noqa: E402
@@ -144,7 +147,8 @@ def one_fraction(full, tok, kept: float, bcfg: BuildConfig, tcfgs: list[TuneConf
             "parameters_ratio": sum(p.numel() for p in emu.parameters()) / sum(p.numel() for p in full.parameters()),
             "distill_error": None if record is None else record["held_out_error_after"],
             "distill_error_before": None if record is None else record["held_out_error_before"],
-            "distill_seconds": None if record is None else record["seconds"]}
+            "distill_seconds": None if record is None else record["seconds"],
+            "gradient_alignment": gradient_alignment(full, emu, layout, tok)}
     if zero_shot:
         base["emulator zero-shot"] = accuracy(emu, data.task, data.dev, data.pad_id, data.label_ids)
     rows = []
@@ -200,9 +204,10 @@ def sweep_table(rows: list[dict], refs: dict[str, dict]) -> str:
                      pct(r.get("emulator zero-shot")), pct(r["emulator fine-tuned"]), pct(r["plug-in"]),
                      f"{100 * (r['plug-in'] - r['emulator fine-tuned']):+.1f}",
                      "" if ft is None else f"{100 * (r['plug-in'] - ft):+.1f}",
-                     "" if r["distill_error"] is None else f"{r['distill_error']:.3f}", f"{r['step_seconds']:.3f}"])
+                     "" if r["distill_error"] is None else f"{r['distill_error']:.3f}",
+                     " ".join(f"{v:.2f}" for v in r["gradient_alignment"].values()), f"{r['step_seconds']:.3f}"])
     return table(["kept", "blocks", "trains", "emu zero-shot", "emu-tuned", "plug-in", "plug - emu",
-                  "plug - full FT", "distill err", "tune step s"], body)
+                  "plug - full FT", "distill err", "gradient cosine", "tune step s"], body)
 
 
 def reference_rows(full, blocks: list[int], tcfgs: list[TuneConfig], data: TaskData, zero_shot: bool,
