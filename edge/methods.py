@@ -7,11 +7,12 @@ tuning puts keys and values in front of every layer's attention, the cloud's car
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import get_args
 
 from edge.config import EdgeConfig
 from edge.flags import flags_of
-from model.tuners import METHODS
+from model.tuners import METHODS, method_set, prefix_config, prompt_config
 from privacy.defences.template import template_literals
 from protocol.step import CloudLoRA
 
@@ -43,10 +44,10 @@ def check_method(cfg: EdgeConfig) -> None:
         raise ValueError("--kr (Kill & Revive) switches LoRA blocks on and off: it takes --peft lora only")
     if METHODS[method].kind == "input":  # the prompt options, checked where PromptSet checks them
         from model.tuners.prompt import check_prompt_config
-        check_prompt_config(_prompt_config(cfg))
+        check_prompt_config(prompt_config(method, method_options(cfg)))
     if method == "prefix":
         from model.tuners.prefix import check_prefix_config
-        check_prefix_config(_prefix_config(cfg))
+        check_prefix_config(prefix_config(method_options(cfg)))
 
 
 def _check_defences(cfg: EdgeConfig, mode: str) -> None:
@@ -113,35 +114,14 @@ def trained_blocks(cfg: EdgeConfig, cut) -> tuple[list[int], list[int]]:
     return [*cut.bottom, *cut.top], list(cut.cloud) if cfg.lora.cloud != "none" else []
 
 
+def method_options(cfg: EdgeConfig) -> dict:
+    """The PEFT method's options by flag name (--lora-r, --ia3-targets, ...), as model/tuners `method_set` takes them."""
+    return {**{f"lora_{k}": v for k, v in asdict(cfg.lora).items()}, **asdict(cfg.peft)}
+
+
 def tuner_set(model, cfg: EdgeConfig, blocks: list[int], tokenizer=None):
-    """The method's set of trainable weights for `blocks`, built from the full model (DoRA's magnitudes start from
-    the base weights' norms, a prompt's tokens from the embedding)."""
-    lo, pe = cfg.lora, cfg.peft
-    if pe.method == "lora":
-        from model.tuners.lora import LoRAConfig, LoRASet
-        return LoRASet(model, LoRAConfig(lo.r, lo.alpha, lo.dropout, tuple(lo.targets), blocks, lo.rslora, lo.dora))
-    if pe.method == "ia3":
-        from model.tuners.ia3 import IA3Config, IA3Set
-        return IA3Set(model, IA3Config(tuple(pe.ia3_targets), tuple(pe.ia3_feedforward), blocks))
-    if pe.method == "adapter":
-        from model.tuners.adapter import AdapterConfig, AdapterSet
-        return AdapterSet(model, AdapterConfig(pe.adapter_reduction, tuple(pe.adapter_targets), blocks))
-    if pe.method == "prefix":  # every layer: PEFT's PrefixTuningConfig has no layer choice
-        from model.tuners.prefix import PrefixSet
-        return PrefixSet(model, _prefix_config(cfg))
-    from model.tuners.prompt import PromptSet
-    return PromptSet(model, _prompt_config(cfg), tokenizer)
-
-
-def _prompt_config(cfg: EdgeConfig):
-    from model.tuners.prompt import PromptConfig
-    pe = cfg.peft
-    return PromptConfig(pe.method, pe.prompt_tokens, pe.prompt_init_text, pe.ptuning_hidden)
-
-
-def _prefix_config(cfg: EdgeConfig):
-    from model.tuners.prefix import PrefixConfig
-    return PrefixConfig(cfg.peft.prefix_tokens, cfg.peft.prefix_projection)
+    """The method's set of trainable weights for `blocks` (model/tuners `method_set`)."""
+    return method_set(model, cfg.peft.method, blocks, method_options(cfg), tokenizer)
 
 
 def carried_method(cfg: EdgeConfig) -> str:

@@ -86,6 +86,16 @@ class DeviceSettings:
         return tuple(t for t in self.lora_targets.split(",") if t)
 
     @property
+    def method_options(self) -> dict:
+        """The PEFT method's options by flag name, as model/tuners `method_set` takes them and the devices' edge gives
+        them (edge/methods.py): comma-separated lists as tuples, 0 or "" (unset) as None; devices apply no dropout."""
+        names = ("lora_r", "lora_alpha", "lora_dora", "lora_rslora", "adapter_reduction", "prompt_tokens",
+                 "prefix_tokens")
+        return {**{n: getattr(self, n) for n in names}, "lora_dropout": 0.0, "lora_targets": self.targets,
+                **{n: csv(getattr(self, n)) for n in ("ia3_targets", "ia3_feedforward", "adapter_targets")},
+                **{n: getattr(self, n) or None for n in ("prompt_init_text", "ptuning_hidden", "prefix_projection")}}
+
+    @property
     def exchange(self) -> str:
         """What a round's arrays hold (module docstring): "peft", the method's PEFT state dict, or "encoder", the
         encoder's weights of P-tuning or of prefix tuning with a projection (PEFT saves only their output)."""

@@ -11,8 +11,8 @@ import torch
 from cloud.federation.strategies.base import Effective, as_float64, lora_pairs, lora_products
 from model.segments import cut_of
 from model.tuners import METHODS
-from model.tuners.lora import LoRAConfig, LoRASet
-from protocol.federation import csv, exchanged_state, load_exchanged
+from model.tuners import method_set as build_method_set
+from protocol.federation import exchanged_state, load_exchanged
 
 
 def initial_adapter(model, cfg) -> dict[str, np.ndarray]:
@@ -25,32 +25,17 @@ def initial_adapter(model, cfg) -> dict[str, np.ndarray]:
 
 
 def method_set(model, cfg):
-    """The `peft` method's set of trainable weights (model/tuners/) at the sites the devices train, built from the
-    same settings as the devices' edge/methods.py `tuner_set`: a site method (lora, ia3) at the devices' own blocks,
-    and with DLoRA or carried the cloud's too; an input method (prompt, ptuning) at no block; prefix tuning at every
-    layer (PEFT's PrefixTuningConfig has no layer choice; the cloud blocks' prefixes ride each step, carried)."""
-    if METHODS[cfg.peft].kind == "input":
-        from model.tuners.prompt import PromptConfig, PromptSet
-        tokenizer = None
-        if cfg.prompt_init_text:  # the text's ids, as the devices' tokenizer gives them
-            import tasks as T
-            from model.load import load_tokenizer
-            tokenizer = load_tokenizer(cfg.model) or T.tiny_tokenizer()
-        return PromptSet(model, PromptConfig(cfg.peft, cfg.prompt_tokens, cfg.prompt_init_text or None,
-                                             cfg.ptuning_hidden or None), tokenizer)
-    if cfg.peft == "prefix":  # as edge/methods.py `_prefix_config`: prefix-projection 0 is none
-        from model.tuners.prefix import PrefixConfig, PrefixSet
-        return PrefixSet(model, PrefixConfig(cfg.prefix_tokens, cfg.prefix_projection or None))
+    """The `peft` method's set of trainable weights (model/tuners `method_set`, the builder the devices' edge uses) at
+    the sites the devices train: a site method (lora, ia3, adapter) at the devices' own blocks, and with DLoRA or
+    carried the cloud's too; prefix tuning at every layer (the cloud blocks' prefixes ride each step, carried)."""
     cut = cut_of(model, cfg.cut_bottom, cfg.cut_top)
     blocks = sorted([*cut.bottom, *cut.top] + (list(cut.cloud) if cfg.cloud_lora != "none" else []))
-    if cfg.peft == "ia3":
-        from model.tuners.ia3 import IA3Config, IA3Set
-        return IA3Set(model, IA3Config(csv(cfg.ia3_targets), csv(cfg.ia3_feedforward), blocks))
-    if cfg.peft == "adapter":
-        from model.tuners.adapter import AdapterConfig, AdapterSet
-        return AdapterSet(model, AdapterConfig(cfg.adapter_reduction, csv(cfg.adapter_targets), blocks))
-    return LoRASet(model, LoRAConfig(cfg.lora_r, cfg.lora_alpha, 0.0, cfg.targets, blocks, cfg.lora_rslora,
-                                     cfg.lora_dora))
+    tokenizer = None
+    if METHODS[cfg.peft].kind == "input" and cfg.prompt_init_text:  # the text's ids, as the devices' tokenizer gives
+        import tasks as T
+        from model.load import load_tokenizer
+        tokenizer = load_tokenizer(cfg.model) or T.tiny_tokenizer()
+    return build_method_set(model, cfg.peft, blocks, cfg.method_options, tokenizer)
 
 
 def _tensors(adapter: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

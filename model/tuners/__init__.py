@@ -57,3 +57,42 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "the prefixes (or, with --prefix-projection, the encoder's weights) average; attention is not linear in "
            "them, so the mean prefix is not the mean of the devices' models"),
 )}
+
+
+def prompt_config(method: str, options: dict):
+    """prompt's or ptuning's PromptConfig from the options by flag name (see `method_set`)."""
+    from model.tuners.prompt import PromptConfig
+    o = options
+    return PromptConfig(method, o["prompt_tokens"], o["prompt_init_text"], o["ptuning_hidden"])
+
+
+def prefix_config(options: dict):
+    """prefix tuning's PrefixConfig from the options by flag name (see `method_set`)."""
+    from model.tuners.prefix import PrefixConfig
+    return PrefixConfig(options["prefix_tokens"], options["prefix_projection"])
+
+
+def method_set(model, method: str, blocks: list[int], options: dict, tokenizer=None):
+    """The method's set of trainable weights, built from the full model (DoRA's magnitudes start from the base weights'
+    norms, a prompt's tokens from the embedding): a site method (lora, ia3, adapter) at `blocks`, prefix tuning at
+    every layer (PEFT's PrefixTuningConfig has no layer choice), an input method (prompt, ptuning) at none.
+
+    `options` holds the method's options by their flag names (each Method's `options`: lora_r, ia3_targets, ...;
+    lists as tuples, an unset one None), as the edge (edge/methods.py) and the federation's devices
+    (protocol/federation.py) both give them: one builder, so the server's global adapter has the devices' shape."""
+    o = options
+    if method == "lora":
+        from model.tuners.lora import LoRAConfig, LoRASet
+        return LoRASet(model, LoRAConfig(o["lora_r"], o["lora_alpha"], o["lora_dropout"], tuple(o["lora_targets"]),
+                                         blocks, o["lora_rslora"], o["lora_dora"]))
+    if method == "ia3":
+        from model.tuners.ia3 import IA3Config, IA3Set
+        return IA3Set(model, IA3Config(tuple(o["ia3_targets"]), tuple(o["ia3_feedforward"]), blocks))
+    if method == "adapter":
+        from model.tuners.adapter import AdapterConfig, AdapterSet
+        return AdapterSet(model, AdapterConfig(o["adapter_reduction"], tuple(o["adapter_targets"]), blocks))
+    if method == "prefix":
+        from model.tuners.prefix import PrefixSet
+        return PrefixSet(model, prefix_config(o))
+    from model.tuners.prompt import PromptSet
+    return PromptSet(model, prompt_config(method, o), tokenizer)
