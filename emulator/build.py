@@ -41,7 +41,7 @@ class BuildConfig:
     distill_warmup: int = 0  # distillation steps of linear warmup
     distill_schedule: str = "constant"  # after the warmup: "constant", "linear" or "cosine" (model.training.fit)
     distill_max_grad_norm: float | None = None  # gradient clipping during distillation (None: none)
-    distill_gradient_weight: float = 0.0  # > 0: also match the gradients passed down (distill.py; did not raise the plug-in)
+    distill_gradient_weight: float = 0.0  # > 0: also match the gradients passed down (distill.py; no plug-in gain)
     distill_eval_batches: int = 4  # held-out WikiText-2 batches to measure the emulator's error before and after
     alignment_batches: int = 2  # held-out WikiText-2 batches for the gradient alignment check (0: skip)
     quality_task: str = "sst2"  # public task whose zero-shot gap (full vs emulator) the manifest records ('': none)
