@@ -12,6 +12,9 @@ matching (Srinivas & Fleuret, "Knowledge Transfer with Jacobian Matching", ICML 
 al. 2017) aimed at what offsite tuning uses the emulator for: the bottom adapter learns only from the gradients the
 emulator passes down (`build.gradient_alignment` measures how far they point from the full model's). It costs a
 teacher forward and backward through the whole model per batch and a double backward through the emulator.
+Measured on SmolLM2 (README, 200 steps, mean of three seeds): both errors fall and the emulator-tuned model gains,
+the plug-in does not (MLP keep 0.25: 73.3 against 73.6 %; layer drop 0.6: 57.3 against 59.5 %), so it is off by
+default.
 """
 from __future__ import annotations
 
