@@ -10,8 +10,7 @@ import torch
 
 from cloud.federation.strategies.base import Effective, as_float64, lora_pairs, lora_products
 from model.segments import cut_of
-from model.tuners import METHODS
-from model.tuners import method_set as build_method_set
+from model.tuners import METHODS, method_set as build_method_set
 from protocol.federation import exchanged_state, load_exchanged
 
 
